@@ -1,0 +1,1 @@
+"""Example models and numpy references used by the pytest-mlcjit example tests."""

@@ -1,0 +1,120 @@
+"""Canonical key dicts, their digests, and the toolchain fingerprint.
+
+The key of a library is a JSON-able dict of everything that changes its bytes; its digest
+is SHA-256 over the canonical JSON (sorted keys, compact separators, UTF-8), so the same
+inputs give the same digest in every process and on every machine.
+
+The toolchain fingerprint is read from package metadata (the installed wheel's version,
+commit and the recorded hashes of its shared libraries) without importing TVM, so
+computing a key costs microseconds, not the second that ``import tvm`` takes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+#: Bumped whenever the cache layout or key fields change meaning.
+CACHE_FORMAT = 1
+
+
+def canonical_json(obj: Any) -> str:
+    """The one canonical JSON text of ``obj`` (sorted keys, no spaces, no NaN)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def sha256_digest(obj: Any) -> str:
+    """SHA-256 hex digest of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def tvm_fingerprint() -> dict[str, Any]:
+    """Version, commit and build digest of the installed TVM, without importing it.
+
+    For a wheel (``apache-tvm``) the build digest covers the recorded hashes of its shared
+    libraries; for a TVM without distribution metadata (a source build on ``PYTHONPATH``)
+    a subprocess asks TVM itself.
+    """
+    for dist_name in ("apache-tvm", "mlc-ai-nightly-cu128", "mlc-ai-nightly-cpu", "tvm"):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        files = dist.files or []
+        if not any(str(f).startswith("tvm/") for f in files):
+            continue  # PyPI's 'tvm' is an unrelated package
+        libs = sorted(f"{f}={f.hash.value if f.hash else ''}" for f in files
+                      if str(f).startswith("tvm/") and ".so" in f.name)
+        commit = None
+        version_file = next((f for f in files if str(f) == "tvm/_version.py"), None)
+        if version_file is not None:
+            match = re.search(r"commit_id\s*=\s*['\"]([^'\"]+)['\"]",
+                              version_file.read_text(encoding="utf-8"))
+            commit = match.group(1) if match else None
+        return {
+            "dist": dist_name,
+            "version": dist.version,
+            "commit": commit,
+            "build": hashlib.sha256("\n".join(libs).encode()).hexdigest()[:16],
+        }
+    return _tvm_fingerprint_by_import()
+
+
+def _tvm_fingerprint_by_import() -> dict[str, Any]:
+    code = (
+        "import json, tvm; li = tvm.support.libinfo();"
+        "print(json.dumps({'version': tvm.__version__, 'commit': li.get('GIT_COMMIT_HASH'),"
+        " 'build': str(sorted(li.items()))}))"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        return {"version": None, "error": "timed out asking TVM for its version"}
+    if proc.returncode != 0:
+        return {"version": None, "error": "apache-tvm is not installed"}
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["build"] = hashlib.sha256(str(data["build"]).encode()).hexdigest()[:16]
+    data["dist"] = None
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def nvcc_version() -> str | None:
+    """The ``nvcc --version`` release line of the nvcc TVM would use, or None if absent."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return None
+    try:
+        proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                              timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+    return lines[-1] if lines else None
+
+
+def host_fingerprint() -> dict[str, str]:
+    """The parts of the host that change generated code: OS and CPU architecture."""
+    return {"os": sys.platform, "machine": platform.machine()}

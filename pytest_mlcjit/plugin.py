@@ -1,0 +1,424 @@
+"""The pytest plugin (entry point ``mlcjit``; ``-p no:mlcjit`` disables it).
+
+Hooks only: options, markers, fixtures, device parametrization, the xdist hand-off and
+reporting. The controller resolves the options and probes the devices once, then sends
+both, with the run id, to the workers in ``workerinput``; each worker compiles and counts;
+the counts come back in ``workeroutput`` and only the controller prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .device import (
+    AUTO,
+    Device,
+    Presence,
+    device_for_target,
+    devices_to_probe,
+    parse_device_list,
+    probe,
+    resolve_auto,
+)
+from .errors import ConfigError, MlcJitError, SpecError
+from .jit import DEFAULT_COMPILE_TIMEOUT_S, JIT, Settings, Stats, default_cache_dir
+from .model import CompiledModel
+from .policy import Policy
+from .policy import resolve as resolve_policy
+from .spec import TVMModel
+
+ENV_POLICY = "MLC_JIT_POLICY"
+ENV_CACHE_DIR = "MLC_JIT_CACHE_DIR"
+
+settings_key = pytest.StashKey[Settings]()
+jit_key = pytest.StashKey[JIT]()
+stats_key = pytest.StashKey[Stats]()
+option_key = pytest.StashKey[str]()
+
+MARKERS = (
+    "mlc_model(spec, *, target=None, **options): the model the compiled_model fixture "
+    "compiles: a TVMModel, or an MLC model directory (with overrides=, opt=, "
+    "system_lib_prefix=). target= cross-compiles for that target instead of the test's device.",
+    "mlc_devices(*devices): run this test only on these devices (cpu, cuda, cuda:1, ...), "
+    "intersected with --mlc-device.",
+    "mlc_jit_policy(policy): the JIT policy (ON, OFF, REDO, READONLY) for this test only.",
+)
+
+
+# -- options ----------------------------------------------------------------------------------
+def _seconds(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:  # also rejects NaN
+        raise ConfigError(f"invalid {name} {text!r}: expected a positive number of seconds")
+    return value
+
+
+def _cli_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that shows our message (argparse hides a ValueError's)."""
+
+    def wrapped(text: str) -> Any:
+        try:
+            return convert(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return wrapped
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mlcjit", "pytest-mlcjit: just-in-time compiled model libraries")
+    group.addoption(
+        "--mlc-jit-policy", dest="mlc_jit_policy", metavar="{ON,OFF,REDO,READONLY}",
+        type=_cli_type(lambda t: Policy.parse(t, source="--mlc-jit-policy").value), default=None,
+        help="JIT policy: ON compiles on a miss, OFF never compiles nor reads, REDO recompiles "
+        "each key once per run, READONLY only reads. Case-insensitive. "
+        f"Env {ENV_POLICY}; ini mlc_jit_policy; default ON.",
+    )
+    group.addoption(
+        "--mlc-device", dest="mlc_device", metavar="LIST", default=None,
+        type=_cli_type(lambda t: ",".join(parse_device_list(t))),
+        help="comma-separated devices each test runs on: auto, cpu, cuda, cuda:1, rocm, "
+        "metal, vulkan, opencl, webgpu. Absent devices are skipped. ini mlc_device; "
+        "default auto (the first present GPU, else cpu).",
+    )
+    group.addoption(
+        "--mlc-jit-cache-dir", dest="mlc_jit_cache_dir", metavar="PATH", default=None,
+        help=f"cache directory. Env {ENV_CACHE_DIR}; ini mlc_jit_cache_dir; default "
+        "$XDG_CACHE_HOME/pytest-mlcjit or ~/.cache/pytest-mlcjit (MLC model directories: "
+        "$MLC_LLM_HOME).",
+    )
+    group.addoption(
+        "--mlc-jit-timeout", dest="mlc_jit_timeout", metavar="SECONDS",
+        type=_cli_type(lambda t: _seconds("--mlc-jit-timeout", t)), default=None,
+        help=f"limit for one compilation. ini mlc_jit_timeout; default "
+        f"{DEFAULT_COMPILE_TIMEOUT_S:g}.",
+    )
+    group.addoption(
+        "--mlc-jit-lock-timeout", dest="mlc_jit_lock_timeout", metavar="SECONDS",
+        type=_cli_type(lambda t: _seconds("--mlc-jit-lock-timeout", t)), default=None,
+        help="limit for waiting on another process compiling the same library. "
+        "ini mlc_jit_lock_timeout; default: the compile timeout plus 300.",
+    )
+    group.addoption(
+        "--mlc-jit-allow-untrusted-cache", dest="mlc_jit_allow_untrusted", action="store_true",
+        default=None,
+        help="load from a cache directory that other users can write to (refused by default: "
+        "loading a library runs its code). ini mlc_jit_allow_untrusted_cache.",
+    )
+    parser.addini("mlc_jit_policy", "JIT policy (ON, OFF, REDO, READONLY)", default=None)
+    parser.addini("mlc_device", "comma-separated devices (default auto)", default=None)
+    parser.addini("mlc_jit_cache_dir", "cache directory (relative to the ini file)",
+                  type="string", default=None)
+    parser.addini("mlc_jit_timeout", "limit in seconds for one compilation", default=None)
+    parser.addini("mlc_jit_lock_timeout", "limit in seconds for a lock wait", default=None)
+    parser.addini("mlc_jit_allow_untrusted_cache", "load from a cache others can write to",
+                  type="bool", default=False)
+
+
+def _ini(config: pytest.Config, name: str) -> Any:
+    value = config.getini(name)
+    return value if value not in ("", None) else None
+
+
+def _resolve_settings(config: pytest.Config) -> tuple[Settings, str]:
+    """CLI > env > ini > default, for every option; bad values raise ConfigError."""
+    opt = config.option
+    policy = resolve_policy(opt.mlc_jit_policy, os.environ.get(ENV_POLICY),
+                            _ini(config, "mlc_jit_policy"))
+    device_text = opt.mlc_device or _ini(config, "mlc_device") or AUTO
+    names = parse_device_list(device_text)
+
+    cache_dir: Path | None
+    if opt.mlc_jit_cache_dir:
+        cache_dir = Path(opt.mlc_jit_cache_dir).expanduser().absolute()
+    elif os.environ.get(ENV_CACHE_DIR):
+        cache_dir = Path(os.environ[ENV_CACHE_DIR]).expanduser().absolute()
+    elif (ini_dir := _ini(config, "mlc_jit_cache_dir")) is not None:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        cache_dir = (base / Path(ini_dir).expanduser()).absolute()
+    else:
+        cache_dir = None
+
+    timeout = opt.mlc_jit_timeout
+    if timeout is None and (text := _ini(config, "mlc_jit_timeout")) is not None:
+        timeout = _seconds("ini mlc_jit_timeout", text)
+    lock_timeout = opt.mlc_jit_lock_timeout
+    if lock_timeout is None and (text := _ini(config, "mlc_jit_lock_timeout")) is not None:
+        lock_timeout = _seconds("ini mlc_jit_lock_timeout", text)
+    allow = bool(opt.mlc_jit_allow_untrusted or config.getini("mlc_jit_allow_untrusted_cache"))
+
+    presence = probe(devices_to_probe(names))
+    devices = resolve_auto(names, presence)
+    settings = Settings(
+        policy=policy, cache_dir=cache_dir,
+        compile_timeout=timeout or DEFAULT_COMPILE_TIMEOUT_S, lock_timeout=lock_timeout,
+        run_id=uuid.uuid4().hex, presence=presence, devices=tuple(devices),
+        allow_untrusted=allow,
+    )
+    return settings, device_text
+
+
+def settings_to_json(settings: Settings) -> dict[str, Any]:
+    """A form of the settings that execnet can send to a worker."""
+    return {
+        "policy": settings.policy.value,
+        "cache_dir": str(settings.cache_dir) if settings.cache_dir else None,
+        "compile_timeout": settings.compile_timeout, "lock_timeout": settings.lock_timeout,
+        "run_id": settings.run_id,
+        "presence": {k: v.to_json() for k, v in settings.presence.items()},
+        "devices": list(settings.devices), "allow_untrusted": settings.allow_untrusted,
+    }
+
+
+def settings_from_json(data: dict[str, Any]) -> Settings:
+    return Settings(
+        policy=Policy.parse(data["policy"]),
+        cache_dir=Path(data["cache_dir"]) if data["cache_dir"] else None,
+        compile_timeout=data["compile_timeout"], lock_timeout=data["lock_timeout"],
+        run_id=data["run_id"],
+        presence={k: Presence.from_json(v) for k, v in data["presence"].items()},
+        devices=tuple(data["devices"]), allow_untrusted=data["allow_untrusted"],
+    )
+
+
+# -- configuration ----------------------------------------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "mlcjit" in workerinput:
+        settings = settings_from_json(workerinput["mlcjit"])
+        config.stash[option_key] = workerinput["mlcjit_option"]
+    else:
+        try:
+            settings, config.stash[option_key] = _resolve_settings(config)
+        except MlcJitError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    config.stash[settings_key] = settings
+    config.stash[jit_key] = JIT(settings)
+    config.stash[stats_key] = Stats()
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(config), "mlcjit-xdist")
+
+
+class XdistHooks:
+    """Hooks that exist only when pytest-xdist is installed."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["mlcjit"] = settings_to_json(self.config.stash[settings_key])
+        node.workerinput["mlcjit_option"] = self.config.stash[option_key]
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        stats = getattr(node, "workeroutput", {}).get("mlcjit_stats")
+        if stats:
+            self.config.stash[stats_key].merge(stats)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if jit_key not in config.stash:
+        return
+    own = config.stash[jit_key].stats.to_json()
+    if hasattr(config, "workeroutput"):
+        config.workeroutput["mlcjit_stats"] = own
+    else:
+        config.stash[stats_key].merge(own)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if settings_key not in config.stash:
+        return None
+    s = config.stash[settings_key]
+    parts = []
+    for name in s.devices:
+        p = s.presence.get(name, Presence(True))
+        parts.append(f"{name} (present)" if p.present else f"{name} (absent: {p.reason})")
+    root = s.cache_dir or default_cache_dir()
+    return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, cache={root}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if stats_key not in config.stash or hasattr(config, "workeroutput"):
+        return
+    s = config.stash[stats_key]
+    if not s.requests:
+        return
+    terminalreporter.write_sep("-", "pytest-mlcjit")
+    terminalreporter.write_line(
+        f"{s.requests} request{'s' * (s.requests != 1)}: {s.hits} hits, {s.compiles} compiled "
+        f"({s.compile_seconds:.2f}s compiling), {s.failures} failed, {s.corrupt} corrupt; "
+        f"{s.lock_wait_seconds:.2f}s waiting for locks"
+    )
+
+
+# -- collection: one test per device --------------------------------------------------------
+def _marker_target(metafunc: pytest.Metafunc) -> Any:
+    marker = metafunc.definition.get_closest_marker("mlc_model")
+    if marker is None:
+        return None
+    target = marker.kwargs.get("target")
+    if target is None and marker.args:
+        target = getattr(marker.args[0], "target", None)
+    return target
+
+
+def _user_parametrizes_device(metafunc: pytest.Metafunc) -> bool:
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs.get("argnames", "")
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "mlc_device" in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "mlc_device" not in metafunc.fixturenames or settings_key not in metafunc.config.stash:
+        return
+    if _user_parametrizes_device(metafunc):
+        return
+    settings = metafunc.config.stash[settings_key]
+    option = metafunc.config.stash[option_key]
+    target = _marker_target(metafunc)
+    if target is not None:
+        try:
+            from .device import parse_target
+
+            device = device_for_target(parse_target(target))
+        except MlcJitError:
+            device = Device("cpu")  # the fixture reports the bad target on this test
+        metafunc.parametrize("mlc_device", [pytest.param(device, id=f"target-{device}")])
+        return
+    names = list(settings.devices)
+    marker = metafunc.definition.get_closest_marker("mlc_devices")
+    if marker is not None:
+        try:
+            wanted = {str(Device.parse(str(d))) for d in marker.args}
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{metafunc.definition.nodeid}: mlc_devices: {exc}") from None
+        if not marker.args:
+            raise pytest.UsageError(
+                f"{metafunc.definition.nodeid}: mlc_devices() needs at least one device")
+        names = [n for n in names if n in wanted or n.partition(":")[0] in wanted]
+    params = []
+    for name in names:
+        presence = settings.presence.get(name) or settings.presence.get(
+            name.partition(":")[0]) or Presence(name == "cpu", "not probed")
+        marks = () if presence.present else (pytest.mark.skip(
+            reason=f"device {name} is not present: {presence.reason} (--mlc-device={option})"),)
+        params.append(pytest.param(Device.parse(name), id=name, marks=marks))
+    if not params:
+        reason = (f"none of the devices this test allows ({', '.join(map(str, marker.args))}) "
+                  f"is selected by --mlc-device={option}") if marker else "no device selected"
+        params.append(pytest.param(None, id="no-device", marks=pytest.mark.skip(reason=reason)))
+    metafunc.parametrize("mlc_device", params)
+
+
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    spec_id = getattr(val, "id", None)
+    if isinstance(val, TVMModel) or (hasattr(val, "backend") and isinstance(spec_id, str)):
+        return str(spec_id)
+    return None
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+def _engine(config: pytest.Config) -> JIT:
+    if jit_key not in config.stash:
+        raise pytest.UsageError("pytest-mlcjit is not configured (was it disabled with -p?)")
+    return config.stash[jit_key]
+
+
+@pytest.fixture(scope="session")
+def mlc_jit(pytestconfig: pytest.Config) -> JIT:
+    """The session's JIT engine: ``mlc_jit.compile(spec, device)`` from code, its
+    ``settings`` (policy, devices, cache dir…) and ``stats``."""
+    return _engine(pytestconfig)
+
+
+@pytest.fixture
+def mlc_device(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Device:
+    """The device this test runs on; tests using it run once per ``--mlc-device`` entry."""
+    param = getattr(request, "param", None)
+    if isinstance(param, Device):
+        return param
+    return Device.parse(_engine(pytestconfig).settings.devices[0])
+
+
+def spec_from_marker(marker: pytest.Mark) -> Any:
+    """Turn ``mlc_model(...)`` arguments into a spec, or raise SpecError."""
+    if len(marker.args) != 1:
+        raise SpecError(
+            f"mlc_model takes exactly one positional argument (the model spec), got "
+            f"{len(marker.args)}: {marker.args!r}"
+        )
+    spec, options = marker.args[0], dict(marker.kwargs)
+    if isinstance(spec, TVMModel):
+        target = options.pop("target", None)
+        if options:
+            raise SpecError(f"mlc_model({spec!r}) got unknown options {sorted(options)}; "
+                            "a TVMModel takes only target=")
+        if target is not None:
+            spec = TVMModel(spec.factory, spec.config, target=target, opt_level=spec.opt_level,
+                            seed=spec.seed, name=spec.name)
+        return spec
+    if getattr(spec, "backend", None) == "mlc" or isinstance(spec, str | os.PathLike):
+        from .backends.mlc import MLCModel
+
+        return MLCModel.coerce(spec, **options)
+    raise SpecError(
+        f"invalid model spec {spec!r}: expected a TVMModel, an MLCModel or the path of an MLC "
+        "model directory"
+    )
+
+
+@pytest.fixture
+def compiled_model(request: pytest.FixtureRequest, mlc_device: Device,
+                   mlc_jit: JIT) -> CompiledModel:
+    """The library for this test's model (``mlc_model`` marker or indirect parametrization)
+    on this test's device, compiled once for all workers and runs."""
+    try:
+        spec, policy = _requested(request)
+        return mlc_jit.compile(spec, mlc_device, policy=policy)
+    except MlcJitError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
+
+
+def _requested(request: pytest.FixtureRequest) -> tuple[Any, Policy | None]:
+    """The spec and per-test policy a test asks for; SpecError/ConfigError if malformed."""
+    node = request.node
+    if hasattr(request, "param"):
+        spec = request.param
+        if isinstance(spec, str | os.PathLike):
+            from .backends.mlc import MLCModel
+
+            spec = MLCModel.coerce(spec)
+    else:
+        marker = node.get_closest_marker("mlc_model")
+        if marker is None:
+            raise SpecError(
+                "this test uses compiled_model but names no model: add "
+                "@pytest.mark.mlc_model(spec) or parametrize compiled_model indirectly"
+            )
+        spec = spec_from_marker(marker)
+    policy_marker = node.get_closest_marker("mlc_jit_policy")
+    if policy_marker is None:
+        return spec, None
+    if len(policy_marker.args) != 1:
+        raise SpecError("mlc_jit_policy takes exactly one argument: ON, OFF, REDO or READONLY")
+    return spec, Policy.parse(policy_marker.args[0], source="mlc_jit_policy marker")

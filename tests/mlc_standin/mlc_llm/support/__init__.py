@@ -1,0 +1,1 @@
+"""Support code of the stand-in (config base classes, auto-detection helpers)."""
