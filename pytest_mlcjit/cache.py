@@ -25,20 +25,62 @@ import json
 import os
 import secrets
 import shutil
+import re
 import socket
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptEntryError, LockTimeoutError, MlcJitError, UntrustedCacheError
+from .errors import (
+    ConfigError,
+    CorruptEntryError,
+    LockTimeoutError,
+    MlcJitError,
+    UntrustedCacheError,
+)
 from .key import file_sha256
 
 CONTROL_DIR = ".mlcjit"
 MANIFEST_SUFFIX = ".manifest.json"
 #: A staging directory older than this whose owner cannot be checked is an orphan.
 STAGING_MAX_AGE_S = 24 * 3600.0
+#: Directories and files the cache creates: never writable by group or others, whatever the
+#: umask (a root it made itself must pass its own trust check).
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+#: Entry digests: hex SHA-256 (TVM) or MD5 (MLC-compatible). Every name the cache derives
+#: from a key is built from one, so no spec, override or config value reaches a path.
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
+_SIMPLE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+#: Test-only fault injection (docs/reliability.md), off unless these are set in the
+#: environment. ``MLCJIT_TEST_PAUSE=SECONDS``: at each named point of a compile, announce
+#: ``mlcjit-test-point <name> <pid>`` on stderr and sleep, so a test can SIGKILL the process
+#: inside that window. ``MLCJIT_TEST_ENOSPC=<name>``: raise ENOSPC at that point.
+TEST_PAUSE_ENV = "MLCJIT_TEST_PAUSE"
+TEST_ENOSPC_ENV = "MLCJIT_TEST_ENOSPC"
+
+
+def fault_point(name: str) -> None:
+    """A named point of a compile where tests may pause or inject ENOSPC (off by default)."""
+    pause = os.environ.get(TEST_PAUSE_ENV)
+    if pause:
+        sys.stderr.write(f"mlcjit-test-point {name} {os.getpid()}\n")
+        sys.stderr.flush()
+        time.sleep(float(pause))
+    if os.environ.get(TEST_ENOSPC_ENV) == name:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {name})")
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is a hex SHA-256 or MD5, else ConfigError (it names files)."""
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise ConfigError(f"invalid cache key digest {digest!r}: expected 32 or 64 lowercase "
+                          "hex digits")
+    return digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +112,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` all at once: a temp file in the same dir, fsync, rename."""
+def _write_json_tmp(path: Path, data: Any) -> Path:
+    """Write JSON to a new temp file beside ``path`` and fsync it; returns the temp file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` all at once: a temp file in the same dir, fsync, rename."""
+    tmp = _write_json_tmp(path, data)
+    try:
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -247,10 +301,14 @@ class Cache:
                 "or check that process")
 
     # -- writing -------------------------------------------------------------------------
-    def new_staging_dir(self, digest: str) -> Path:
-        """A fresh scratch directory on the cache's filesystem, named after its owner."""
+    def new_staging_dir(self, digest: str, parent: Path | None = None) -> Path:
+        """A fresh scratch directory on the cache's filesystem, named after its owner.
+
+        ``parent`` (default ``.mlcjit/staging``) must be on the cache's filesystem, so that
+        publishing is an atomic rename.
+        """
         name = f"{digest[:32]}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
-        path = self.control / "staging" / name
+        path = (parent or self.control / "staging") / name
         path.mkdir(parents=True)
         return path
 

@@ -207,8 +207,13 @@ def parse_target(value: str | Mapping[str, Any]) -> TargetJSON | str:
             raise ConfigError(f"invalid target JSON {value!r}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"invalid target {value!r}: expected a JSON object")
+    elif isinstance(value, str) and value.strip() and len(value.split()) == 1:
+        return value.strip()
     elif isinstance(value, str) and value.strip():
-        return " ".join(value.split())
+        raise ConfigError(
+            f"invalid target {value!r}: TVM 0.27 no longer parses CLI-style target strings; "
+            "give a dict such as {'kind': 'llvm', 'mcpu': 'znver4'}"
+        )
     else:
         raise ConfigError(
             f"invalid target {value!r}: expected a TVM target string such as 'llvm' or a dict "

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import __version__
 from .backends import BuildRequest, child_env
-from .cache import Cache, EntryPaths, is_no_space
+from .cache import Cache, EntryPaths, is_no_space, write_json_atomic
 from .device import Device, Presence, probe
 from .errors import (
     CacheMissError,
@@ -70,6 +70,9 @@ class Settings:
     allow_untrusted: bool = False
     #: The devices tests run on (resolved ``--mlc-device``).
     devices: tuple[str, ...] = ("cpu",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy.parse(self.policy))
 
     @property
     def effective_lock_timeout(self) -> float:
@@ -173,7 +176,9 @@ class JIT:
         elif backend == "mlc":
             from .backends import mlc as mlc_backend
 
-            req = mlc_backend.request(spec, dev)
+            root = self.settings.cache_dir or mlc_backend.mlc_llm_home()
+            req = mlc_backend.request(spec, dev, run_id=self.settings.run_id, cache_root=root,
+                                      memo=self.settings.policy.writes)
         else:
             raise SpecError(
                 f"invalid model spec {spec!r}: expected a TVMModel, an MLCModel or an MLC "
@@ -224,7 +229,8 @@ class JIT:
     def _finish(self, req: BuildRequest, cache: Cache, paths: EntryPaths,
                 manifest: dict[str, Any], *, hit: bool) -> CompiledModel:
         cache.record_use(req.digest)
-        loadable = req.device.kind == "cpu" or self.presence(req.device).present
+        loadable = req.runnable and (req.device.kind == "cpu"
+                                     or self.presence(req.device).present)
         model = CompiledModel(
             spec=req.spec, device=req.device, path=paths.library, key=req.key,
             digest=req.digest, hit=hit, compile_seconds=float(manifest.get("compile_seconds", 0)),
@@ -242,7 +248,9 @@ class JIT:
         try:
             manifest = cache.read_manifest(paths)
             if manifest is None:
-                return None, "missing"
+                if req.adopt is None or not paths.library.is_file():
+                    return None, "missing"
+                manifest = self._adopt(req, cache, paths)
             cache.verify(paths, manifest)
         except CorruptEntryError as exc:
             return None, f"corrupt: {exc}"
@@ -251,6 +259,16 @@ class JIT:
         if policy is Policy.REDO and manifest.get("run_id") != self.settings.run_id:
             return None, "redo"
         return manifest, ""
+
+    def _adopt(self, req: BuildRequest, cache: Cache, paths: EntryPaths) -> dict[str, Any]:
+        """Take over a library another tool (MLC's own JIT) left without a manifest: it is
+        used once it proves loadable, and its manifest is written if the cache is writable."""
+        assert req.adopt is not None
+        manifest = req.adopt(paths)
+        if cache.writable:
+            with contextlib.suppress(OSError):
+                write_json_atomic(paths.manifest, manifest)
+        return manifest
 
     def _compile_or_fetch(self, req: BuildRequest, cache: Cache, paths: EntryPaths,
                           policy: Policy) -> CompiledModel:
@@ -293,8 +311,11 @@ class JIT:
     def _build(self, req: BuildRequest, cache: Cache, paths: EntryPaths) -> dict[str, Any]:
         """Compile ``req`` in a subprocess and publish it; call with the key's lock held."""
         cache.clean_staging()
-        staging = cache.new_staging_dir(req.digest)
+        parent, note = req.staging_parent(cache.root) if req.staging_parent else (None, "")
+        staging = cache.new_staging_dir(req.digest, parent=parent)
         log = staging / "compile.log"
+        if note:
+            log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
         timeout = self.settings.compile_timeout
         try:
             argv, output = req.command(staging)
@@ -310,7 +331,7 @@ class JIT:
                                             f"at {output.name}")
             manifest = {
                 "format": req.key.get("format"), "backend": req.backend, "key": req.key,
-                "toolchain": req.key.get("toolchain"), "compile_seconds": round(seconds, 3),
+                "toolchain": req.toolchain, "compile_seconds": round(seconds, 3),
                 "created": time.time(), "run_id": self.settings.run_id,
                 "host": socket.gethostname(), "plugin_version": __version__,
                 **req.collect(staging),

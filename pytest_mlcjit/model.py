@@ -60,6 +60,18 @@ class CompiledModel:
         return self.key.get("target")
 
     @property
+    def model_path(self) -> Path | None:
+        """The MLC model directory (for ``MLCEngine(model_path, model_lib=path)``)."""
+        model_dir = getattr(self.spec, "model_dir", None)
+        return Path(model_dir) if model_dir is not None else None
+
+    @property
+    def system_lib_prefix(self) -> str | None:
+        """The system-lib prefix an MLC packaging target was built with, if any."""
+        prefix = self.manifest.get("system_lib_prefix")
+        return str(prefix) if prefix else None
+
+    @property
     def param_specs(self) -> list[dict[str, Any]]:
         """``[{"name", "shape", "dtype"}]`` of the model's parameters, in call order."""
         return list(self.manifest.get("params", []))
@@ -92,7 +104,8 @@ class CompiledModel:
             if not self.loadable:
                 raise MlcJitError(
                     f"{self.path} was cross-compiled for {self.target} and cannot be loaded "
-                    f"here: device {self.device} is not present"
+                    f"here: device {self.device} is not present, or the target is a "
+                    "packaging target (iphone, macabi, android) that no device here runs"
                 )
             import tvm
             from tvm import relax

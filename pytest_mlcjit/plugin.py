@@ -248,8 +248,13 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     for name in s.devices:
         p = s.presence.get(name, Presence(True))
         parts.append(f"{name} (present)" if p.present else f"{name} (absent: {p.reason})")
-    root = s.cache_dir or default_cache_dir()
-    return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, cache={root}"
+    if s.cache_dir is not None:
+        where = f"cache={s.cache_dir}"
+    else:
+        from .backends.mlc import mlc_llm_home
+
+        where = f"cache={default_cache_dir()} (MLC: {mlc_llm_home()})"
+    return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -300,9 +305,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             from .device import parse_target
 
             device = device_for_target(parse_target(target))
-        except MlcJitError:
-            device = Device("cpu")  # the fixture reports the bad target on this test
-        metafunc.parametrize("mlc_device", [pytest.param(device, id=f"target-{device}")])
+            name = str(device)
+        except MlcJitError:  # a packaging target (android…), or bad: the fixture says which
+            device, name = Device("cpu"), str(target)
+        metafunc.parametrize("mlc_device", [pytest.param(device, id=f"target-{name}")])
         return
     names = list(settings.devices)
     marker = metafunc.definition.get_closest_marker("mlc_devices")
@@ -329,10 +335,41 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("mlc_device", params)
 
 
+def _is_mlc(spec: Any) -> bool:
+    return getattr(spec, "backend", None) == "mlc" or isinstance(spec, str | os.PathLike)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, at collection, the tests whose model needs an ``mlc_llm`` that is not here."""
+    from .backends.mlc import mlc_llm_installed
+
+    installed: bool | None = None
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        marker = item.get_closest_marker("mlc_model")
+        if callspec is not None and "compiled_model" in callspec.params:
+            spec = callspec.params["compiled_model"]
+        elif marker is not None and marker.args:
+            spec = marker.args[0]
+        else:
+            continue
+        if not _is_mlc(spec):
+            continue
+        if installed is None:
+            installed = mlc_llm_installed()
+        if not installed:
+            item.add_marker(pytest.mark.skip(
+                reason="mlc_llm is not installed (it is published on MLC's own package "
+                "index, not PyPI); this test needs the MLC-LLM backend"))
+
+
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """Readable ids for specs: ``mlp-hidden=128``; an MLC directory by its name."""
+    if argname == "compiled_model" and isinstance(val, str | os.PathLike):
+        return Path(val).name
     spec_id = getattr(val, "id", None)
-    if isinstance(val, TVMModel) or (hasattr(val, "backend") and isinstance(spec_id, str)):
-        return str(spec_id)
+    if getattr(val, "backend", None) in ("tvm", "mlc") and isinstance(spec_id, str):
+        return spec_id
     return None
 
 
@@ -376,7 +413,7 @@ def spec_from_marker(marker: pytest.Mark) -> Any:
             spec = TVMModel(spec.factory, spec.config, target=target, opt_level=spec.opt_level,
                             seed=spec.seed, name=spec.name)
         return spec
-    if getattr(spec, "backend", None) == "mlc" or isinstance(spec, str | os.PathLike):
+    if _is_mlc(spec):
         from .backends.mlc import MLCModel
 
         return MLCModel.coerce(spec, **options)

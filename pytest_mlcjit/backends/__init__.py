@@ -39,6 +39,15 @@ class BuildRequest:
     describe: str = ""
     #: The cache root this backend uses when no ``--mlc-jit-cache-dir`` is given.
     default_root: Path | None = None
+    #: What compiles the bytes (versions, build commits), recorded in the manifest.
+    toolchain: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: ``(entry_paths) -> manifest`` for a library found without a manifest (put there by
+    #: another tool): raises CorruptEntryError unless it proves loadable. None: a miss.
+    adopt: Callable[[EntryPaths], dict[str, Any]] | None = None
+    #: False for libraries no device here can run (packaging targets such as android).
+    runnable: bool = True
+    #: ``(cache_root) -> (parent dir or None, note for the log)``: where to stage compiles.
+    staging_parent: Callable[[Path], tuple[Path | None, str]] | None = None
 
 
 def child_env() -> dict[str, str]:

@@ -37,7 +37,8 @@ def request(spec: TVMModel, device: Device | None, presence: Presence | None) ->
         raise SpecError(f"{spec!r} has no target and no device to compile for")
     else:
         target = target_for(device, presence)
-    key = {
+    chain = toolchain(target)
+    key: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "backend": "tvm",
         "factory": spec.factory,
@@ -46,7 +47,7 @@ def request(spec: TVMModel, device: Device | None, presence: Presence | None) ->
         "target": target,
         "host": host_fingerprint(),
         "opt_level": spec.opt_level,
-        "toolchain": toolchain(target),
+        "toolchain": chain,
     }
     digest = sha256_digest(key)
 
@@ -76,5 +77,5 @@ def request(spec: TVMModel, device: Device | None, presence: Presence | None) ->
     return BuildRequest(
         backend="tvm", spec=spec, device=device, target=target, key=key, digest=digest,
         locate=locate, command=command, collect=collect, stale=stale,
-        describe=f"{spec!r} for target {json.dumps(target)}",
+        describe=f"{spec!r} for target {json.dumps(target)}", toolchain=chain,
     )

@@ -60,9 +60,8 @@ def sleep_seconds() -> float:
         raise ValueError(f"{SLEEP_ENV} must be a number of seconds, not {raw!r}") from None
 
 
-def pause() -> None:
-    """Sleep as ``MLC_STANDIN_SLEEP`` asks."""
-    seconds = sleep_seconds()
+def pause(seconds: float) -> None:
+    """Sleep ``seconds`` (the value of ``sleep_seconds()``), saying so."""
     if seconds:
         print(f"[standin] sleeping {seconds:g}s ({SLEEP_ENV})", flush=True)
         time.sleep(seconds)
@@ -89,7 +88,7 @@ def weight(rows: int, cols: int, phase: float) -> np.ndarray:
 
     index = (np.arange(rows * cols, dtype=np.int64) % WEIGHT_PERIOD).astype(np.float32)
     values = np.cos(index * np.float32(WEIGHT_FREQUENCY) + np.float32(phase))
-    return (values / np.float32(np.sqrt(cols))).astype(np.float32).reshape(rows, cols)
+    return np.asarray(values / np.float32(np.sqrt(cols)), dtype=np.float32).reshape(rows, cols)
 
 
 def reference_forward(model_type: str, model_config: dict[str, Any], x: np.ndarray) -> np.ndarray:
@@ -105,15 +104,15 @@ def reference_forward(model_type: str, model_config: dict[str, Any], x: np.ndarr
     eps = getattr(config, "rms_norm_eps", 1e-5)
 
     def norm(v: np.ndarray) -> np.ndarray:
-        return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps)
+        return np.asarray(v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps))
 
     def mlp(v: np.ndarray, layer: int) -> np.ndarray:
         up = v @ weight(inner, hidden, 2.0 * layer).T
-        return (up / (1.0 + np.exp(-up))) @ weight(hidden, inner, 2.0 * layer + 1.0).T
+        return np.asarray((up / (1.0 + np.exp(-up))) @ weight(hidden, inner, 2.0 * layer + 1.0).T)
 
     out = np.asarray(x, dtype=np.float32)
     if model.network == "mlp":
-        return (out + mlp(out, 0)).astype(np.float32)
+        return np.asarray(out + mlp(out, 0), dtype=np.float32)
     for layer in range(config.num_hidden_layers):  # type: ignore[attr-defined]
         out = out + mlp(norm(out), layer)
-    return norm(out).astype(np.float32)
+    return np.asarray(norm(out), dtype=np.float32)

@@ -105,7 +105,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable-subgroups", action="store_true", help="accepted and ignored")
     parser.add_argument(
         "--opt",
-        type=OptimizationFlags.from_str,
         default="O2",
         help='O0..O3 or "flashinfer=1;cublas_gemm=0;..." (default: "%(default)s")',
     )
@@ -124,7 +123,6 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--overrides",
-        type=ModelConfigOverride.from_str,
         default="",
         help='"context_window_size=2048;prefill_chunk_size=512;..." (default: "%(default)s")',
     )
@@ -168,25 +166,46 @@ def _library_kind(device: str, output: Path) -> bool:
     return False
 
 
+def _metadata(model_type: str, quantization: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The fields real MLC libraries report from their ``_metadata`` function."""
+    return {
+        "model_type": model_type,
+        "quantization": quantization,
+        "context_window_size": config.get("context_window_size", -1),
+        "sliding_window_size": config.get("sliding_window_size", -1),
+        "attention_sink_size": config.get("attention_sink_size", -1),
+        "prefill_chunk_size": config.get("prefill_chunk_size", -1),
+        "tensor_parallel_shards": config.get("tensor_parallel_shards", 1),
+        "pipeline_parallel_stages": config.get("pipeline_parallel_stages", 1),
+        "disaggregation": config.get("disaggregation", False),
+        "max_batch_size": config.get("max_batch_size", 1),
+        "kv_state_kind": "none",
+        "params": [],
+    }
+
+
 def _display(rows: dict[str, Any]) -> None:
     print("Compiling with arguments:")
     for name, value in rows.items():
         print(f"  {name:<25} {value}")
 
 
-def _compile(parsed: argparse.Namespace, argv: list[str]) -> None:
+def _compile(
+    parsed: argparse.Namespace,
+    argv: list[str],
+    opt: OptimizationFlags,
+    overrides: ModelConfigOverride,
+) -> None:
     started = time.monotonic()
     config_file: Path = parsed.model
-    overrides: ModelConfigOverride = parsed.overrides
-    opt: OptimizationFlags = parsed.opt
     output: Path = parsed.output
     standin.record_invocation(
         {
             "argv": argv,
             "device": parsed.device,
             "output": str(output),
-            "overrides": repr(overrides),
-            "opt": repr(opt),
+            "overrides": parsed.overrides,
+            "opt": parsed.opt,
             "system_lib_prefix": parsed.system_lib_prefix,
             "model": str(config_file),
             "version": mlc_llm.__version__,
@@ -194,6 +213,7 @@ def _compile(parsed: argparse.Namespace, argv: list[str]) -> None:
     )
     try:
         failure = standin.fail_mode()
+        delay = standin.sleep_seconds()
         config = load_config(config_file)
         model = detect_model_type(parsed.model_type, config, config_file)
         quantization = detect_quantization(parsed.quantization, config, config_file)
@@ -222,7 +242,7 @@ def _compile(parsed: argparse.Namespace, argv: list[str]) -> None:
         raise CompileError(str(err)) from err
     print(f"Model config: {model_config.asdict()}", flush=True)
     if failure == "exit":
-        standin.pause()
+        standin.pause(delay)
         raise CompileError(f"compilation failed on purpose ({standin.FAIL_ENV}=exit)")
 
     print("[standin] importing TVM", flush=True)
@@ -238,29 +258,15 @@ def _compile(parsed: argparse.Namespace, argv: list[str]) -> None:
     effective.update(target, quantization.name)
     print(f"Target: {target.export()}")
     print(f"Effective optimization flags for this target: {effective!r}", flush=True)
-    asdict = model_config.asdict()
-    metadata = {
-        "model_type": model.name,
-        "quantization": quantization.name,
-        "context_window_size": asdict.get("context_window_size", -1),
-        "sliding_window_size": asdict.get("sliding_window_size", -1),
-        "attention_sink_size": asdict.get("attention_sink_size", -1),
-        "prefill_chunk_size": asdict.get("prefill_chunk_size", -1),
-        "tensor_parallel_shards": asdict.get("tensor_parallel_shards", 1),
-        "pipeline_parallel_stages": asdict.get("pipeline_parallel_stages", 1),
-        "disaggregation": asdict.get("disaggregation", False),
-        "max_batch_size": asdict.get("max_batch_size", 1),
-        "kv_state_kind": "none",
-        "params": [],
-        "standin": {
-            "mlc_llm_version": mlc_llm.__version__,
-            "model_config": asdict,
-            "opt": repr(opt),
-            "effective_opt": repr(effective),
-            "target": str(target.export()),
-            "system_lib": system_lib,
-            "system_lib_prefix": prefix,
-        },
+    metadata = _metadata(model.name, quantization.name, model_config.asdict())
+    metadata["standin"] = {
+        "mlc_llm_version": mlc_llm.__version__,
+        "model_config": model_config.asdict(),
+        "opt": repr(opt),
+        "effective_opt": repr(effective),
+        "target": str(target.export()),
+        "system_lib": system_lib,
+        "system_lib_prefix": prefix,
     }
     print("Creating model and exporting it to TVM", flush=True)
     mod = backend.build_module(model, model_config, metadata)
@@ -271,7 +277,7 @@ def _compile(parsed: argparse.Namespace, argv: list[str]) -> None:
         executable = backend.build(mod, target, system_lib=system_lib, system_lib_prefix=prefix)
     except Exception as err:
         raise CompileError(f"TVM could not build for {parsed.device}: {err}") from err
-    standin.pause()
+    standin.pause(delay)
     if failure == "nooutput":
         print(f"[standin] not writing {output} ({standin.FAIL_ENV}=nooutput)", flush=True)
         return
@@ -297,8 +303,12 @@ def main(argv: list[str]) -> int:
     """Run the compile command on ``argv`` (the arguments after ``compile``); returns the
     exit status (argparse exits 2 itself on a rejected command line)."""
     parsed = make_parser().parse_args(argv)
+    # Parsed here rather than as argparse types, so the raw strings stay available; a bad
+    # string exits 2 with the parser's message, as the real CLI does.
+    opt = OptimizationFlags.from_str(parsed.opt)
+    overrides = ModelConfigOverride.from_str(parsed.overrides)
     try:
-        _compile(parsed, argv)
+        _compile(parsed, argv, opt, overrides)
     except CompileError as err:
         cause = err.__cause__
         if cause is not None and not isinstance(cause, ValueError):

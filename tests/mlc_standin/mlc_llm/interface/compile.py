@@ -138,7 +138,7 @@ def build(
     no linker needed; ``.so``/``.dylib``/``.dll``: linked by the host compiler)."""
     kind = target.kind.name
     if tvm.get_global_func(f"target.build.{kind}", allow_missing=True) is None:
-        raise RuntimeError(f"This TVM build has no code generator for {kind!r} targets")
+        raise ValueError(f"This TVM build has no code generator for {kind!r} targets")
     if system_lib:
         # Attached here instead of passing system_lib=True: TVM 0.27's relax.build reads the
         # attribute back and fails on short strings such as "".

@@ -1,0 +1,530 @@
+"""Shared helpers for the pytest-mlcjit benchmarks (not a benchmark itself).
+
+Everything here works from outside the plugin: benchmark suites are generated into a
+scratch directory and run with ``python -m pytest`` in a subprocess, compilations are
+counted by the benchmark's own model factory (one line appended to a counter file per
+call, in whatever process compiles), and every figure is a median over repetitions in
+which the variants being compared alternate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+
+#: Environment variables that would change how the plugin or pytest behaves in a run.
+_SCRUBBED_ENV = ("MLC_JIT_POLICY", "MLC_JIT_CACHE_DIR", "MLC_LLM_HOME", "MLC_DSO_SUFFIX",
+                 "MLC_TEMP_DIR", "PYTEST_ADDOPTS", "PYTEST_PLUGINS",
+                 "PYTEST_XDIST_AUTO_NUM_WORKERS", "MLCJIT_BENCH_COUNT")
+
+#: Counts each factory call (= one compilation) in the file named by $MLCJIT_BENCH_COUNT.
+MODEL_PY = '''\
+"""Benchmark model: examples.models.transformer, counting each build (one build = one
+compile; the line is written by whatever process compiles)."""
+import os
+
+from examples.models.transformer import build as _build
+
+
+def build(**config):
+    counter = os.environ.get("MLCJIT_BENCH_COUNT")
+    if counter:
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()} {sorted(config.items())}\\n")
+    return _build(**config)
+'''
+
+#: The body of every benchmark test, identical in every variant: load the library into a
+#: Relax VM and run ``forward`` once with constant parameters.
+BODY_PY = '''\
+import numpy as np
+import tvm
+from tvm import relax
+
+
+def run_forward(path, params, config):
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    seq, vocab = config.get("seq_len", 8), config.get("vocab_size", 64)
+    tokens = (np.arange(seq, dtype="int32") % vocab).reshape(1, seq)
+    args = [tvm.runtime.tensor(tokens, dev)]
+    args += [tvm.runtime.tensor(np.full(p["shape"], 0.01, dtype=p["dtype"]), dev)
+             for p in params]
+    out = vm["forward"](*args)
+    assert tuple(out.numpy().shape) == (1, seq, vocab)
+'''
+
+#: How the baselines compile (no plugin): the same build, export and tvm.compile the
+#: plugin's compile subprocess does. $BENCH_COMPILE_MODE: "subprocess" (default: a fresh
+#: python per compile, as the plugin does) or "inprocess" (in the test worker itself).
+COMPILE_PY = '''\
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _compile_here(config, out):
+    import tvm
+
+    from benchmodel import build
+
+    module, spec = build(**config)
+    mod, params = module.export_tvm(spec=spec)
+    with tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    executable.export_library(str(out))
+    meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
+            for n, p in params]
+    Path(str(out) + ".json").write_text(json.dumps(meta))
+
+
+def compile_lib(config, out):
+    """Compile ``config`` to ``out`` (and its parameter list to ``out + '.json'``)."""
+    if os.environ.get("BENCH_COMPILE_MODE", "subprocess") == "inprocess":
+        _compile_here(config, out)
+        return
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+    subprocess.run([sys.executable, __file__, json.dumps(config), str(out)], check=True,
+                   env=env)
+
+
+def load_meta(out):
+    return json.loads(Path(str(out) + ".json").read_text())
+
+
+if __name__ == "__main__":
+    _compile_here(json.loads(sys.argv[1]), Path(sys.argv[2]))
+'''
+
+PLUGIN_TEST_PY = '''\
+import pytest
+
+from benchbody import run_forward
+from pytest_mlcjit import TVMModel
+
+CONFIGS = {configs!r}
+IDS = {ids!r}
+SPECS = [TVMModel("benchmodel:build", config=c) for c in CONFIGS]
+
+
+@pytest.mark.parametrize("i", range({n_tests}))
+@pytest.mark.parametrize("compiled_model", SPECS, indirect=True, ids=IDS)
+def test_model(compiled_model, i):
+    run_forward(compiled_model.path, compiled_model.param_specs, compiled_model.spec.config)
+'''
+
+BASELINE_TEST_PY = '''\
+import pytest
+
+from benchbody import run_forward
+
+CONFIGS = {configs!r}
+IDS = {ids!r}
+
+
+@pytest.mark.parametrize("i", range({n_tests}))
+@pytest.mark.parametrize("lib", CONFIGS, indirect=True, ids=IDS)
+def test_model(lib, i):
+    path, params, config = lib
+    run_forward(path, params, config)
+'''
+
+#: (a) The pytest-xdist docs recipe: a session fixture computing under a FileLock in the
+#: run's shared basetemp directory. Once per key per run; nothing persists between runs.
+RECIPE_CONFTEST_PY = '''\
+import pytest
+from filelock import FileLock
+
+from benchcompile import compile_lib, load_meta
+
+
+def config_id(config):
+    return "-".join(f"{k}{v}" for k, v in sorted(config.items()))
+
+
+@pytest.fixture(scope="session")
+def lib(request, tmp_path_factory, worker_id):
+    config = request.param
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # shared by every worker of this run
+    out = root / f"{config_id(config)}.so"
+    with FileLock(str(out) + ".lock"):
+        if not out.is_file():
+            compile_lib(config, out)
+    return out, load_meta(out), config
+'''
+
+#: (b) MLC-style JIT without a lock: on a miss each worker compiles into a temp dir and
+#: moves the result into a persistent cache directory.
+NOLOCK_CONFTEST_PY = '''\
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from benchcompile import compile_lib, load_meta
+
+CACHE = Path(os.environ["BENCH_NOLOCK_CACHE"])
+
+
+def config_id(config):
+    return "-".join(f"{k}{v}" for k, v in sorted(config.items()))
+
+
+@pytest.fixture(scope="session")
+def lib(request):
+    config = request.param
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = CACHE / f"{config_id(config)}.so"
+    if not out.is_file():
+        tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".tmp-"))
+        try:
+            compile_lib(config, tmp / "lib.so")
+            os.replace(tmp / "lib.so.json", str(out) + ".json")
+            os.replace(tmp / "lib.so", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, load_meta(out), config
+'''
+
+#: The warm baseline: the same libraries, from a JSON list of known paths, no plugin.
+PATHS_CONFTEST_PY = '''\
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+PATHS = json.loads(Path(os.environ["BENCH_LIB_PATHS"]).read_text())
+
+
+def config_id(config):
+    return "-".join(f"{k}{v}" for k, v in sorted(config.items()))
+
+
+@pytest.fixture
+def lib(request):
+    entry = PATHS[config_id(request.param)]
+    return Path(entry["path"]), entry["params"], request.param
+'''
+
+SUITE_KINDS = {
+    "plugin": (PLUGIN_TEST_PY, None),
+    "recipe": (BASELINE_TEST_PY, RECIPE_CONFTEST_PY),
+    "nolock": (BASELINE_TEST_PY, NOLOCK_CONFTEST_PY),
+    "paths": (BASELINE_TEST_PY, PATHS_CONFTEST_PY),
+}
+
+
+# -- configs and suites ---------------------------------------------------------------------
+def config_id(config: Mapping[str, Any]) -> str:
+    """The same id the generated conftests use."""
+    return "-".join(f"{k}{v}" for k, v in sorted(config.items()))
+
+
+def make_configs(k: int, layers: Sequence[int]) -> list[dict[str, int]]:
+    """``k`` distinct transformer configs: layers cycled from ``layers``, seq_len 8, 9, ..."""
+    return [{"layers": layers[i % len(layers)], "seq_len": 8 + i} for i in range(k)]
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def write_suite(root: Path, kind: str, configs: Sequence[Mapping[str, Any]],
+                n_tests: int) -> Path:
+    """Write a runnable test directory of ``kind`` (plugin, recipe, nolock, paths)."""
+    test_py, conftest_py = SUITE_KINDS[kind]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")  # pins the rootdir
+    (root / "benchmodel.py").write_text(MODEL_PY, encoding="utf-8")
+    (root / "benchbody.py").write_text(BODY_PY, encoding="utf-8")
+    (root / "benchcompile.py").write_text(COMPILE_PY, encoding="utf-8")
+    conftest = conftest_py or "# the plugin variant needs no conftest\n"
+    (root / "conftest.py").write_text(conftest, encoding="utf-8")
+    ids = [config_id(c) for c in configs]
+    (root / "test_bench.py").write_text(
+        test_py.format(configs=[dict(c) for c in configs], ids=ids, n_tests=n_tests),
+        encoding="utf-8")
+    return root
+
+
+def count_lines(path: Path) -> int:
+    """Lines in a counter file (0 if it does not exist)."""
+    try:
+        return len(path.read_text(encoding="utf-8").splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def manifests(cache: Path, backend: str = "tvm") -> list[dict[str, Any]]:
+    """Every manifest under ``cache/<backend>`` (read back as JSON)."""
+    return [json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted((cache / backend).glob("*.manifest.json"))]
+
+
+# -- running --------------------------------------------------------------------------------
+def bench_env(**extra: str) -> dict[str, str]:
+    """Our environment without settings that change the plugin, with the repo importable."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
+
+
+@dataclasses.dataclass
+class Run:
+    """One timed subprocess."""
+
+    argv: list[str]
+    seconds: float
+    returncode: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.output.rstrip().splitlines()[-lines:])
+
+
+def run_timed(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str],
+              timeout: float = 1800.0) -> Run:
+    """Run ``argv`` to completion; its wall time from launch to exit."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(list(argv), cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
+    seconds = time.perf_counter() - t0
+    return Run(list(argv), seconds, proc.returncode, proc.stdout)
+
+
+def pytest_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+
+
+def xdist_args(workers: int) -> list[str]:
+    return ["-n", str(workers)] if workers > 0 else ["-p", "no:xdist"]
+
+
+_SUMMARY_RE = re.compile(
+    r"(?P<requests>\d+) requests?: (?P<hits>\d+) hits, (?P<compiles>\d+) compiled "
+    r"\((?P<compile_s>[\d.]+)s compiling\).*?(?P<wait_s>[\d.]+)s waiting for locks")
+
+
+def plugin_summary(output: str) -> dict[str, float] | None:
+    """The plugin's terminal-summary counters, if its line is in ``output``."""
+    match = _SUMMARY_RE.search(output)
+    if match is None:
+        return None
+    return {k: float(v) for k, v in match.groupdict().items()}
+
+
+_HELP_CACHE: dict[str, str] = {}
+
+
+def pytest_help(cwd: Path) -> str:
+    """``pytest --help`` with the plugin loaded (to detect options that exist today)."""
+    key = str(cwd)
+    if key not in _HELP_CACHE:
+        _HELP_CACHE[key] = run_timed(pytest_argv("--help"), cwd=cwd, env=bench_env()).output
+    return _HELP_CACHE[key]
+
+
+# -- statistics and output ------------------------------------------------------------------
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """``median [min..max]`` (just the value for one repetition)."""
+    if not values:
+        return "n/a"
+    med = fmt.format(median(values))
+    if len(values) == 1:
+        return med
+    return f"{med} [{fmt.format(min(values))}..{fmt.format(max(values))}]"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (pasteable into docs/benchmarks.md)."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep, *[line(r) for r in cells[1:]]])
+
+
+def rotate(items: Sequence[str], rep: int) -> list[str]:
+    """``items`` rotated by ``rep`` (the order of variants changes every repetition)."""
+    k = rep % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def best_makespan(times: Sequence[float], workers: int) -> float:
+    """The optimal makespan of independent jobs ``times`` on ``workers`` identical workers
+    (branch and bound over LPT order; exact for the small K used here)."""
+    jobs = sorted(times, reverse=True)
+    if not jobs or workers <= 0:
+        return 0.0
+    if workers >= len(jobs):
+        return jobs[0]
+    loads = [0.0] * workers
+    for t in jobs:  # LPT: an upper bound to start from
+        loads[loads.index(min(loads))] += t
+    best = max(loads)
+    lower = max(jobs[0], sum(jobs) / workers)
+    if len(jobs) > 16:
+        return best
+    loads = [0.0] * workers
+
+    def place(i: int) -> None:
+        nonlocal best
+        if i == len(jobs):
+            best = min(best, max(loads))
+            return
+        seen: set[float] = set()
+        for w in range(workers):
+            if loads[w] in seen or loads[w] + jobs[i] >= best:
+                continue  # same load as a worker tried already, or no better than best
+            seen.add(loads[w])
+            loads[w] += jobs[i]
+            place(i + 1)
+            loads[w] -= jobs[i]
+            if best <= lower + 1e-12:
+                return
+
+    place(0)
+    return best
+
+
+# -- the machine ----------------------------------------------------------------------------
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_lines() -> list[str]:
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [
+        f"command: python {shlex.join(sys.argv)}",
+        f"machine: nproc={nproc}, cpu={cpu_model()}, {platform.system()} {platform.release()}",
+        f"python {platform.python_version()}, apache-tvm {_version('apache-tvm')}, "
+        f"pytest {_version('pytest')}, pytest-xdist {_version('pytest-xdist')}, "
+        f"pytest-mlcjit {_version('pytest-mlcjit')}",
+        f"load average at start: {loadavg()}",
+    ]
+
+
+def print_header(title: str, what: str) -> None:
+    print(f"# {title}")
+    print(what)
+    for line in machine_lines():
+        print(f"  {line}")
+    print(flush=True)
+
+
+# -- arguments and scratch space ------------------------------------------------------------
+def common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 1 repetition; asserts correctness only (CI)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="scratch directory (default: a new temp dir, removed after)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+
+
+@contextlib.contextmanager
+def work_dir(args: argparse.Namespace, name: str) -> Iterator[Path]:
+    """The benchmark's scratch directory (made fresh; removed unless --keep or given)."""
+    if args.work_dir is not None:
+        path = Path(args.work_dir).absolute() / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix=f"mlcjit-{name}-"))
+    try:
+        yield path
+    finally:
+        if args.keep:
+            print(f"(scratch kept in {path})")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class Checks:
+    """Correctness checks: collected, printed at the end, and the exit status."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def expect(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.failed.append(message)
+            print(f"CHECK FAILED: {message}", flush=True)
+
+    def run_ok(self, run: Run, what: str) -> bool:
+        if not run.ok:
+            self.expect(False, f"{what} exited {run.returncode}: {shlex.join(run.argv)}\n"
+                               f"{run.tail()}")
+        return run.ok
+
+    def exit_code(self) -> int:
+        if self.failed:
+            print(f"\n{len(self.failed)} check(s) failed")
+            return 1
+        print("\nall correctness checks passed")
+        return 0
