@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import statistics
@@ -34,7 +35,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 #: Environment variables that would change how the plugin or pytest behaves in a run.
 _SCRUBBED_ENV = ("MLC_JIT_POLICY", "MLC_JIT_CACHE_DIR", "MLC_LLM_HOME", "MLC_DSO_SUFFIX",
                  "MLC_TEMP_DIR", "PYTEST_ADDOPTS", "PYTEST_PLUGINS",
-                 "PYTEST_XDIST_AUTO_NUM_WORKERS", "MLCJIT_BENCH_COUNT")
+                 "PYTEST_XDIST_AUTO_NUM_WORKERS", "MLCJIT_BENCH_COUNT",
+                 # An installed plugin has its bytecode cached; measure that, not a fresh
+                 # compile of every module on every start (this sandbox sets it to 1).
+                 "PYTHONDONTWRITEBYTECODE")
 
 #: Counts each factory call (= one compilation) in the file named by $MLCJIT_BENCH_COUNT.
 MODEL_PY = '''\
@@ -232,8 +236,48 @@ def lib(request):
     return Path(entry["path"]), entry["params"], request.param
 '''
 
+#: A prototype of background prefetching, from outside the plugin (public API only): in
+#: each xdist worker, a session fixture takes the distinct (spec, device) pairs of the
+#: collected tests, keeps those whose index in order of first use is this worker's modulo
+#: the worker count, and compiles them in a thread through the session's ``mlc_jit``
+#: engine (thread-safe; its per-key locks keep compilations at one per key).
+PREFETCH_CONFTEST_PY = '''\
+import os
+import threading
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bench_prefetch(request):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    index = int(worker[2:])
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    engine = request.getfixturevalue("mlc_jit")
+    wanted = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "compiled_model" in params:
+            pair = (params["compiled_model"], params.get("mlc_device", "cpu"))
+            if pair not in wanted:
+                wanted.append(pair)
+    mine = wanted[index::count]
+
+    def work():
+        for spec, device in mine:
+            try:
+                engine.compile(spec, device)
+            except Exception:  # the test that needs it reports the error
+                pass
+
+    threading.Thread(target=work, name="bench-prefetch", daemon=True).start()
+'''
+
 SUITE_KINDS = {
     "plugin": (PLUGIN_TEST_PY, None),
+    "plugin-prefetch": (PLUGIN_TEST_PY, PREFETCH_CONFTEST_PY),
     "recipe": (BASELINE_TEST_PY, RECIPE_CONFTEST_PY),
     "nolock": (BASELINE_TEST_PY, NOLOCK_CONFTEST_PY),
     "paths": (BASELINE_TEST_PY, PATHS_CONFTEST_PY),
@@ -264,7 +308,7 @@ def parse_ints(text: str) -> list[int]:
 
 def write_suite(root: Path, kind: str, configs: Sequence[Mapping[str, Any]],
                 n_tests: int) -> Path:
-    """Write a runnable test directory of ``kind`` (plugin, recipe, nolock, paths)."""
+    """Write a runnable test directory of ``kind`` (a key of :data:`SUITE_KINDS`)."""
     test_py, conftest_py = SUITE_KINDS[kind]
     root.mkdir(parents=True, exist_ok=True)
     (root / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")  # pins the rootdir
@@ -311,6 +355,9 @@ class Run:
     seconds: float
     returncode: int
     output: str
+    #: User + system CPU seconds of the whole process tree (workers, compilers) that ran:
+    #: far less sensitive than wall time to other load on a shared machine.
+    cpu_seconds: float = float("nan")
 
     @property
     def ok(self) -> bool:
@@ -322,12 +369,17 @@ class Run:
 
 def run_timed(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str],
               timeout: float = 1800.0) -> Run:
-    """Run ``argv`` to completion; its wall time from launch to exit."""
+    """Run ``argv`` to completion; its wall time from launch to exit, and the CPU time of
+    its process tree (every descendant is waited for by its parent, so the kernel adds its
+    usage to ours when ``argv`` exits; call this from one thread at a time)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(list(argv), cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
     seconds = time.perf_counter() - t0
-    return Run(list(argv), seconds, proc.returncode, proc.stdout)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return Run(list(argv), seconds, proc.returncode, proc.stdout, cpu)
 
 
 def pytest_argv(*args: str) -> list[str]:

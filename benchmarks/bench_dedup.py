@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     checks = Checks()
     results: dict[str, dict[str, list[float]]] = {
         v: {"compiles": [], "wall": [], "re_compiles": [], "re_wall": [], "ratio": [],
-            "re_ratio": [], "manifests": [], "lock_wait": []} for v in VARIANTS}
+            "re_ratio": [], "manifests": [], "lock_wait": [], "cpu": []} for v in VARIANTS}
 
     with work_dir(args, "dedup") as root:
         suites = {v: write_suite(root / SUITE_OF[v], SUITE_OF[v], configs, args.tests)
@@ -106,6 +106,7 @@ def main(argv: list[str]) -> int:
                 res = results[variant]
                 res["compiles"].append(compiles)
                 res["wall"].append(cold.seconds)
+                res["cpu"].append(cold.cpu_seconds)
                 rerun_s = float("nan")
                 if variant == "pytest-mlcjit":
                     n_manifests = len(manifests(cache))
@@ -144,14 +145,14 @@ def main(argv: list[str]) -> int:
                     results[variant]["re_ratio"].append(walls[variant][1] / ours[1])
 
     print()
-    headers = ["variant", "compiles (cold)", "cold wall s", "cold / ours"]
+    headers = ["variant", "compiles (cold)", "cold wall s", "cold / ours", "cold CPU s"]
     if not args.no_rerun:
         headers += ["compiles (rerun)", "rerun wall s", "rerun / ours"]
     rows = []
     for variant in VARIANTS:
         res = results[variant]
         row: list[object] = [variant, spread(res["compiles"], "{:.0f}"), spread(res["wall"]),
-                             f"{median(res['ratio']):.2f}x"]
+                             f"{median(res['ratio']):.2f}x", spread(res["cpu"], "{:.1f}")]
         if not args.no_rerun:
             row += [spread(res["re_compiles"], "{:.0f}"), spread(res["re_wall"]),
                     f"{median(res['re_ratio']):.2f}x"]
@@ -162,7 +163,8 @@ def main(argv: list[str]) -> int:
           f"(manifests {spread(results['pytest-mlcjit']['manifests'], '{:.0f}')}); "
           f"its workers waited {spread(results['pytest-mlcjit']['lock_wait'])} s in total on "
           "locks per run (plugin summary).")
-    print("Values are median [min..max] over reps; ratios are medians of per-rep ratios.")
+    print("Values are median [min..max] over reps; ratios are medians of per-rep ratios; "
+          "CPU s is user+system time of the whole process tree (workers and compilers).")
     return checks.exit_code()
 
 

@@ -23,9 +23,9 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
-import re
 import socket
 import stat
 import sys
@@ -139,13 +139,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and has not exited. A killed process
+    stays a zombie until its parent reaps it (an xdist worker's parent may take a while);
+    its locks are already released, so a zombie counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[:1]
+    except OSError:
+        return True  # no /proc (not Linux): trust kill()
+    return state not in ([b"Z"], [b"X"])
 
 
 class Cache:
@@ -153,21 +161,34 @@ class Cache:
 
     def __init__(self, root: str | os.PathLike[str], *, writable: bool,
                  allow_untrusted: bool = False) -> None:
+        if "\0" in os.fspath(root):
+            raise ConfigError(f"invalid cache directory {os.fspath(root)!r}: it contains a NUL "
+                              "character")
         self.root = Path(root).expanduser().absolute()
         self.writable = writable
+        self.allow_untrusted = allow_untrusted
         self.control = self.root / CONTROL_DIR
         self._verified: dict[Path, tuple[int, int, int, str]] = {}
         self._used: set[str] = set()
+        self._trusted_dirs: set[Path] = set()
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"cache directory {self.root} is not a directory; choose another "
+                              "with --mlc-jit-cache-dir")
         if writable:
             self._make_root()
-        if self.root.exists() and not allow_untrusted:
+        elif self.root.exists():
             self.check_trusted()
 
     # -- set-up and trust --------------------------------------------------------------
     def _make_root(self) -> None:
         try:
+            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            self.check_trusted()  # before writing anything into it
+            self.control.mkdir(mode=DIR_MODE, exist_ok=True)
             for sub in ("locks", "staging", "failed", "usage", "quarantine"):
-                (self.control / sub).mkdir(parents=True, exist_ok=True)
+                (self.control / sub).mkdir(mode=DIR_MODE, exist_ok=True)
+        except UntrustedCacheError:
+            raise
         except OSError as exc:
             raise MlcJitError(
                 f"cache directory {self.root} is not writable ({exc.strerror}); "
@@ -178,37 +199,97 @@ class Cache:
                 f"cache directory {self.root} is not writable; choose another with "
                 "--mlc-jit-cache-dir, or use --mlc-jit-policy=READONLY"
             )
+        self.check_trusted()
 
     def check_trusted(self) -> None:
-        """Refuse a root that other users can write to (loading a library runs its code)."""
-        st = self.root.stat()
+        """Refuse a root that other users can write to (loading a library runs its code).
+
+        Checks the root, the control directory and its sub-directories; entry directories
+        and files are checked when an entry is read. Nothing is checked when the cache was
+        opened with ``allow_untrusted``.
+        """
+        if self.allow_untrusted:
+            return
+        self._check_dir(self.root)
+        if self.control.is_dir():
+            self._check_dir(self.control)
+            for sub in self.control.iterdir():
+                if sub.is_dir():
+                    self._check_dir(sub)
+
+    def _check_dir(self, path: Path) -> None:
+        if self.allow_untrusted or path in self._trusted_dirs:
+            return
+        st = path.stat()
+        what = "cache directory" if path == self.root else "directory"
         if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0):
             raise UntrustedCacheError(
-                f"cache directory {self.root} is owned by uid {st.st_uid}, not by you "
+                f"{what} {path} is owned by uid {st.st_uid}, not by you "
                 f"(uid {os.getuid()}); loading its libraries would run their code. "
                 "Pass --mlc-jit-allow-untrusted-cache if you trust it."
             )
         others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if others_write and not st.st_mode & stat.S_ISVTX:
             raise UntrustedCacheError(
-                f"cache directory {self.root} is writable by other users "
+                f"{what} {path} is writable by other users "
                 f"(mode {stat.filemode(st.st_mode)}); loading its libraries would run their "
                 "code. Fix its permissions (chmod go-w) or pass --mlc-jit-allow-untrusted-cache."
+            )
+        self._trusted_dirs.add(path)
+
+    def _check_owner(self, path: Path, st: os.stat_result) -> None:
+        """Refuse an entry file another user created (possible in a sticky directory)."""
+        if self.allow_untrusted or not hasattr(os, "getuid"):
+            return
+        if st.st_uid not in (os.getuid(), 0):
+            raise UntrustedCacheError(
+                f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); "
+                "loading it would run its code. Pass --mlc-jit-allow-untrusted-cache if you "
+                "trust it."
+            )
+
+    def check_entry(self, paths: EntryPaths) -> None:
+        """ConfigError unless ``paths`` is ``<root>/<dir>/<digest>.<suffix>``: no key, name
+        or setting can make the cache read, write or load anything outside its root."""
+        check_digest(paths.digest)
+        lib = paths.library
+        suffix = lib.name[len(paths.digest) + 1:]
+        if (lib.parent.parent != self.root or not _SIMPLE_NAME_RE.fullmatch(lib.parent.name)
+                or not lib.name.startswith(paths.digest + ".")
+                or not _SIMPLE_NAME_RE.fullmatch(suffix) or ".." in suffix):
+            raise ConfigError(
+                f"invalid cache entry path {os.fspath(lib)!r}: expected "
+                f"{self.root}/<dir>/{paths.digest}.<suffix> with a plain suffix (check "
+                "MLC_DSO_SUFFIX and the backend's layout)"
             )
 
     # -- reading -----------------------------------------------------------------------
     def read_manifest(self, paths: EntryPaths) -> dict[str, Any] | None:
-        """The entry's manifest, None if absent; CorruptEntryError if it is not valid JSON."""
+        """The entry's manifest, None if absent; CorruptEntryError if it cannot be read or is
+        not a manifest (not UTF-8 JSON, fields missing or of the wrong type)."""
+        self.check_entry(paths)
         try:
-            text = paths.manifest.read_text(encoding="utf-8")
+            with open(paths.manifest, "rb") as f:
+                st = os.fstat(f.fileno())
+                raw = f.read()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise CorruptEntryError(
+                f"manifest {paths.manifest} cannot be read ({exc.strerror})") from None
+        self._check_dir(paths.library.parent)
+        self._check_owner(paths.manifest, st)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
             raise CorruptEntryError(f"manifest {paths.manifest} is not valid JSON") from None
         if not isinstance(data, dict) or not {"sha256", "size", "digest"} <= data.keys():
             raise CorruptEntryError(f"manifest {paths.manifest} lacks sha256/size/digest")
+        size, sha = data["size"], data["sha256"]
+        if (not isinstance(sha, str) or isinstance(size, bool) or not isinstance(size, int)
+                or size < 0):
+            raise CorruptEntryError(
+                f"manifest {paths.manifest} has an invalid sha256 {sha!r} or size {size!r}")
         if data["digest"] != paths.digest:
             raise CorruptEntryError(
                 f"manifest {paths.manifest} is for key {data['digest']}, not {paths.digest}"
@@ -221,12 +302,16 @@ class Cache:
         The checksum is computed on the first read in this process and again only if the
         file's identity (inode, size, mtime) changes; a mismatch raises CorruptEntryError.
         """
+        self.check_entry(paths)
         try:
             st = paths.library.stat()
         except FileNotFoundError:
             raise CorruptEntryError(
                 f"library {paths.library} is missing although its manifest exists"
             ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptEntryError(f"library {paths.library} is not a regular file")
+        self._check_owner(paths.library, st)
         ident = (st.st_ino, st.st_size, st.st_mtime_ns)
         seen = self._verified.get(paths.library)
         if seen is not None and seen[:3] == ident and seen[3] == manifest["sha256"]:
@@ -257,7 +342,7 @@ class Cache:
 
     # -- locking -------------------------------------------------------------------------
     def lock_path(self, digest: str) -> Path:
-        return self.control / "locks" / f"{digest}.lock"
+        return self.control / "locks" / f"{check_digest(digest)}.lock"
 
     @contextlib.contextmanager
     def lock(self, digest: str, timeout: float, what: str = "") -> Iterator[float]:
@@ -269,9 +354,11 @@ class Cache:
         from filelock import FileLock, Timeout
 
         assert self.writable, "READONLY caches take no locks"
-        lock = FileLock(self.lock_path(digest), timeout=timeout, thread_local=False)
+        lock = FileLock(self.lock_path(digest), timeout=timeout, mode=FILE_MODE,
+                        thread_local=False)
         owner = self.control / "locks" / f"{digest}.owner"
         start = time.monotonic()
+        fault_point("lock-wait")
         try:
             lock.acquire()
         except Timeout:
@@ -281,6 +368,7 @@ class Cache:
             with contextlib.suppress(OSError):
                 write_json_atomic(owner, {"pid": os.getpid(), "host": socket.gethostname(),
                                           "since": time.time()})
+            fault_point("locked")
             yield waited
         finally:
             with contextlib.suppress(OSError):
@@ -294,6 +382,8 @@ class Cache:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
             held = (f"held by pid {info['pid']} on {info['host']} since {since} "
                     f"({time.time() - info['since']:.0f}s ago)")
+            if info["host"] == socket.gethostname() and not _pid_alive(int(info["pid"])):
+                held += " (that process has exited: the record is stale, the holder unknown)"
         except (OSError, ValueError, KeyError, TypeError):
             held = "holder unknown"
         return (f"timed out after {timeout:g}s waiting for the lock of key {digest}"
@@ -307,37 +397,66 @@ class Cache:
         ``parent`` (default ``.mlcjit/staging``) must be on the cache's filesystem, so that
         publishing is an atomic rename.
         """
+        check_digest(digest)
         name = f"{digest[:32]}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         path = (parent or self.control / "staging") / name
-        path.mkdir(parents=True)
+        path.mkdir(mode=0o700, parents=True)  # private: nobody may swap what we publish
         return path
 
     def publish(self, staging_library: Path, staging_log: Path | None, paths: EntryPaths,
                 manifest: dict[str, Any]) -> dict[str, Any]:
         """Move a compiled library into place atomically, the manifest last.
 
-        Call with the key's lock held. Any old manifest is removed first, so a concurrent
-        reader sees either the old complete entry, no entry, or the new complete entry.
-        Returns the manifest as written (with ``sha256`` and ``size`` filled in).
+        Call with the key's lock held. Everything that needs disk space (the fsync, the
+        manifest's temp file) happens before anything is moved, so a full disk leaves any
+        old entry untouched. Then the old manifest is removed, the library and log are
+        renamed into place, and the manifest is renamed last: a concurrent reader sees the
+        old complete entry, no entry, or the new complete entry. A crash between the renames
+        leaves a library that no manifest names, which no reader loads and the next compile
+        replaces; an error there takes the library back out. Returns the manifest as written
+        (with ``sha256`` and ``size`` filled in).
         """
-        st = staging_library.stat()
+        self.check_entry(paths)
+        with open(staging_library, "rb+") as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):  # a umask of 0 made it writable
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+            os.fsync(f.fileno())
         manifest = {**manifest, "digest": paths.digest, "library": paths.library.name,
                     "sha256": file_sha256(staging_library), "size": st.st_size,
                     "log": paths.log.name}
-        with open(staging_library, "rb+") as f:
-            os.fsync(f.fileno())
-        paths.library.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            paths.manifest.unlink()
-        os.replace(staging_library, paths.library)
-        if staging_log is not None and staging_log.exists():
-            os.replace(staging_log, paths.log)
-        write_json_atomic(paths.manifest, manifest)
+        paths.library.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        self._check_dir(paths.library.parent)
+        tmp_manifest = _write_json_tmp(paths.manifest, manifest)
+        placed = False
+        try:
+            fault_point("publish:staged")
+            with contextlib.suppress(FileNotFoundError):
+                paths.manifest.unlink()
+            os.replace(staging_library, paths.library)
+            placed = True
+            if staging_log is not None and staging_log.exists():
+                with contextlib.suppress(OSError):
+                    staging_log.chmod(FILE_MODE)
+                os.replace(staging_log, paths.log)
+            fault_point("publish:library")
+            os.replace(tmp_manifest, paths.manifest)
+            placed = False
+        except BaseException:
+            if placed:  # no manifest names it: take it back out rather than leave litter
+                with contextlib.suppress(OSError):
+                    paths.library.unlink()
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_manifest.unlink()
         _fsync_dir(paths.library.parent)
+        fault_point("published")
         return manifest
 
     def quarantine(self, paths: EntryPaths, reason: str) -> Path | None:
         """Move a corrupt entry's files aside (under the lock); returns where, if anything moved."""
+        self.check_entry(paths)
         stamp = f"{int(time.time())}.{secrets.token_hex(2)}"
         dest = self.control / "quarantine" / f"{paths.digest}.{stamp}"
         moved = False
@@ -355,9 +474,13 @@ class Cache:
         """Note that ``digest`` was used now (once per process; never under READONLY)."""
         if not self.writable or digest in self._used:
             return
+        check_digest(digest)
         self._used.add(digest)
         with contextlib.suppress(OSError):
-            (self.control / "usage" / digest).write_text(f"{time.time():.3f}\n", encoding="ascii")
+            fd = os.open(self.control / "usage" / digest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         FILE_MODE)
+            with open(fd, "w", encoding="ascii") as f:
+                f.write(f"{time.time():.3f}\n")
 
     def last_used(self, digest: str) -> float | None:
         try:
@@ -367,7 +490,7 @@ class Cache:
 
     # -- failures remembered within a run ------------------------------------------------
     def failure_paths(self, digest: str) -> tuple[Path, Path]:
-        base = self.control / "failed" / digest
+        base = self.control / "failed" / check_digest(digest)
         return base.with_suffix(".json"), base.with_suffix(".log")
 
     def record_failure(self, digest: str, run_id: str, message: str) -> None:
@@ -381,11 +504,14 @@ class Cache:
             data = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return str(data["message"]) if data.get("run_id") == run_id else None
+        if not isinstance(data, dict) or data.get("run_id") != run_id or "message" not in data:
+            return None
+        return str(data["message"])
 
     # -- housekeeping --------------------------------------------------------------------
     def clean_staging(self, *, max_age: float = STAGING_MAX_AGE_S) -> list[Path]:
-        """Remove orphaned staging dirs: a dead owner on this host, or older than ``max_age``."""
+        """Remove orphaned staging dirs: a dead owner on this host, or older than ``max_age``
+        (whatever their name: also strays whose owner cannot be read from it)."""
         removed: list[Path] = []
         staging = self.control / "staging"
         if not self.writable or not staging.is_dir():
@@ -393,16 +519,22 @@ class Cache:
         host = socket.gethostname()
         now = time.time()
         for path in staging.iterdir():
+            try:
+                age = now - path.lstat().st_mtime
+            except OSError:
+                continue
             parts = path.name.split(".")
             try:
-                pid = int(parts[-2])
-                owner_host = ".".join(parts[1:-2])
-                age = now - path.stat().st_mtime
-            except (ValueError, IndexError, OSError):
-                continue
-            dead = owner_host == host and not _pid_alive(pid)
+                pid, owner_host = int(parts[-2]), ".".join(parts[1:-2])
+            except (ValueError, IndexError):
+                pid, owner_host = 0, ""
+            dead = pid > 0 and owner_host == host and not _pid_alive(pid)
             if dead or age > max_age:
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
                 removed.append(path)
         return removed
 

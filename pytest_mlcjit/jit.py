@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shlex
 import shutil
@@ -31,7 +32,7 @@ from typing import Any
 
 from . import __version__
 from .backends import BuildRequest, child_env
-from .cache import Cache, EntryPaths, is_no_space, write_json_atomic
+from .cache import Cache, EntryPaths, fault_point, is_no_space, write_json_atomic
 from .device import Device, Presence, probe
 from .errors import (
     CacheMissError,
@@ -91,6 +92,8 @@ class Stats:
     lock_wait_seconds: float = 0.0
     bytes_compiled: int = 0
     corrupt: int = 0
+    #: Compiles done ahead of time by background prefetch (included in ``compiles``).
+    prefetched: int = 0
 
     def merge(self, other: Mapping[str, Any]) -> None:
         for field in dataclasses.fields(self):
@@ -129,6 +132,43 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _ran_out_of_space(root: Path, log: Path) -> str | None:
+    """Why a failed compile looks like a full disk (its log says so, or the cache's
+    filesystem has no space left), else None."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16)))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in text:
+            return f"its log says {os.strerror(code)!r}"
+    try:
+        st = os.statvfs(root)
+        full = st.f_bavail == 0 and st.f_blocks > 0  # some FUSE mounts report 0 of 0
+    except OSError:
+        full = False
+    return "the cache's filesystem has no space left" if full else None
+
+
+def _no_space_message(req: BuildRequest, cache: Cache, why: str, log: Path | None = None) -> str:
+    try:
+        st = os.statvfs(cache.root)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        where = f"the cache's filesystem ({cache.root}) or the temporary directory (TMPDIR)"
+    else:
+        where = (f"the cache's filesystem ({cache.root}) is full ({free // 1024} KiB free)"
+                 if free < 2**20 * 64 else
+                 f"the cache's filesystem ({cache.root}) has {free / 2**30:.1f} GiB free, so "
+                 "the compiler's temporary directory (TMPDIR) may be what is full")
+    detail = f" ({why})" if why else ""
+    tail = f"\n--- last lines of the log ---\n{_tail(log)}" if log is not None else ""
+    return (f"compiling {req.describe} ran out of disk space{detail}; nothing was published: "
+            f"{where}. Free space or prune the cache (pytest-mlcjit prune).{tail}")
+
+
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -149,6 +189,7 @@ class JIT:
         self._done: dict[tuple[str, Path], CompiledModel] = {}
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._local = threading.local()
 
     # -- building blocks -------------------------------------------------------------------
     def presence(self, device: Device) -> Presence:
@@ -201,8 +242,13 @@ class JIT:
 
     # -- the one public operation -----------------------------------------------------------
     def compile(self, spec: Any, device: Device | str | None = "cpu", *,
-                policy: Policy | str | None = None) -> CompiledModel:
-        """Return the compiled library for ``spec`` on ``device``, compiling it if needed."""
+                policy: Policy | str | None = None, background: bool = False) -> CompiledModel:
+        """Return the compiled library for ``spec`` on ``device``, compiling it if needed.
+
+        ``background=True`` is for prefetching: the call is not counted as a request (nor
+        its outcome as a hit); a compile it does is counted as ``prefetched`` too.
+        """
+        self._local.background = background
         pol = Policy.parse(policy) if policy is not None else self.settings.policy
         if pol is Policy.OFF:
             raise JitDisabledError(
@@ -213,11 +259,11 @@ class JIT:
         cache = self.cache_for(req, pol)
         paths = req.locate(cache.root)
         with self._lock:
-            self.stats.requests += 1
+            self.stats.requests += not background
             done = self._done.get((req.digest, cache.root))
         if done is not None and cache.is_verified(paths):
             with self._lock:
-                self.stats.hits += 1
+                self.stats.hits += not background
             return dataclasses.replace(done, hit=True)
         with self._key_lock(req.digest):
             return self._compile_or_fetch(req, cache, paths, pol)
@@ -238,7 +284,7 @@ class JIT:
         )
         with self._lock:
             self._done[(req.digest, cache.root)] = model
-            if hit:
+            if hit and not getattr(self._local, "background", False):
                 self.stats.hits += 1
         return model
 
@@ -312,16 +358,27 @@ class JIT:
         """Compile ``req`` in a subprocess and publish it; call with the key's lock held."""
         cache.clean_staging()
         parent, note = req.staging_parent(cache.root) if req.staging_parent else (None, "")
-        staging = cache.new_staging_dir(req.digest, parent=parent)
+        try:
+            staging = cache.new_staging_dir(req.digest, parent=parent)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise CompileError(_no_space_message(req, cache, "")) from None
+            raise
         log = staging / "compile.log"
-        if note:
-            log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
         timeout = self.settings.compile_timeout
         try:
+            fault_point("staging")
+            if note:
+                log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
             argv, output = req.command(staging)
             t0 = time.perf_counter()
+            fault_point("compile")
             rc = run_logged(argv, log, timeout=timeout, env=child_env())
             seconds = time.perf_counter() - t0
+            fault_point("compiled")
+            if rc != 0 and (why := _ran_out_of_space(cache.root, log)) is not None:
+                # Not remembered as this config's failure: freeing space fixes it.
+                raise CompileError(_no_space_message(req, cache, why, log))
             if rc is None:
                 self._fail(req, cache, log, f"timed out after {timeout:g}s (--mlc-jit-timeout)")
             if rc != 0:
@@ -339,15 +396,13 @@ class JIT:
             published = cache.publish(output, log, paths, manifest)
         except OSError as exc:
             if is_no_space(exc):
-                raise CompileError(
-                    f"no space left on the cache's filesystem ({cache.root}) while compiling "
-                    f"{req.describe}; nothing was published. Free space or prune the cache "
-                    "(pytest-mlcjit prune)") from None
+                raise CompileError(_no_space_message(req, cache, "")) from None
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         with self._lock:
             self.stats.compiles += 1
+            self.stats.prefetched += bool(getattr(self._local, "background", False))
             self.stats.compile_seconds += seconds
             self.stats.bytes_compiled += int(published["size"])
         return published

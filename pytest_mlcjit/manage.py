@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import CONTROL_DIR, MANIFEST_SUFFIX, Cache, EntryPaths
-from .errors import ConfigError, CorruptEntryError, MlcJitError
+from .errors import ConfigError, CorruptEntryError
 
 #: ``(directory under the root, backend name)`` of every backend's entries.
 BACKEND_DIRS = (("tvm", "tvm"), ("model_lib", "mlc"))
@@ -119,6 +119,10 @@ class Entry:
     manifest_error: str | None
     files: list[Path]
     last_used: float | None
+    #: The library's size in bytes (0 if it is missing), as found by :func:`scan`.
+    size: int = 0
+    #: Bytes of every file of the entry (library, manifest, log), as found by :func:`scan`.
+    disk_size: int = 0
 
     @property
     def paths(self) -> EntryPaths:
@@ -127,16 +131,6 @@ class Entry:
             name = (self.manifest or {}).get("library") or f"{self.digest}.so"
             library = self.manifest_path.parent / str(name)
         return EntryPaths(self.digest, library)
-
-    @property
-    def size(self) -> int:
-        """The library's size in bytes (0 if it is missing)."""
-        return _size(self.library) if self.library is not None else 0
-
-    @property
-    def disk_size(self) -> int:
-        """Bytes of every file of the entry (library, manifest, log)."""
-        return sum(_size(p) for p in self.files)
 
     @property
     def created(self) -> float | None:
@@ -262,12 +256,15 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
             candidates = [n for n in group
                           if n not in (manifest_path.name, f"{digest}.log")]
             named = (manifest or {}).get("library")
-            library_name = named if named in candidates else (candidates or [None])[0]
+            library_name: str | None = named if named in candidates else next(
+                iter(candidates), None)
+            files = [directory / n for n in group]
+            library = directory / library_name if library_name else None
             entries.append(Entry(
-                root=base, backend=backend, digest=digest,
-                library=directory / library_name if library_name else None,
+                root=base, backend=backend, digest=digest, library=library,
                 manifest_path=manifest_path, manifest=manifest, manifest_error=error,
-                files=[directory / n for n in group], last_used=last_used(base, digest),
+                files=files, last_used=last_used(base, digest),
+                size=_size(library) if library else 0, disk_size=sum(map(_size, files)),
             ))
     entries.sort(key=lambda e: (-e.recency, e.backend, e.digest))
     return entries
@@ -463,12 +460,10 @@ def prune(root: Path, *, max_size: int | None = None, older_than: float | None =
             protect_used_since is not None and (entry.last_used or 0) >= protect_used_since)
 
     cache = None if dry_run else _open(root)
-    expiring = [q for q in quarantine if older_than is not None and now - q[0] > older_than]
-    if max_size is not None:
-        expiring = quarantine  # garbage goes before any entry does
-    for _stamp, path, size in expiring:
-        if max_size is not None and older_than is None and total <= max_size:
-            break
+    for stamp, path, size in quarantine:  # oldest first; garbage goes before any entry
+        expired = older_than is not None and now - stamp > older_than
+        if not expired and (max_size is None or total <= max_size):
+            continue
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
         result.quarantine_removed.append(str(path))
@@ -575,7 +570,7 @@ def record_run(root: Path, record: Mapping[str, Any]) -> None:
     path = control / RUNS_FILE
     line = json.dumps(dict(record), sort_keys=True, separators=(",", ":")) + "\n"
     try:
-        with FileLock(control / "locks" / "runs.lock", timeout=10, thread_local=False):
+        with FileLock(control / "runs.lock", timeout=10, thread_local=False):
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True) \
                 if path.exists() else []
             if len(lines) < 2 * RUNS_KEPT:
@@ -668,19 +663,18 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-_MISSING = object()
+#: Stands for a key field one side does not have, in :func:`key_diff`.
+ABSENT = "(absent)"
 
 
 def key_diff(wanted: Mapping[str, Any], cached: Mapping[str, Any]
              ) -> list[tuple[str, Any, Any]]:
-    """``(field, wanted, cached)`` for every leaf field that differs (``None`` if absent)."""
+    """``(field, wanted, cached)`` for every leaf field that differs (:data:`ABSENT` for a
+    field one side lacks), fields as dotted paths such as ``config.hidden``."""
     a, b = flatten(wanted), flatten(cached)
-    diffs = []
-    for name in sorted(a.keys() | b.keys()):
-        va, vb = a.get(name, _MISSING), b.get(name, _MISSING)
-        if va != vb:
-            diffs.append((name, None if va is _MISSING else va, None if vb is _MISSING else vb))
-    return diffs
+    return [(name, a.get(name, ABSENT), b.get(name, ABSENT))
+            for name in sorted(a.keys() | b.keys())
+            if a.get(name, ABSENT) != b.get(name, ABSENT)]
 
 
 def nearest(entries: Iterable[Entry], key: Mapping[str, Any], backend: str
@@ -697,17 +691,19 @@ def nearest(entries: Iterable[Entry], key: Mapping[str, Any], backend: str
     return best
 
 
-def entry_status(root: Path, digest: str, stale: Any = None) -> str:
-    """``hit``, ``missing``, ``corrupt: …``, ``unmanaged`` or ``stale: …`` for a digest."""
-    for entry in scan(root):
+def entry_status(entries: Iterable[Entry], digest: str, stale: Any = None) -> str:
+    """``hit``, ``missing``, ``unmanaged…``, ``corrupt: …`` or ``stale: …`` for ``digest``
+    among ``entries`` (of one root), as a READONLY run would find it."""
+    for entry in entries:
         if entry.digest != digest:
             continue
         if entry.state == "unmanaged":
-            return "unmanaged (a library without manifest: adopted on first use if loadable)"
+            return "unmanaged (a library without manifest: adopted on first use if it loads)"
         if entry.manifest is None:
             return f"corrupt: {entry.manifest_error or 'the library is missing'}"
         try:
-            Cache(root, writable=False, allow_untrusted=True).verify(entry.paths, entry.manifest)
+            Cache(entry.root, writable=False, allow_untrusted=True).verify(
+                entry.paths, entry.manifest)
         except CorruptEntryError as exc:
             return f"corrupt: {exc}"
         why = stale(entry.manifest) if stale is not None else None
@@ -716,7 +712,7 @@ def entry_status(root: Path, digest: str, stale: Any = None) -> str:
 
 
 __all__ = [
-    "ClearResult", "ConfigError", "Entry", "MlcJitError", "PruneResult", "VerifyResult",
+    "ClearResult", "Entry", "PruneResult", "VerifyResult",
     "cache_key", "clear", "default_roots", "entry_status", "format_size", "info", "key_diff",
     "nearest", "parse_age", "parse_size", "prune", "read_runs", "record_run", "scan",
     "verify",

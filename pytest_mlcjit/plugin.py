@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .jit import DEFAULT_COMPILE_TIMEOUT_S, JIT, Settings, Stats, default_cache_
 from .model import CompiledModel
 from .policy import Policy
 from .policy import resolve as resolve_policy
+from .prefetch import Prefetcher
 from .spec import TVMModel
 
 ENV_POLICY = "MLC_JIT_POLICY"
@@ -41,6 +43,15 @@ settings_key = pytest.StashKey[Settings]()
 jit_key = pytest.StashKey[JIT]()
 stats_key = pytest.StashKey[Stats]()
 option_key = pytest.StashKey[str]()
+prefetch_key = pytest.StashKey[str]()
+prefetcher_key = pytest.StashKey[Prefetcher]()
+#: --mlc-jit-max-size in bytes (controller only), when set.
+max_size_key = pytest.StashKey[int]()
+#: When this run started (controller), and the digests its tests used (each process).
+started_key = pytest.StashKey[float]()
+used_key = pytest.StashKey[set[str]]()
+#: What the size cap pruned after the run, per root, or the error that stopped it.
+pruned_key = pytest.StashKey[list[Any]]()
 
 MARKERS = (
     "mlc_model(spec, *, target=None, **options): the model the compiled_model fixture "
@@ -60,6 +71,16 @@ def _seconds(name: str, text: str) -> float:
         value = -1.0
     if not value > 0:  # also rejects NaN
         raise ConfigError(f"invalid {name} {text!r}: expected a positive number of seconds")
+    return value
+
+
+PREFETCH_MODES = ("auto", "on", "off")
+
+
+def _choice(name: str, text: str, valid: tuple[str, ...]) -> str:
+    value = str(text).strip().lower()
+    if value not in valid:
+        raise ConfigError(f"invalid {name} {text!r}: expected one of {', '.join(valid)}")
     return value
 
 
@@ -115,7 +136,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="load from a cache directory that other users can write to (refused by default: "
         "loading a library runs its code). ini mlc_jit_allow_untrusted_cache.",
     )
+    group.addoption(
+        "--mlc-jit-prepare", dest="mlc_jit_prepare", action="store_true", default=False,
+        help="warm the cache: collect the tests, compile every distinct library they request "
+        "(in parallel under -n), run no test; exit 0 only if every library compiled. With "
+        "--mlc-jit-policy=READONLY it only checks that every library is cached.",
+    )
+    group.addoption(
+        "--mlc-jit-prefetch", dest="mlc_jit_prefetch", metavar="{auto,on,off}", default=None,
+        type=_cli_type(lambda t: _choice("--mlc-jit-prefetch", t, PREFETCH_MODES)),
+        help="compile, in the background right after collection, each worker's share of the "
+        "libraries the collected tests need, so workers do not wait on each other. auto: "
+        "under xdist with 2+ workers. ini mlc_jit_prefetch; default auto.",
+    )
+    group.addoption(
+        "--mlc-jit-max-size", dest="mlc_jit_max_size", metavar="SIZE", default=None,
+        type=_cli_type(lambda t: _size("--mlc-jit-max-size", t)),
+        help="after the run, evict least recently used entries until the cache is at most "
+        "SIZE (10G, 500M, 2GiB), never one this run used. ini mlc_jit_max_size; default: "
+        "no cap.",
+    )
     parser.addini("mlc_jit_policy", "JIT policy (ON, OFF, REDO, READONLY)", default=None)
+    parser.addini("mlc_jit_prefetch", "background prefetch: auto, on or off", default=None)
     parser.addini("mlc_device", "comma-separated devices (default auto)", default=None)
     parser.addini("mlc_jit_cache_dir", "cache directory (relative to the ini file)",
                   type="string", default=None)
@@ -123,6 +165,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mlc_jit_lock_timeout", "limit in seconds for a lock wait", default=None)
     parser.addini("mlc_jit_allow_untrusted_cache", "load from a cache others can write to",
                   type="bool", default=False)
+    parser.addini("mlc_jit_max_size", "cache size cap applied after each run (10G, 500M)",
+                  default=None)
+
+
+def _size(name: str, text: str) -> int:
+    from .manage import parse_size
+
+    return parse_size(text, what=name)
 
 
 def _ini(config: pytest.Config, name: str) -> Any:
@@ -207,8 +257,33 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[settings_key] = settings
     config.stash[jit_key] = JIT(settings)
     config.stash[stats_key] = Stats()
+    config.stash[used_key] = set()
+    if workerinput is None:
+        config.stash[started_key] = time.time()
+        try:
+            max_size = config.option.mlc_jit_max_size
+            if max_size is None and (text := _ini(config, "mlc_jit_max_size")) is not None:
+                max_size = _size("ini mlc_jit_max_size", text)
+        except MlcJitError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        if max_size is not None:
+            config.stash[max_size_key] = max_size
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "mlcjit-xdist")
+    try:
+        prefetch = config.option.mlc_jit_prefetch or _choice(
+            "ini mlc_jit_prefetch", _ini(config, "mlc_jit_prefetch") or "auto", PREFETCH_MODES)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[prefetch_key] = prefetch
+    if config.option.mlc_jit_prepare:
+        if settings.policy is Policy.OFF:
+            raise pytest.UsageError(
+                "--mlc-jit-prepare compiles libraries, but the policy is OFF; use ON (or "
+                "READONLY to check that every library is cached)")
+        from .prepare import Prepare
+
+        config.pluginmanager.register(Prepare(config), "mlcjit-prepare")
 
 
 class XdistHooks:
@@ -227,17 +302,77 @@ class XdistHooks:
         stats = getattr(node, "workeroutput", {}).get("mlcjit_stats")
         if stats:
             self.config.stash[stats_key].merge(stats)
+        used = getattr(node, "workeroutput", {}).get("mlcjit_used")
+        if used:
+            self.config.stash[used_key].update(used)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start background prefetch of this worker's share of the run's libraries."""
+    config = session.config
+    if jit_key not in config.stash or config.option.collectonly or config.option.mlc_jit_prepare:
+        return
+    engine = config.stash[jit_key]
+    workerinput = getattr(config, "workerinput", None)
+    index, count = (0, 1) if workerinput is None else (
+        int(str(workerinput["workerid"]).lstrip("gw") or 0), int(workerinput["workercount"]))
+    mode = config.stash[prefetch_key]
+    if not engine.settings.policy.writes or mode == "off" or (mode == "auto" and count < 2):
+        return
+    prefetcher = Prefetcher(engine, index, count)
+    prefetcher.start(session.items)
+    config.stash[prefetcher_key] = prefetcher
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     if jit_key not in config.stash:
         return
+    if (prefetcher := config.stash.get(prefetcher_key, None)) is not None:
+        prefetcher.stop()
     own = config.stash[jit_key].stats.to_json()
     if hasattr(config, "workeroutput"):
         config.workeroutput["mlcjit_stats"] = own
+        used: set[str] = config.stash[used_key]
+        config.workeroutput["mlcjit_used"] = sorted(used)
     else:
         config.stash[stats_key].merge(own)
+        _after_run(session)
+
+
+def _after_run(session: pytest.Session) -> None:
+    """On the controller, when the policy writes: append this run's statistics to each
+    cache root's history (``.mlcjit/runs.jsonl``, read by ``pytest-mlcjit info``), then
+    apply --mlc-jit-max-size, never evicting an entry this run used."""
+    from . import manage
+    from .cache import CONTROL_DIR
+
+    config = session.config
+    settings = config.stash[settings_key]
+    if not settings.policy.writes:
+        return
+    roots = [r for r in manage.default_roots(settings.cache_dir) if (r / CONTROL_DIR).is_dir()]
+    stats = config.stash[stats_key]
+    started = config.stash.get(started_key, time.time())
+    if stats.requests:
+        record = {"time": time.time(), "started": started, "run_id": settings.run_id,
+                  "policy": settings.policy.value, "devices": list(settings.devices),
+                  "prepare": bool(config.option.mlc_jit_prepare),
+                  "exitstatus": int(session.exitstatus), **stats.to_json()}
+        for root in roots:
+            manage.record_run(root, record)
+    max_size = config.stash.get(max_size_key, None)
+    if max_size is None or config.option.collectonly:
+        return
+    used: set[str] = config.stash[used_key]
+    results: list[Any] = []
+    for root in roots:
+        try:
+            results.append(manage.prune(root, max_size=max_size, protect=used,
+                                        protect_used_since=started))
+        except (OSError, MlcJitError) as exc:
+            results.append(f"pruning {root} failed: {exc}")
+    config.stash[pruned_key] = results
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -261,14 +396,42 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if stats_key not in config.stash or hasattr(config, "workeroutput"):
         return
     s = config.stash[stats_key]
-    if not s.requests:
+    lines = []
+    if s.requests:
+        lines.append(
+            f"{s.requests} request{'s' * (s.requests != 1)}: {s.hits} hits, {s.compiles} "
+            f"compiled ({f'{s.prefetched} ahead of time, ' if s.prefetched else ''}"
+            f"{s.compile_seconds:.2f}s compiling), {s.failures} failed, "
+            f"{s.corrupt} corrupt; {s.lock_wait_seconds:.2f}s waiting for locks"
+        )
+    lines += _prune_lines(config)
+    if not lines:
         return
     terminalreporter.write_sep("-", "pytest-mlcjit")
-    terminalreporter.write_line(
-        f"{s.requests} request{'s' * (s.requests != 1)}: {s.hits} hits, {s.compiles} compiled "
-        f"({s.compile_seconds:.2f}s compiling), {s.failures} failed, {s.corrupt} corrupt; "
-        f"{s.lock_wait_seconds:.2f}s waiting for locks"
-    )
+    for line in lines:
+        terminalreporter.write_line(line)
+
+
+def _prune_lines(config: pytest.Config) -> list[str]:
+    from .manage import format_size
+
+    cap = config.stash.get(max_size_key, None)
+    lines = []
+    for result in config.stash.get(pruned_key, []):
+        if isinstance(result, str):
+            lines.append(result)
+            continue
+        line = (f"--mlc-jit-max-size={format_size(cap or 0)}: {result.root} is "
+                f"{format_size(result.total_after)}")
+        if result.evicted or result.quarantine_removed:
+            line += (f" after evicting {len(result.evicted)} least recently used "
+                     f"entr{'y' if len(result.evicted) == 1 else 'ies'} "
+                     f"({format_size(result.freed)})")
+        if result.over_cap:
+            line += (f"; still over the cap: kept {len(result.kept_in_use)} used by this run "
+                     f"and {len(result.kept_locked)} being compiled")
+        lines.append(line)
+    return lines
 
 
 # -- collection: one test per device --------------------------------------------------------
@@ -429,18 +592,21 @@ def compiled_model(request: pytest.FixtureRequest, mlc_device: Device,
     """The library for this test's model (``mlc_model`` marker or indirect parametrization)
     on this test's device, compiled once for all workers and runs."""
     try:
-        spec, policy = _requested(request)
-        return mlc_jit.compile(spec, mlc_device, policy=policy)
+        params = {"compiled_model": request.param} if hasattr(request, "param") else {}
+        spec, policy = requested_spec(request.node, params)
+        model = mlc_jit.compile(spec, mlc_device, policy=policy)
+        request.config.stash[used_key].add(model.digest)
+        return model
     except MlcJitError as exc:
         error = f"{type(exc).__name__}: {exc}"
     pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
 
 
-def _requested(request: pytest.FixtureRequest) -> tuple[Any, Policy | None]:
-    """The spec and per-test policy a test asks for; SpecError/ConfigError if malformed."""
-    node = request.node
-    if hasattr(request, "param"):
-        spec = request.param
+def requested_spec(node: pytest.Item, params: Mapping[str, Any]) -> tuple[Any, Policy | None]:
+    """The spec and per-test policy a test asks for: ``params["compiled_model"]`` (indirect
+    parametrization) or its ``mlc_model`` marker; SpecError/ConfigError if malformed."""
+    if "compiled_model" in params:
+        spec = params["compiled_model"]
         if isinstance(spec, str | os.PathLike):
             from .backends.mlc import MLCModel
 

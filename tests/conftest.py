@@ -7,7 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +123,182 @@ def pids_alive(pids: list[int]) -> list[int]:
             continue
         alive.append(pid)
     return alive
+
+
+# -- reliability tests: the engine driven from plain processes ------------------------------
+#: A process that drives the engine directly (no pytest): ``python mlcjit_driver.py JOB``,
+#: JOB being JSON: {"cache", "requests": [config, ...] (or {"factory", "config", "name",
+#: "target", "policy"} for any spec and a per-request policy), "policy", "run_id", "lock_timeout",
+#: "fresh" (a new engine per request), "ready" (a dir where it announces itself, imports
+#: done), "go" (a file to wait for before starting), "check" (load each returned library and
+#: check its numerics against numpy: proof that it is whole)}. It prints
+#: one JSON line per request: before compiling {"event": "request", digest, library,
+#: manifest}, then the outcome {"i", ok, hit, path, sha256 (of the returned file, computed
+#: here), manifest_sha256, size, manifest_size} or {"i", ok: false, error, message}.
+DRIVER = '''
+import json, os, sys, time, uuid
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pytest_mlcjit import JIT, MlcJitError, Policy, Settings, TVMModel
+from pytest_mlcjit.key import file_sha256
+
+
+def main():
+    job = json.loads(sys.argv[1])
+    if job.get("ready"):
+        open(os.path.join(job["ready"], str(os.getpid())), "w").close()
+    if job.get("go"):
+        while not os.path.exists(job["go"]):
+            time.sleep(0.005)
+    root = Path(job["cache"]).absolute()
+    settings = Settings(cache_dir=root, policy=Policy.parse(job.get("policy", "ON")),
+                        run_id=job.get("run_id") or uuid.uuid4().hex,
+                        lock_timeout=job.get("lock_timeout"))
+    engine = None
+    for i, config in enumerate(job["requests"]):
+        if engine is None or job.get("fresh"):
+            engine = JIT(settings)
+        policy = None
+        if "factory" in config or "policy" in config:
+            # {"factory", "config", "name", "target", "policy"}: any spec, a per-call policy
+            spec = TVMModel(config.get("factory", "tinymodel:build"),
+                            config=config.get("config"), name=config.get("name"),
+                            target=config.get("target"))
+            policy = config.get("policy")
+        else:
+            spec = TVMModel("tinymodel:build", config=config)
+        out = {"i": i, "config": config}
+        try:
+            req = engine.request(spec, "cpu")
+            paths = req.locate(root)
+            print(json.dumps({"event": "request", "digest": req.digest,
+                              "library": str(paths.library), "manifest": str(paths.manifest)}),
+                  flush=True)
+            model = engine.compile(spec, "cpu", policy=policy)
+        except MlcJitError as exc:
+            out.update(ok=False, error=type(exc).__name__, message=str(exc))
+        else:
+            out.update(ok=True, hit=model.hit, path=str(model.path), digest=model.digest,
+                       sha256=file_sha256(model.path), size=os.path.getsize(model.path),
+                       manifest_sha256=model.manifest["sha256"],
+                       manifest_size=model.manifest["size"])
+            if job.get("check"):
+                import numpy as np
+
+                x = np.full((2, 8), 0.25, dtype="float32")
+                w, b = model.params["fc.weight"], model.params["fc.bias"]
+                np.testing.assert_allclose(model.run("forward", x), np.maximum(x @ w.T + b, 0),
+                                           rtol=1e-5, atol=1e-5)
+                out["checked"] = True
+        print(json.dumps(out), flush=True)
+
+
+main()
+'''
+
+
+@dataclasses.dataclass
+class Engine:
+    """Runs :data:`DRIVER` processes against a :class:`Project`'s cache and counter."""
+
+    project: Project
+    script: Path
+
+    def popen(self, requests: list[dict[str, Any]], *, env: dict[str, str] | None = None,
+              stderr: Any = subprocess.PIPE, umask: int = -1,
+              **job: Any) -> subprocess.Popen[str]:
+        data = {"cache": str(self.project.cache), "requests": requests, **job}
+        return subprocess.Popen(
+            [sys.executable, str(self.script), json.dumps(data)], cwd=self.script.parent,
+            stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, **(env or {})}, umask=umask,
+        )
+
+    def run(self, requests: list[dict[str, Any]], *, timeout: float = 300,
+            env: dict[str, str] | None = None, umask: int = -1,
+            **job: Any) -> list[dict[str, Any]]:
+        """Run one driver to its end; its outcomes, one per request."""
+        proc = self.popen(requests, env=env, umask=umask, **job)
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        return outcomes(out)
+
+    def warm(self, template: Path) -> None:
+        """Start from a copy of :func:`warm_template`'s cache (saves a compile where that
+        proves nothing)."""
+        model = (self.project.pytester.path / "tinymodel.py").read_bytes()
+        assert (template / "tinymodel.py").read_bytes() == model, "keys would differ"
+        shutil.copytree(template / "cache", self.project.cache)
+
+    def paths(self, digest: str) -> tuple[Path, Path]:
+        """(library, manifest) of a TVM entry in this cache."""
+        base = self.project.cache / "tvm" / digest
+        return base.with_suffix(".so"), base.with_suffix(".manifest.json")
+
+    def lock_is_free(self, digest: str) -> bool:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.project.cache / ".mlcjit" / "locks" / f"{digest}.lock",
+                        timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            return False
+        lock.release()
+        return True
+
+
+def compilers_running(cache: Path, digest: str) -> list[int]:
+    """Pids of processes whose command line names a staging dir of ``digest`` (Linux)."""
+    needle = str(cache / ".mlcjit" / "staging" / digest[:32]).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_until(condition: Any, what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition`` (a safety limit against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+
+
+def outcomes(stdout: str, *, events: bool = False) -> list[dict[str, Any]]:
+    """The driver's JSON lines: its outcomes (or, with ``events``, everything)."""
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return lines if events else [line for line in lines if "i" in line]
+
+
+@pytest.fixture
+def engine(project: Project) -> Engine:
+    script = project.pytester.path / "mlcjit_driver.py"
+    script.write_text(DRIVER)
+    return Engine(project, script)
+
+
+@pytest.fixture(scope="session")
+def warm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dir with ``cache/`` holding the tiny model (hidden=4), compiled once per test
+    process; copy it with :meth:`Engine.warm`. The factory module is written as pytester
+    writes it (byte-identical), so the key is the same."""
+    work = tmp_path_factory.mktemp("warm-template")
+    (work / "tinymodel.py").write_text(TINY_MODEL.strip())
+    (work / "mlcjit_driver.py").write_text(DRIVER)
+    cache = work / "cache"
+    job = json.dumps({"cache": str(cache), "requests": [{"hidden": 4}]})
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS and k != "MLCJIT_TEST_COUNT"}
+    proc = subprocess.run([sys.executable, str(work / "mlcjit_driver.py"), job], cwd=work,
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert outcomes(proc.stdout)[0]["ok"], proc.stdout
+    return work

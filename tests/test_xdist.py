@@ -18,7 +18,7 @@ TWO_CONFIGS = [{"hidden": 4}, {"hidden": 6}]
 
 def test_n2_compiles_each_config_once(project: Project) -> None:
     project.write_tests(TWO_CONFIGS, per_config=3)
-    first = project.run("-n", "2", "--mlc-device=cpu")
+    first = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off")
     first.assert_outcomes(passed=6)
     assert len(project.compiles()) == 2, project.compiles()
     assert len(project.manifests()) == 2
@@ -58,7 +58,7 @@ def test_two_independent_processes_on_one_cold_key(
 
 def test_xdist_worker_stats_reach_the_controller(project: Project) -> None:
     project.write_tests(TWO_CONFIGS, per_config=2)
-    result = project.run("-n", "2", "--mlc-device=cpu")
+    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off")
     result.assert_outcomes(passed=4)
     # Only the controller prints the summary, and it counts every worker's requests.
     assert result.stdout.str().count("pytest-mlcjit ---") == 1

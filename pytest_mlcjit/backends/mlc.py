@@ -14,9 +14,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import tarfile
 import tempfile
 import time

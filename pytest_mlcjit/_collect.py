@@ -1,0 +1,64 @@
+"""A pytest plugin for ``pytest-mlcjit key`` and ``explain``: loaded with
+``-p pytest_mlcjit._collect`` into a ``--collect-only`` run, it writes the distinct
+libraries the collected tests request (keyed, not compiled) as JSON to the file named by
+``$PYTEST_MLCJIT_COLLECT_OUT``; with ``$PYTEST_MLCJIT_COLLECT_STATUS`` set, also how a
+READONLY run would find each one in its cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OUT_ENV = "PYTEST_MLCJIT_COLLECT_OUT"
+STATUS_ENV = "PYTEST_MLCJIT_COLLECT_STATUS"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    out = os.environ.get(OUT_ENV)
+    if not out:
+        return
+    from .plugin import jit_key
+
+    config = session.config
+    if jit_key not in config.stash:
+        data: dict[str, Any] = {"error": "the pytest-mlcjit plugin is not active (-p no:mlcjit?)"}
+    else:
+        data = describe_requests(session.items, config, status=bool(os.environ.get(STATUS_ENV)))
+    Path(out).write_text(json.dumps(data, sort_keys=True, default=str), encoding="utf-8")
+
+
+def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
+                      status: bool) -> dict[str, Any]:
+    from . import manage
+    from .jit import default_cache_dir
+    from .plugin import jit_key
+    from .prepare import make_plan
+
+    engine = config.stash[jit_key]
+    plan = make_plan(items, engine)
+    scanned: dict[Path, list[manage.Entry]] = {}
+    libraries = []
+    for digest, (req, tests) in plan.libraries.items():
+        root = Path(engine.settings.cache_dir or req.default_root or default_cache_dir())
+        library: dict[str, Any] = {
+            "digest": digest, "backend": req.backend, "describe": req.describe,
+            "key": req.key, "toolchain": dict(req.toolchain) or req.key.get("toolchain"),
+            "root": str(root), "tests": [item.nodeid for item in tests],
+        }
+        if status:
+            if root not in scanned:
+                scanned[root] = manage.scan(root)
+            library["status"] = manage.entry_status(scanned[root], digest, req.stale)
+        libraries.append(library)
+    settings = engine.settings
+    return {
+        "libraries": libraries,
+        "errors": [{"test": item.nodeid, "error": error} for item, error in plan.errors],
+        "excluded": [{"test": item.nodeid, "reason": why} for item, why in plan.excluded],
+        "policy": settings.policy.value, "devices": list(settings.devices),
+    }

@@ -1,0 +1,456 @@
+"""The ``pytest-mlcjit`` command on a real cache built by real compiles: every subcommand,
+its human output and its ``--json`` output parsed back.
+
+One cache is warmed per module (three configs of the tiny model, compiled by a prepare
+run); tests that change a cache work on a copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ENV_VARS, TESTS_TEMPLATE, TINY_MODEL
+
+CONFIGS = [{"hidden": 4}, {"hidden": 6}, {"hidden": 8}]
+CLI = str(Path(sys.executable).with_name("pytest-mlcjit"))
+SUBCOMMANDS = ("list", "info", "verify", "prune", "clear", "key", "explain")
+
+
+class Warm:
+    """A project directory with the tiny model, its tests and a warm cache."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cache = path / "cache"
+        self.counter = path / "compiles.txt"
+        self.env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+        self.env["MLCJIT_TEST_COUNT"] = str(self.counter)
+
+    def pytest(self, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--mlc-device=cpu",
+               "--mlc-jit-cache-dir", str(cache or self.cache), *args]
+        return subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True,
+                              text=True, timeout=600, check=False)
+
+    def cli(self, *args: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLI, *args], cwd=self.path, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    def json(self, command: str, *args: str, cache: Path | None = None, rc: int = 0) -> Any:
+        proc = self.cli(command, "--cache-dir", str(cache or self.cache), "--json", *args)
+        assert proc.returncode == rc, proc.stdout + proc.stderr
+        return json.loads(proc.stdout)
+
+    def compiles(self) -> list[str]:
+        return self.counter.read_text().splitlines() if self.counter.exists() else []
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the warm cache, to change."""
+        shutil.copytree(self.cache, dest)
+        return dest
+
+    def clone(self, dest: Path) -> Warm:
+        """A copy of the whole project (tests, model, cache), to add tests to."""
+        shutil.copytree(self.path, dest)
+        return Warm(dest)
+
+
+@pytest.fixture(scope="session")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Warm:
+    """Built once per test session, shared by the xdist workers (the xdist recipe: a lock
+    in the directory shared by all workers' temp dirs). Read it; change only copies."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    project = Warm(base / "mlcjit-cli-warm")
+    with FileLock(f"{project.path}.lock"):
+        if (project.path / "ready").exists():
+            return project
+        project.path.mkdir()
+        (project.path / "tinymodel.py").write_text(TINY_MODEL)
+        (project.path / "test_tiny.py").write_text(
+            TESTS_TEMPLATE.format(configs=CONFIGS, per_config=2))
+        prepared = project.pytest("--mlc-jit-prepare", "-n", "2")
+        assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+        # Use the entries in a known order, so recency is hidden=8 < hidden=6 < hidden=4.
+        for hidden in (6, 4):
+            run = project.pytest(*_tests(hidden))
+            assert run.returncode == 0, run.stdout + run.stderr
+        assert len(project.compiles()) == 3
+        (project.path / "ready").touch()
+    return project
+
+
+def _tests(hidden: int, per_config: int = 2) -> list[str]:
+    return [f"test_tiny.py::test_forward[cpu-tinymodel-hidden={hidden}-{i}]"
+            for i in range(per_config)]
+
+
+def _by_hidden(entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {json.loads(e["model"].split(" ", 1)[1])["hidden"]: e for e in entries}
+
+
+# -- help and usage -------------------------------------------------------------------------------
+def test_help_of_every_subcommand(warm: Warm) -> None:
+    top = warm.cli("--help")
+    assert top.returncode == 0
+    for name in SUBCOMMANDS:
+        assert f"    {name} " in top.stdout, name
+        sub = warm.cli(name, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "--cache-dir PATH" in sub.stdout, name
+        assert "--json" in sub.stdout, name
+    module = subprocess.run([sys.executable, "-m", "pytest_mlcjit", "--version"],
+                            capture_output=True, text=True, check=False)
+    assert module.returncode == 0
+    assert module.stdout.startswith("pytest-mlcjit ")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["prune", "--max-size", "10X"], "invalid --max-size '10X': expected a number of bytes"),
+    (["prune", "--older-than", "3q"], "invalid --older-than '3q': expected a number with a unit"),
+    (["prune", "--keep-last-used", "-1"], "invalid count '-1'"),
+    (["prune"], "prune needs at least one of --max-size, --older-than, --keep-last-used"),
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    (["key", "--mlc-device=cpu"], "unrecognized arguments: --mlc-device=cpu; pytest arguments "
+                                  "go after '--': pytest-mlcjit key -- --mlc-device=cpu"),
+])
+def test_bad_arguments_name_the_value(warm: Warm, args: list[str], message: str) -> None:
+    proc = warm.cli(*args, "--cache-dir", str(warm.cache))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_sizes_and_ages() -> None:
+    from pytest_mlcjit.manage import parse_age, parse_size
+
+    assert parse_size("10G") == 10 * 10**9
+    assert parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("500m") == 500 * 10**6
+    assert parse_size("4096") == 4096
+    assert parse_age("30d") == 30 * 86400
+    assert parse_age("90m") == 5400
+    assert parse_age("2w") == 14 * 86400
+    assert parse_age("45") == 45
+
+
+def test_the_cli_imports_no_tvm() -> None:
+    code = ("import sys; from pytest_mlcjit import cli; cli.main(['list', '--cache-dir', "
+            "sys.argv[1], '--json']); print([m for m in ('tvm', 'numpy') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code, "/nonexistent-mlcjit"],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().endswith("[]"), proc.stdout
+
+
+# -- list and info --------------------------------------------------------------------------------
+def test_list(warm: Warm) -> None:
+    data = warm.json("list")
+    assert data["roots"] == [str(warm.cache)]
+    entries = _by_hidden(data["entries"])
+    assert sorted(entries) == [4, 6, 8]
+    assert [json.loads(e["model"].split(" ", 1)[1])["hidden"] for e in data["entries"]] == \
+        [4, 6, 8], "most recently used first"
+    for entry in entries.values():
+        manifest = json.loads((warm.cache / "tvm" / f"{entry['digest']}.manifest.json")
+                              .read_text())
+        assert entry["backend"] == "tvm"
+        assert entry["state"] == "ok"
+        assert entry["model"].startswith("tinymodel:build ")
+        assert json.loads(entry["target"]) == {"kind": "llvm"}
+        assert entry["size"] == manifest["size"] == Path(entry["library"]).stat().st_size
+        assert entry["created"] == manifest["created"]
+        assert entry["compile_seconds"] == manifest["compile_seconds"] > 0
+        assert entry["last_used"] >= entry["created"]
+    assert entries[4]["last_used"] > entries[6]["last_used"] > entries[8]["last_used"]
+
+    human = warm.cli("list", "--cache-dir", str(warm.cache))
+    assert human.returncode == 0
+    lines = human.stdout.splitlines()
+    assert lines[0] == f"{warm.cache}: 3 entries"
+    assert lines[1].split() == ["DIGEST", "BACKEND", "MODEL", "TARGET", "SIZE", "CREATED",
+                                "LAST", "USED", "COMPILE"]
+    assert entries[4]["digest"][:12] in lines[2]
+    assert '{"hidden": 4}' in lines[2]
+
+
+def test_list_of_a_missing_root(warm: Warm, tmp_path: Path) -> None:
+    assert warm.json("list", cache=tmp_path / "none")["entries"] == []
+    proc = warm.cli("list", "--cache-dir", str(tmp_path / "none"))
+    assert proc.returncode == 0
+    assert "0 entries (does not exist)" in proc.stdout
+
+
+def test_cache_dir_defaults_to_the_plugins(warm: Warm) -> None:
+    proc = warm.cli("list", "--json", env={"MLC_JIT_CACHE_DIR": str(warm.cache)})
+    assert json.loads(proc.stdout)["roots"] == [str(warm.cache)]
+    home = warm.path / "home"
+    proc = warm.cli("list", "--json", env={"XDG_CACHE_HOME": str(home),
+                                           "MLC_LLM_HOME": str(home / "mlc")})
+    assert json.loads(proc.stdout)["roots"] == [str(home / "pytest-mlcjit"), str(home / "mlc")]
+
+
+def test_info(warm: Warm) -> None:
+    (data,) = warm.json("info")["roots"]
+    assert data["root"] == str(warm.cache)
+    assert data["exists"]
+    assert data["entries"] == 3
+    assert data["backends"] == {"tvm": 3}
+    files = list((warm.cache / "tvm").iterdir())
+    assert data["size"] == sum(p.stat().st_size for p in files)
+    (seen,) = data["toolchains"]
+    assert seen["entries"] == 3
+    assert seen["installed_tvm"]
+    assert seen["toolchain"]["tvm"] == data["installed_tvm"]
+    # The three runs of the fixture, newest first: two warm runs of one config, the prepare.
+    runs = data["runs"]
+    assert [(r["prepare"], r["requests"], r["hits"], r["compiles"]) for r in runs] == [
+        (False, 2, 2, 0), (False, 2, 2, 0), (True, 3, 0, 3)]
+    assert {(r["policy"], r["exitstatus"]) for r in runs} == {("ON", 0)}
+
+    human = warm.cli("info", "--cache-dir", str(warm.cache)).stdout
+    assert f"cache root: {warm.cache}" in human
+    assert "entries: 3 (3 tvm)" in human
+    assert "(the installed TVM)" in human
+    assert "prepare, ON: 3 requests, 0 hits, 3 misses (3 compiled in " in human
+    assert "  ON: 2 requests, 2 hits, 0 misses (0 compiled in 0.0s, 0 failed, 0 corrupt)" in human
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def test_verify_and_fix(warm: Warm, tmp_path: Path) -> None:
+    cache = warm.copy(tmp_path / "cache")
+    data = warm.json("verify", cache=cache)
+    (root,) = data["roots"]
+    assert len(root["ok"]) == 3
+    assert root["corrupt"] == []
+    assert data["corrupt_left"] == 0
+
+    victim = _by_hidden(warm.json("list", cache=cache)["entries"])[6]
+    library = Path(victim["library"].replace(str(warm.cache), str(cache)))
+    raw = bytearray(library.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    library.write_bytes(bytes(raw))
+
+    proc = warm.cli("verify", "--cache-dir", str(cache))
+    assert proc.returncode == 1
+    assert f"CORRUPT {victim['digest'][:12]}" in proc.stdout
+    assert "sha256" in proc.stdout
+    data = warm.json("verify", cache=cache, rc=1)
+    (bad,) = data["roots"][0]["corrupt"]
+    assert bad["digest"] == victim["digest"]
+    assert "corrupt" in bad["reason"]
+
+    fixed = warm.json("verify", "--fix", cache=cache)
+    assert list(fixed["roots"][0]["quarantined"]) == [victim["digest"]]
+    assert (cache / ".mlcjit" / "quarantine").iterdir()
+    again = warm.json("verify", cache=cache)
+    assert len(again["roots"][0]["ok"]) == 2
+    assert again["corrupt_left"] == 0
+    # The quarantined library is a plain miss now: ON recompiles exactly it.
+    before = len(warm.compiles())
+    run = warm.pytest(*_tests(6), cache=cache)
+    assert run.returncode == 0, run.stdout
+    assert len(warm.compiles()) == before + 1
+
+
+# -- prune and clear ------------------------------------------------------------------------------
+def test_prune_least_recently_used_first(warm: Warm, tmp_path: Path) -> None:
+    cache = warm.copy(tmp_path / "cache")
+    entries = _by_hidden(warm.json("list", cache=cache)["entries"])
+    dry = warm.json("prune", "--keep-last-used", "1", "--dry-run", cache=cache)
+    assert [_hidden(e) for e in dry["roots"][0]["evicted"]] == [6, 8]
+    assert len(warm.json("list", cache=cache)["entries"]) == 3, "a dry run removes nothing"
+
+    # A cap that fits one entry (and the control files) evicts the two least recent, 8 first.
+    cap = entries[4]["disk_size"] + 100
+    data = warm.json("prune", "--max-size", str(cap), cache=cache)
+    (root,) = data["roots"]
+    assert [_hidden(e) for e in root["evicted"]] == [8, 6]
+    assert root["total_after"] <= cap < root["total_before"]
+    assert not root["over_cap"]
+    assert sorted(_by_hidden(warm.json("list", cache=cache)["entries"])) == [4]
+    assert not (cache / ".mlcjit" / "usage" / entries[8]["digest"]).exists()
+
+
+def test_prune_older_than_reads_the_caches_usage_records(warm: Warm, tmp_path: Path) -> None:
+    cache = warm.copy(tmp_path / "cache")
+    entries = _by_hidden(warm.json("list", cache=cache)["entries"])
+    long_ago = time.time() - 40 * 86400
+    (cache / ".mlcjit" / "usage" / entries[6]["digest"]).write_text(f"{long_ago:.3f}\n")
+    data = warm.json("prune", "--older-than", "30d", cache=cache)
+    assert [_hidden(e) for e in data["roots"][0]["evicted"]] == [6]
+    human = warm.cli("prune", "--older-than", "30d", "--cache-dir", str(cache))
+    assert "evicted 0 entries" in human.stdout
+
+
+HOLD_LOCK = """
+import sys
+from pytest_mlcjit.cache import Cache
+cache = Cache(sys.argv[1], writable=True)
+with cache.lock(sys.argv[2], timeout=10):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_prune_never_evicts_an_entry_whose_lock_is_held(warm: Warm, tmp_path: Path) -> None:
+    cache = warm.copy(tmp_path / "cache")
+    entries = _by_hidden(warm.json("list", cache=cache)["entries"])
+    busy = entries[8]["digest"]  # the least recently used: the first to go
+    with subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cache), busy],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        data = warm.json("prune", "--max-size", "0", cache=cache)
+        (root,) = data["roots"]
+        assert [_hidden(e) for e in root["evicted"]] == [6, 4]
+        assert root["kept_locked"] == [busy]
+        assert root["over_cap"]
+        assert [e["digest"] for e in warm.json("list", cache=cache)["entries"]] == [busy]
+        cleared = warm.json("clear", cache=cache)
+        assert cleared["roots"][0]["kept_locked"] == [busy]
+        human = warm.cli("prune", "--max-size", "0", "--cache-dir", str(cache))
+        assert f"kept {busy[:12]}" in human.stdout
+        assert "lock is held" in human.stdout
+        holder.stdin.close()  # the holder exits, and the kernel releases its lock
+    assert holder.returncode == 0
+    data = warm.json("prune", "--max-size", "0", cache=cache)
+    assert [e["digest"] for e in data["roots"][0]["evicted"]] == [busy]
+
+
+def test_clear(warm: Warm, tmp_path: Path) -> None:
+    cache = warm.copy(tmp_path / "cache")
+    dry = warm.json("clear", "--dry-run", cache=cache)
+    assert len(dry["roots"][0]["removed"]) == 3
+    assert len(warm.json("list", cache=cache)["entries"]) == 3
+    data = warm.json("clear", cache=cache)
+    assert len(data["roots"][0]["removed"]) == 3
+    assert data["roots"][0]["freed"] > 0
+    assert warm.json("list", cache=cache)["entries"] == []
+    assert not list((cache / "tvm").iterdir())
+    assert not list((cache / ".mlcjit" / "usage").iterdir())
+    assert warm.json("info", cache=cache)["roots"][0]["runs"] == []
+
+
+def _hidden(entry: dict[str, Any]) -> int:
+    return int(json.loads(entry["model"].split(" ", 1)[1])["hidden"])
+
+
+# -- key ------------------------------------------------------------------------------------------
+FAKE_TVM = "Metadata-Version: 2.1\nName: apache-tvm\nVersion: 99.0.0\n"
+
+
+def _key(warm: Warm, *pytest_args: str, env: dict[str, str] | None = None) -> str:
+    proc = warm.cli("key", "--", *pytest_args, "--mlc-device=cpu", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (line,) = proc.stdout.splitlines()
+    assert len(line) == 64
+    assert int(line, 16) >= 0
+    return line
+
+
+def test_key_changes_with_model_configs_and_toolchain_only(warm: Warm, tmp_path: Path) -> None:
+    warm = warm.clone(tmp_path / "project")
+    base = _key(warm)
+    assert _key(warm) == base, "stable"
+    other_cache = warm.cli("key", "--cache-dir", str(tmp_path / "elsewhere"), "--",
+                           "--mlc-device=cpu")
+    assert other_cache.stdout.strip() == base, "the cache's path is not in the key"
+
+    data = json.loads(warm.cli("key", "--json", "--", "--mlc-device=cpu").stdout)
+    assert data["key"] == base
+    assert sorted(lib["digest"] for lib in data["libraries"]) == sorted(
+        e["digest"] for e in warm.json("list")["entries"])
+    assert {len(lib["tests"]) for lib in data["libraries"]} == {2}
+
+    # More tests of the same configs, and a test that compiles nothing: the same key.
+    extra = warm.path / "test_more.py"
+    extra.write_text(TESTS_TEMPLATE.format(configs=CONFIGS[:2], per_config=5)
+                     + "\n\ndef test_plain():\n    pass\n")
+    try:
+        assert _key(warm) == base
+        # A changed model config: another key; reverting it gives the first key back.
+        extra.write_text(TESTS_TEMPLATE.format(configs=[{"hidden": 10}], per_config=1))
+        changed = _key(warm)
+        assert changed != base
+    finally:
+        extra.unlink()
+    assert _key(warm) == base
+
+    # Another toolchain: the same code, another apache-tvm. The key reads TVM's version
+    # from package metadata, so a dist-info placed first on the path fakes an upgrade.
+    fake = tmp_path / "fake-site"
+    dist = fake / "apache_tvm-99.0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(FAKE_TVM)
+    (dist / "RECORD").write_text("tvm/libtvm.so,sha256=fake,1\n")
+    upgraded = _key(warm, env={"PYTHONPATH": str(fake)})
+    assert upgraded not in (base, changed)
+
+
+def test_key_paths_select_the_tests(warm: Warm) -> None:
+    assert _key(warm, "test_tiny.py") == _key(warm)
+    assert _key(warm, *_tests(4)) != _key(warm)
+
+
+def test_key_fails_on_a_collection_error(warm: Warm, tmp_path: Path) -> None:
+    warm = warm.clone(tmp_path / "project")
+    broken = warm.path / "test_broken.py"
+    broken.write_text("this is not python\n")
+    try:
+        proc = warm.cli("key", "--", "--mlc-device=cpu")
+    finally:
+        broken.unlink()
+    assert proc.returncode == 2
+    assert "collecting the tests failed (pytest exit 2)" in proc.stderr
+    assert "test_broken.py" in proc.stderr
+
+
+# -- explain --------------------------------------------------------------------------------------
+def test_explain_a_miss(warm: Warm, tmp_path: Path) -> None:
+    warm = warm.clone(tmp_path / "project")
+    extra = warm.path / "test_miss.py"
+    extra.write_text(TESTS_TEMPLATE.format(configs=[{"hidden": 10}], per_config=1))
+    try:
+        data = warm.json("explain", "--", "--mlc-device=cpu")
+        human = warm.cli("explain", "--cache-dir", str(warm.cache), "--", "--mlc-device=cpu")
+    finally:
+        extra.unlink()
+    libs = {lib["key"]["config"]["hidden"]: lib for lib in data["libraries"]}
+    assert {h: lib["status"] for h, lib in libs.items()} == {
+        4: "hit", 6: "hit", 8: "hit", 10: "missing"}
+    miss = libs[10]
+    assert miss["tests"] == ["test_miss.py::test_forward[cpu-tinymodel-hidden=10-0]"]
+    nearest = _hidden(miss["nearest"])
+    assert miss["differences"] == [{"field": "config.hidden", "wanted": 10, "cached": nearest}]
+    assert human.returncode == 0
+    assert "4 libraries requested: 3 cached, 1 would miss under READONLY" in human.stdout
+    assert "config.hidden: wanted 10, cached " in human.stdout
+    assert "test_miss.py::test_forward[cpu-tinymodel-hidden=10-0]" in human.stdout
+
+
+def test_explain_one_spec_from_the_command_line(warm: Warm) -> None:
+    hit = warm.json("explain", "--factory", "tinymodel:build", "--config", '{"hidden": 6}')
+    assert [lib["status"] for lib in hit["libraries"]] == ["hit"]
+    data = warm.json("explain", "--factory", "tinymodel:build", "--config", '{"hidden": 6}',
+                     "--opt-level", "2")
+    (lib,) = data["libraries"]
+    assert lib["status"] == "missing"
+    assert lib["differences"] == [{"field": "opt_level", "wanted": 2, "cached": 3}]
+    assert _hidden(lib["nearest"]) == 6
+    target = warm.json("explain", "--factory", "tinymodel:build", "--config", '{"hidden": 6}',
+                       "--target", '{"kind": "cuda", "arch": "sm_80"}')["libraries"][0]
+    fields = {d["field"] for d in target["differences"]}
+    assert {"target.kind", "target.arch"} <= fields

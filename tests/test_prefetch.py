@@ -1,0 +1,66 @@
+"""Background prefetch: each xdist worker compiles its share of the run's libraries right
+after collection; every library is still compiled exactly once (counted by the factory)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Project
+
+from pytest_mlcjit.prefetch import my_share
+
+FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
+
+
+def test_partition_is_deterministic_and_complete() -> None:
+    libs = list(range(7))
+    shares = [my_share(libs, i, 3) for i in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(shares, [])) == libs
+
+
+def test_prefetch_compiles_every_library_once_ahead_of_time(project: Project) -> None:
+    project.write_tests(FOUR, per_config=2)
+    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=auto")
+    result.assert_outcomes(passed=8)
+    assert len(project.compiles()) == 4
+    result.stdout.fnmatch_lines(["*8 requests: 8 hits, 4 compiled (4 ahead of time, *"])
+    warm = project.run("-n", "2", "--mlc-device=cpu")
+    warm.assert_outcomes(passed=8)
+    assert len(project.compiles()) == 4, "a warm run prefetches nothing new"
+    warm.stdout.fnmatch_lines(["*8 requests: 8 hits, 0 compiled (0.00s compiling)*"])
+
+
+def test_prefetch_off_and_single_process(project: Project) -> None:
+    project.write_tests(FOUR[:2], per_config=2)
+    off = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off")
+    off.assert_outcomes(passed=4)
+    assert "ahead of time" not in off.stdout.str()
+    project.write_tests(FOUR[2:], per_config=2, name="test_more")
+    single = project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
+    single.assert_outcomes(passed=8)
+    single.stdout.fnmatch_lines(["*2 compiled (2 ahead of time, *"])
+    assert len(project.compiles()) == 4
+
+
+def test_no_prefetch_when_the_policy_does_not_write(project: Project) -> None:
+    project.write_tests(FOUR[:2])
+    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-policy=READONLY",
+                         "--mlc-jit-prefetch=on")
+    result.assert_outcomes(errors=2)
+    assert project.compiles() == []
+
+
+def test_a_failing_library_is_compiled_once_and_reported_by_its_tests(project: Project) -> None:
+    project.write_tests([{"hidden": 4, "fail": True}, {"hidden": 5}], per_config=3)
+    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
+    result.assert_outcomes(passed=3, errors=3)
+    assert len(project.compiles()) == 2, "the failing one was tried once, by prefetch"
+    assert result.stdout.str().count("factory failed on purpose (hidden=4)") >= 3
+
+
+@pytest.mark.parametrize("value", ["sometimes", "1"])
+def test_bad_prefetch_value(project: Project, value: str) -> None:
+    result = project.run(f"--mlc-jit-prefetch={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*invalid --mlc-jit-prefetch '{value}': expected one of "
+                                 "auto, on, off*"])
