@@ -392,7 +392,8 @@ def xdist_args(workers: int) -> list[str]:
 
 _SUMMARY_RE = re.compile(
     r"(?P<requests>\d+) requests?: (?P<hits>\d+) hits, (?P<compiles>\d+) compiled "
-    r"\((?P<compile_s>[\d.]+)s compiling\).*?(?P<wait_s>[\d.]+)s waiting for locks")
+    r"\((?:(?P<prefetched>\d+) ahead of time, )?(?P<compile_s>[\d.]+)s compiling\)"
+    r".*?(?P<wait_s>[\d.]+)s waiting for locks")
 
 
 def plugin_summary(output: str) -> dict[str, float] | None:
@@ -400,7 +401,7 @@ def plugin_summary(output: str) -> dict[str, float] | None:
     match = _SUMMARY_RE.search(output)
     if match is None:
         return None
-    return {k: float(v) for k, v in match.groupdict().items()}
+    return {k: float(v or 0) for k, v in match.groupdict().items()}
 
 
 _HELP_CACHE: dict[str, str] = {}

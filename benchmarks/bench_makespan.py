@@ -7,16 +7,18 @@ The compile times are the ``compile_seconds`` the plugin recorded in the K manif
 that very cold run (a compile subprocess from start to exit, ``import tvm`` included).
 The best schedule is computed exactly (branch and bound; LPT beyond 16 keys).
 
-Prefetching: the mode "prototype prefetch (conftest)" runs the same tests with a conftest
-that, in each worker, compiles in a background thread the keys of a deterministic
-partition of all the keys the collected tests need (the i-th distinct key, in order of
-first use, goes to worker i mod W), through the public ``mlc_jit`` engine: what the
-plugin could do itself. ``--no-prototype`` skips it.
+Before/after background prefetching: when ``pytest --help`` lists the plugin's
+``--mlc-jit-prefetch={auto,on,off}`` (or a ``--mlc-jit-prefetch`` /
+``--no-mlc-jit-prefetch`` pair), "before" runs with prefetching off and "after" with it
+on, alternating within each repetition; ``--before-args`` / ``--after-args`` override
+what each mode passes.
 
-Before/after background prefetching: if ``pytest --help`` lists ``--no-mlc-jit-prefetch``
-(and/or ``--mlc-jit-prefetch``), both modes are run in the same repetitions, alternating;
-``--before-args`` / ``--after-args`` override what each mode passes. Without such an option
-only the plugin's default (on-demand) mode is measured.
+The mode "prototype prefetch (conftest)" runs the same tests with prefetching written as
+a conftest in the benchmark suite, public API only: in each worker a thread compiles,
+through the session's ``mlc_jit`` engine, the keys of a deterministic partition of all
+the keys the collected tests need (the i-th distinct key in order of first use goes to
+worker i mod W), with the "before" options. It runs by default only when the plugin has
+no prefetch option (``--prototype`` forces it, ``--no-prototype`` skips it).
 
     python benchmarks/bench_makespan.py            # full: layers 96,64,48,32, N=8, 5 reps
     python benchmarks/bench_makespan.py --quick    # CI: tiny model, 1 rep, checks counts only
@@ -25,6 +27,7 @@ only the plugin's default (on-demand) mode is measured.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -67,8 +70,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--before-args", default=None,
                         help="pytest args of the 'before' (on-demand) mode; default: "
                         "--no-mlc-jit-prefetch if the plugin has it, else none")
+    parser.add_argument("--prototype", action="store_true",
+                        help="also run the prefetch prototype (a conftest in the benchmark "
+                        "suite); the default when the plugin has no prefetch option")
     parser.add_argument("--no-prototype", action="store_true",
-                        help="skip the prefetch prototype (a conftest in the benchmark suite)")
+                        help="never run the prefetch prototype")
     parser.add_argument("--after-args", default=None,
                         help="pytest args of the 'after' (prefetch) mode; default: "
                         "--mlc-jit-prefetch if the plugin has it, else none; 'skip' skips it")
@@ -81,26 +87,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def modes(args: argparse.Namespace, suite: Path) -> tuple[dict[str, list[str]], str]:
-    """The modes to compare (name -> extra pytest args) and how they were chosen."""
+    """The modes to compare (name -> extra pytest args) and how they were chosen.
+
+    Understands ``--mlc-jit-prefetch={...,on,off}``, a boolean pair ``--mlc-jit-prefetch``
+    / ``--no-mlc-jit-prefetch``, or a bare ``--mlc-jit-prefetch`` flag.
+    """
     help_text = pytest_help(suite)
-    has_on = "--mlc-jit-prefetch" in help_text.replace("--no-mlc-jit-prefetch", "")
+    valued = re.search(r"--mlc-jit-prefetch[= ]\{([^}]*)\}", help_text)
+    choices = {c.strip() for c in valued.group(1).split(",")} if valued else set()
     has_off = "--no-mlc-jit-prefetch" in help_text
-    before = (shlex.split(args.before_args) if args.before_args is not None
-              else ["--no-mlc-jit-prefetch"] if has_off else [])
+    has_on = "--mlc-jit-prefetch" in help_text.replace("--no-mlc-jit-prefetch", "")
+    if {"on", "off"} <= choices:
+        before, after = ["--mlc-jit-prefetch=off"], ["--mlc-jit-prefetch=on"]
+    elif has_off or has_on:
+        before = ["--no-mlc-jit-prefetch"] if has_off else []
+        after = ["--mlc-jit-prefetch"] if has_on and not valued else []
+    else:
+        before, after = [], None
+    if args.before_args is not None:
+        before = shlex.split(args.before_args)
     if args.after_args == "skip":
         return {"on-demand": before}, "prefetch mode skipped (--after-args skip)"
     if args.after_args is not None:
-        return ({"before": before, "after": shlex.split(args.after_args)},
-                "modes from --before-args/--after-args")
-    if has_on or has_off:
-        after = ["--mlc-jit-prefetch"] if has_on else []
-        return ({"before (no prefetch)": before, "after (prefetch)": after},
-                f"prefetch option detected: before {before or '(default)'}, after "
-                f"{after or '(default)'}")
-    return ({"on-demand": before},
-            "TODO(prefetch): the plugin has no --mlc-jit-prefetch/--no-mlc-jit-prefetch "
-            "option yet (pytest --help); only today's on-demand mode is measured. Re-run "
-            "when it lands, or pass --before-args/--after-args.")
+        after = shlex.split(args.after_args)
+    if after is None:
+        return ({"on-demand": before},
+                "TODO(prefetch): the plugin has no --mlc-jit-prefetch option (pytest --help); "
+                "only the on-demand mode is measured, beside the conftest prototype. Pass "
+                "--before-args/--after-args to name the options.")
+    return ({"before (no prefetch)": before, "after (prefetch)": after},
+            f"prefetch modes: before {shlex.join(before) or '(no option)'}, after "
+            f"{shlex.join(after) or '(no option)'}")
 
 
 def main(argv: list[str]) -> int:
@@ -118,7 +135,7 @@ def main(argv: list[str]) -> int:
         mode_args, how = modes(args, suite)
         print(how, flush=True)
         suite_of = dict.fromkeys(mode_args, suite)
-        if not args.no_prototype:
+        if args.prototype or (not args.no_prototype and len(mode_args) == 1):
             proto = PROTOTYPE
             mode_args[proto] = next(iter(mode_args.values()))
             suite_of[proto] = write_suite(root / "prefetch", "plugin-prefetch", configs,

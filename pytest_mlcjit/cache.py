@@ -54,6 +54,7 @@ FILE_MODE = 0o644
 #: Entry digests: hex SHA-256 (TVM) or MD5 (MLC-compatible). Every name the cache derives
 #: from a key is built from one, so no spec, override or config value reaches a path.
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
+_STAGING_NAME_RE = re.compile(r"[0-9a-f]{32}\.[^/]+\.[0-9]+\.[0-9a-f]{8}")
 _SIMPLE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 #: Test-only fault injection (docs/reliability.md), off unless these are set in the
@@ -509,16 +510,23 @@ class Cache:
         return str(data["message"])
 
     # -- housekeeping --------------------------------------------------------------------
-    def clean_staging(self, *, max_age: float = STAGING_MAX_AGE_S) -> list[Path]:
+    def clean_staging(self, *, max_age: float = STAGING_MAX_AGE_S,
+                      where: Path | None = None) -> list[Path]:
         """Remove orphaned staging dirs: a dead owner on this host, or older than ``max_age``
-        (whatever their name: also strays whose owner cannot be read from it)."""
+        (whatever their name: also strays whose owner cannot be read from it).
+
+        ``where``: a shared directory used for staging (``MLC_TEMP_DIR``): there, only
+        entries named like this cache's staging dirs are considered.
+        """
         removed: list[Path] = []
-        staging = self.control / "staging"
+        staging = where or self.control / "staging"
         if not self.writable or not staging.is_dir():
             return removed
         host = socket.gethostname()
         now = time.time()
         for path in staging.iterdir():
+            if where is not None and not _STAGING_NAME_RE.fullmatch(path.name):
+                continue
             try:
                 age = now - path.lstat().st_mtime
             except OSError:

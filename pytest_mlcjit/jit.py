@@ -358,6 +358,8 @@ class JIT:
         """Compile ``req`` in a subprocess and publish it; call with the key's lock held."""
         cache.clean_staging()
         parent, note = req.staging_parent(cache.root) if req.staging_parent else (None, "")
+        if parent is not None:
+            cache.clean_staging(where=parent)
         try:
             staging = cache.new_staging_dir(req.digest, parent=parent)
         except OSError as exc:

@@ -84,6 +84,15 @@ def _choice(name: str, text: str, valid: tuple[str, ...]) -> str:
     return value
 
 
+def _truth(name: str, text: str | None) -> bool:
+    value = (text or "false").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"invalid {name} {text!r}: expected true or false")
+
+
 def _cli_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse ``type=`` that shows our message (argparse hides a ValueError's)."""
 
@@ -163,8 +172,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   type="string", default=None)
     parser.addini("mlc_jit_timeout", "limit in seconds for one compilation", default=None)
     parser.addini("mlc_jit_lock_timeout", "limit in seconds for a lock wait", default=None)
-    parser.addini("mlc_jit_allow_untrusted_cache", "load from a cache others can write to",
-                  type="bool", default=False)
+    parser.addini("mlc_jit_allow_untrusted_cache",
+                  "load from a cache others can write to (true or false)", default=None)
     parser.addini("mlc_jit_max_size", "cache size cap applied after each run (10G, 500M)",
                   default=None)
 
@@ -189,6 +198,8 @@ def _resolve_settings(config: pytest.Config) -> tuple[Settings, str]:
     names = parse_device_list(device_text)
 
     cache_dir: Path | None
+    if opt.mlc_jit_cache_dir is not None and not opt.mlc_jit_cache_dir.strip():
+        raise ConfigError("invalid --mlc-jit-cache-dir '': expected a directory path")
     if opt.mlc_jit_cache_dir:
         cache_dir = Path(opt.mlc_jit_cache_dir).expanduser().absolute()
     elif os.environ.get(ENV_CACHE_DIR):
@@ -205,7 +216,8 @@ def _resolve_settings(config: pytest.Config) -> tuple[Settings, str]:
     lock_timeout = opt.mlc_jit_lock_timeout
     if lock_timeout is None and (text := _ini(config, "mlc_jit_lock_timeout")) is not None:
         lock_timeout = _seconds("ini mlc_jit_lock_timeout", text)
-    allow = bool(opt.mlc_jit_allow_untrusted or config.getini("mlc_jit_allow_untrusted_cache"))
+    allow = bool(opt.mlc_jit_allow_untrusted) or _truth(
+        "ini mlc_jit_allow_untrusted_cache", _ini(config, "mlc_jit_allow_untrusted_cache"))
 
     presence = probe(devices_to_probe(names))
     devices = resolve_auto(names, presence)

@@ -75,6 +75,8 @@ class TVMModel:
             raise SpecError(f"invalid config keys {bad!r} for {factory}: keys must be identifiers")
         if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= 3:
             raise SpecError(f"invalid opt_level {opt_level!r} for {factory}: expected 0, 1, 2 or 3")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise SpecError(f"invalid name {name!r} for {factory}: expected a non-empty string")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SpecError(f"invalid seed {seed!r} for {factory}: expected an int")
         try:

@@ -76,7 +76,10 @@ class Project:
 
     def run(self, *args: str, cache: bool = True) -> pytest.RunResult:
         """Run pytest in a real subprocess against this project's cache."""
-        extra = ["--mlc-jit-cache-dir", str(self.cache)] if cache else []
+        # One argument, "--opt=PATH": pytest counts a separate PATH that exists into its
+        # rootdir (and ini) discovery, before plugin options are known, so xdist workers
+        # started after the cache dir appeared would disagree on test ids.
+        extra = [f"--mlc-jit-cache-dir={self.cache}"] if cache else []
         return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *extra, *args)
 
     def compiles(self) -> list[str]:

@@ -334,8 +334,6 @@ def test_bad_spec_field(case: Case, kwargs: dict[str, Any]) -> None:
     assert case.error in str(info.value)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="spec.py does not check name=; see docs/reliability.md (known gaps)")
 def test_bad_spec_name() -> None:
     with pytest.raises(SpecError, match="invalid name 42"):
         TVMModel("a:b", name=42).id  # type: ignore[arg-type]  # noqa: B018
@@ -365,9 +363,7 @@ def test_bad_api_arguments(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-# -- known gaps (in plugin.py), kept visible: these flip to passing when fixed ---------------
-@pytest.mark.xfail(strict=True, reason="plugin.py: pytest's own message names neither the ini "
-                   "option nor the valid values; see docs/reliability.md (known gaps)")
+# -- gaps this suite found, now fixed -----------------------------------------------------
 def test_bad_allow_untrusted_ini_names_the_option(project: Project) -> None:
     project.write_tests([{"hidden": 4}])
     project.pytester.makeini("[pytest]\nmlc_jit_allow_untrusted_cache = maybe\n")
@@ -376,12 +372,11 @@ def test_bad_allow_untrusted_ini_names_the_option(project: Project) -> None:
     assert "mlc_jit_allow_untrusted_cache 'maybe'" in result.stderr.str()
 
 
-@pytest.mark.xfail(strict=True, reason="plugin.py: an empty --mlc-jit-cache-dir= silently "
-                   "means the default directory; see docs/reliability.md (known gaps)")
 def test_empty_cache_dir_is_a_usage_error(project: Project) -> None:
     project.write_tests([{"hidden": 4}])
     result = project.run("--mlc-device=cpu", "--mlc-jit-cache-dir=", "--co", cache=False)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*invalid --mlc-jit-cache-dir '': expected a directory path*"])
 
 
 # -- the table in docs/reliability.md ------------------------------------------------------

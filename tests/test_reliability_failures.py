@@ -29,7 +29,8 @@ def test_a_failing_model_compiles_once_per_run(project: Project) -> None:
     head, log = errors[0]
     assert "failed: the compiler exited with code 1" in head
     assert "RuntimeError: factory failed on purpose (hidden=4)" in Path(log).read_text()
-    assert first.stdout.str().count("(remembered from an earlier attempt in this run)") == 9
+    # At most one test saw the compile fail (none, if a background prefetch compiled it).
+    assert first.stdout.str().count("(remembered from an earlier attempt in this run)") >= 9
     assert project.manifests() == [], "a failure publishes nothing"
     assert project.libraries() == []
 

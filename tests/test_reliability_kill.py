@@ -222,7 +222,8 @@ def test_killed_xdist_worker(project: Project, monkeypatch: pytest.MonkeyPatch,
     result.assert_outcomes(passed=5, failed=1)
     result.stdout.fnmatch_lines(["*crashed while running*test_forward*"])
     assert (tmp_path / "marks" / "killed").exists()
-    assert len(project.compiles()) == 2, "the killed compile, then the other worker's"
+    assert len(project.compiles()) == 2, ("the killed compile, then the other worker's",
+                                          project.compiles(), result.stdout.str())
     assert len(project.manifests()) == 1
     assert list((project.cache / ".mlcjit" / "staging").iterdir()) == []
     monkeypatch.delenv("MLCJIT_TEST_SLEEP")

@@ -66,10 +66,7 @@ def test_sticky_root_and_explicit_trust(engine: Engine, project: Project,
     project.run("--mlc-device=cpu").assert_outcomes(passed=1)
     project.pytester.makeini("[pytest]\nmlc_jit_allow_untrusted_cache = true\n")
     project.cache.chmod(0o777)
-    # "--opt=PATH": pytest would take a separate existing PATH into its rootdir (and ini)
-    # discovery, and miss the ini file.
-    project.run(f"--mlc-jit-cache-dir={project.cache}", "--mlc-device=cpu",
-                cache=False).assert_outcomes(passed=1)
+    project.run("--mlc-device=cpu").assert_outcomes(passed=1)
     assert project.compiles() == []
 
 
