@@ -23,23 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, manage
-from .errors import MlcJitError
+from .errors import MlcJitError, argparse_type
 
 PROG = "pytest-mlcjit"
 
 
 class CliError(Exception):
     """A failure to report as ``pytest-mlcjit: error: …`` with exit status 2."""
-
-
-def _arg_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    def wrapped(text: str) -> Any:
-        try:
-            return convert(text)
-        except MlcJitError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return wrapped
 
 
 def _count(text: str) -> int:
@@ -390,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move corrupt entries to .mlcjit/quarantine (they are then misses)")
     p = add("prune", cmd_prune, "evict least recently used entries (by the cache's own usage "
             "records), never one being compiled")
-    p.add_argument("--max-size", type=_arg_type(lambda t: manage.parse_size(t,
+    p.add_argument("--max-size", type=argparse_type(lambda t: manage.parse_size(t,
                    what="--max-size")), metavar="SIZE",
                    help="evict until the cache is at most SIZE: 10G, 500M, 2GiB (K/M/G/T are "
                    "powers of 1000, Ki/Mi/Gi/Ti of 1024)")
-    p.add_argument("--older-than", type=_arg_type(lambda t: manage.parse_age(t,
+    p.add_argument("--older-than", type=argparse_type(lambda t: manage.parse_age(t,
                    what="--older-than")), metavar="AGE",
                    help="evict entries last used longer ago than AGE: 30d, 12h, 90m, 2w")
     p.add_argument("--keep-last-used", type=_count, metavar="N",

@@ -6,6 +6,10 @@ them all, and each message names the offending value and what would have been va
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+from typing import Any
+
 
 class MlcJitError(Exception):
     """Base class of every pytest-mlcjit error."""
@@ -45,3 +49,16 @@ class LockTimeoutError(MlcJitError, TimeoutError):
 
 class UntrustedCacheError(MlcJitError, PermissionError):
     """The cache root can be written by other users, so loading from it is refused."""
+
+
+def argparse_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that shows our error's message (argparse would replace a
+    ValueError's by a generic 'invalid value')."""
+
+    def wrapped(text: str) -> Any:
+        try:
+            return convert(text)
+        except MlcJitError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return wrapped

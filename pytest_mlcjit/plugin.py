@@ -8,11 +8,10 @@ the counts come back in ``workeroutput`` and only the controller prints them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from .device import (
     probe,
     resolve_auto,
 )
-from .errors import ConfigError, MlcJitError, SpecError
+from .errors import ConfigError, MlcJitError, SpecError, argparse_type
 from .jit import DEFAULT_COMPILE_TIMEOUT_S, JIT, Settings, Stats, default_cache_dir
 from .model import CompiledModel
 from .policy import Policy
@@ -93,30 +92,19 @@ def _truth(name: str, text: str | None) -> bool:
     raise ConfigError(f"invalid {name} {text!r}: expected true or false")
 
 
-def _cli_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse ``type=`` that shows our message (argparse hides a ValueError's)."""
-
-    def wrapped(text: str) -> Any:
-        try:
-            return convert(text)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return wrapped
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mlcjit", "pytest-mlcjit: just-in-time compiled model libraries")
     group.addoption(
         "--mlc-jit-policy", dest="mlc_jit_policy", metavar="{ON,OFF,REDO,READONLY}",
-        type=_cli_type(lambda t: Policy.parse(t, source="--mlc-jit-policy").value), default=None,
+        type=argparse_type(lambda t: Policy.parse(t, source="--mlc-jit-policy").value),
+        default=None,
         help="JIT policy: ON compiles on a miss, OFF never compiles nor reads, REDO recompiles "
         "each key once per run, READONLY only reads. Case-insensitive. "
         f"Env {ENV_POLICY}; ini mlc_jit_policy; default ON.",
     )
     group.addoption(
         "--mlc-device", dest="mlc_device", metavar="LIST", default=None,
-        type=_cli_type(lambda t: ",".join(parse_device_list(t))),
+        type=argparse_type(lambda t: ",".join(parse_device_list(t))),
         help="comma-separated devices each test runs on: auto, cpu, cuda, cuda:1, rocm, "
         "metal, vulkan, opencl, webgpu. Absent devices are skipped. ini mlc_device; "
         "default auto (the first present GPU, else cpu).",
@@ -129,13 +117,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--mlc-jit-timeout", dest="mlc_jit_timeout", metavar="SECONDS",
-        type=_cli_type(lambda t: _seconds("--mlc-jit-timeout", t)), default=None,
+        type=argparse_type(lambda t: _seconds("--mlc-jit-timeout", t)), default=None,
         help=f"limit for one compilation. ini mlc_jit_timeout; default "
         f"{DEFAULT_COMPILE_TIMEOUT_S:g}.",
     )
     group.addoption(
         "--mlc-jit-lock-timeout", dest="mlc_jit_lock_timeout", metavar="SECONDS",
-        type=_cli_type(lambda t: _seconds("--mlc-jit-lock-timeout", t)), default=None,
+        type=argparse_type(lambda t: _seconds("--mlc-jit-lock-timeout", t)), default=None,
         help="limit for waiting on another process compiling the same library. "
         "ini mlc_jit_lock_timeout; default: the compile timeout plus 300.",
     )
@@ -153,14 +141,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--mlc-jit-prefetch", dest="mlc_jit_prefetch", metavar="{auto,on,off}", default=None,
-        type=_cli_type(lambda t: _choice("--mlc-jit-prefetch", t, PREFETCH_MODES)),
+        type=argparse_type(lambda t: _choice("--mlc-jit-prefetch", t, PREFETCH_MODES)),
         help="compile, in the background right after collection, each worker's share of the "
         "libraries the collected tests need, so workers do not wait on each other. auto: "
         "under xdist with 2+ workers. ini mlc_jit_prefetch; default auto.",
     )
     group.addoption(
         "--mlc-jit-max-size", dest="mlc_jit_max_size", metavar="SIZE", default=None,
-        type=_cli_type(lambda t: _size("--mlc-jit-max-size", t)),
+        type=argparse_type(lambda t: _size("--mlc-jit-max-size", t)),
         help="after the run, evict least recently used entries until the cache is at most "
         "SIZE (10G, 500M, 2GiB), never one this run used. ini mlc_jit_max_size; default: "
         "no cap.",
