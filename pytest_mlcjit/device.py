@@ -8,7 +8,6 @@ cheap look for the driver's files first means machines without a GPU pay nothing
 
 from __future__ import annotations
 
-import ctypes.util
 import dataclasses
 import glob
 import json
@@ -102,6 +101,18 @@ class Presence:
         return cls(bool(data["present"]), str(data.get("reason", "")), data.get("arch"))
 
 
+_LIBRARY_DIRS = ("/usr/lib", "/usr/lib64", "/usr/local/lib", "/lib", "/lib64",
+                 "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/opt/rocm/lib")
+
+
+def _find_shared_library(stem: str) -> bool:
+    """Whether a ``stem.so*`` (``stem*.dylib`` on macOS) lies in a usual library directory or
+    on ``LD_LIBRARY_PATH``: a few globs, not ``ctypes.util.find_library``'s subprocesses."""
+    dirs = [*os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep), *_LIBRARY_DIRS]
+    pattern = f"{stem}*.dylib" if sys.platform == "darwin" else f"{stem}.so*"
+    return any(glob.glob(os.path.join(d, pattern)) for d in dirs if d)
+
+
 def _cheap_absence(device: Device) -> str | None:  # noqa: PLR0911 - one answer per kind
     """A reason the device is surely absent, found without loading any driver, else None."""
     kind = device.kind
@@ -113,9 +124,9 @@ def _cheap_absence(device: Device) -> str | None:  # noqa: PLR0911 - one answer 
         return "Metal exists only on macOS"
     if kind == "webgpu":
         return "TVM has no native WebGPU runtime (compile-only: give a target)"
-    if kind == "vulkan" and ctypes.util.find_library("vulkan") is None:
+    if kind == "vulkan" and not _find_shared_library("libvulkan"):
         return "no Vulkan loader (libvulkan) found"
-    if kind == "opencl" and ctypes.util.find_library("OpenCL") is None:
+    if kind == "opencl" and not _find_shared_library("libOpenCL"):
         return "no OpenCL loader (libOpenCL) found"
     return None
 

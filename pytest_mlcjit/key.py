@@ -11,6 +11,7 @@ computing a key costs microseconds, not the second that ``import tvm`` takes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -21,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 #: Bumped whenever the cache layout or key fields change meaning.
@@ -60,14 +62,15 @@ def tvm_fingerprint() -> dict[str, Any]:
             dist = importlib.metadata.distribution(dist_name)
         except importlib.metadata.PackageNotFoundError:
             continue
-        files = dist.files or []
-        if not any(str(f).startswith("tvm/") for f in files):
+        # RECORD read as text: dist.files would build an object per file (thousands).
+        rows = [row.rsplit(",", 1)[0] for row in (dist.read_text("RECORD") or "").splitlines()
+                if row.startswith("tvm/")]
+        if not rows:
             continue  # PyPI's 'tvm' is an unrelated package
-        libs = sorted(f"{f}={f.hash.value if f.hash else ''}" for f in files
-                      if str(f).startswith("tvm/") and ".so" in f.name)
+        libs = sorted(row for row in rows if ".so" in row.split(",", 1)[0].rsplit("/", 1)[-1])
         commit = None
-        version_file = next((f for f in files if str(f) == "tvm/_version.py"), None)
-        if version_file is not None:
+        version_file = Path(str(dist.locate_file("tvm/_version.py")))
+        with contextlib.suppress(OSError):
             match = re.search(r"commit_id\s*=\s*['\"]([^'\"]+)['\"]",
                               version_file.read_text(encoding="utf-8"))
             commit = match.group(1) if match else None

@@ -344,13 +344,14 @@ def _after_run(session: pytest.Session) -> None:
     """On the controller, when the policy writes: append this run's statistics to each
     cache root's history (``.mlcjit/runs.jsonl``, read by ``pytest-mlcjit info``), then
     apply --mlc-jit-max-size, never evicting an entry this run used."""
+    config = session.config
+    settings = config.stash[settings_key]
+    if not settings.policy.writes or (not config.stash[stats_key].requests
+                                      and max_size_key not in config.stash):
+        return
     from . import manage
     from .cache import CONTROL_DIR
 
-    config = session.config
-    settings = config.stash[settings_key]
-    if not settings.policy.writes:
-        return
     roots = [r for r in manage.default_roots(settings.cache_dir) if (r / CONTROL_DIR).is_dir()]
     stats = config.stash[stats_key]
     started = config.stash.get(started_key, time.time())
@@ -413,11 +414,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 def _prune_lines(config: pytest.Config) -> list[str]:
+    results = config.stash.get(pruned_key, [])
+    if not results:
+        return []
     from .manage import format_size
 
     cap = config.stash.get(max_size_key, None)
     lines = []
-    for result in config.stash.get(pruned_key, []):
+    for result in results:
         if isinstance(result, str):
             lines.append(result)
             continue
@@ -504,8 +508,6 @@ def _is_mlc(spec: Any) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip, at collection, the tests whose model needs an ``mlc_llm`` that is not here."""
-    from .backends.mlc import mlc_llm_installed
-
     installed: bool | None = None
     for item in items:
         callspec = getattr(item, "callspec", None)
@@ -519,6 +521,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not _is_mlc(spec):
             continue
         if installed is None:
+            from .backends.mlc import mlc_llm_installed
+
             installed = mlc_llm_installed()
         if not installed:
             item.add_marker(pytest.mark.skip(
