@@ -11,7 +11,11 @@ from conftest import Project
 
 
 def _errors(out: str) -> list[tuple[str, str]]:
-    """(first line of the CompileError, log path) for each failing test, in order."""
+    """(first line of the CompileError, log path) for each failing test, in order.
+
+    Only the ERRORS section is read: on CI (``CI`` set) pytest prints the messages again,
+    untruncated, in the short test summary."""
+    out = out.split("short test summary info", maxsplit=1)[0]
     heads = re.findall(r"^(CompileError: compiling .*)$", out, flags=re.MULTILINE)
     logs = re.findall(r"^compile log: (.*)$", out, flags=re.MULTILINE)
     assert len(heads) == len(logs), out
