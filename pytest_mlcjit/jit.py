@@ -189,6 +189,8 @@ class JIT:
         self._done: dict[tuple[str, Path], CompiledModel] = {}
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
+        #: ``background``: whether this thread's current ``compile`` call is a prefetch
+        #: (set at the top of every ``compile``, read where it counts outcomes).
         self._local = threading.local()
 
     # -- building blocks -------------------------------------------------------------------
@@ -284,7 +286,7 @@ class JIT:
         )
         with self._lock:
             self._done[(req.digest, cache.root)] = model
-            if hit and not getattr(self._local, "background", False):
+            if hit and not self._local.background:
                 self.stats.hits += 1
         return model
 
@@ -404,7 +406,7 @@ class JIT:
             shutil.rmtree(staging, ignore_errors=True)
         with self._lock:
             self.stats.compiles += 1
-            self.stats.prefetched += bool(getattr(self._local, "background", False))
+            self.stats.prefetched += self._local.background
             self.stats.compile_seconds += seconds
             self.stats.bytes_compiled += int(published["size"])
         return published

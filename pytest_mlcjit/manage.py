@@ -132,10 +132,14 @@ class Entry:
             library = self.manifest_path.parent / str(name)
         return EntryPaths(self.digest, library)
 
+    def _number(self, field: str) -> float | None:
+        """A numeric manifest field, None if absent or not a number."""
+        value = (self.manifest or {}).get(field)
+        return float(value) if isinstance(value, int | float) else None
+
     @property
     def created(self) -> float | None:
-        value = (self.manifest or {}).get("created")
-        return float(value) if isinstance(value, int | float) else None
+        return self._number("created")
 
     @property
     def recency(self) -> float:
@@ -182,8 +186,7 @@ class Entry:
 
     @property
     def compile_seconds(self) -> float | None:
-        value = (self.manifest or {}).get("compile_seconds")
-        return float(value) if isinstance(value, int | float) else None
+        return self._number("compile_seconds")
 
     @property
     def toolchain(self) -> Any:
