@@ -10,6 +10,30 @@ from pytest_mlcjit.prefetch import my_share
 
 FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
 
+#: Holds every test until the cache holds ``count`` published libraries. Which compiles
+#: prefetch wins is a race when tests may ask first (a test that asks for a library no
+#: one has started compiles it itself, which is right); holding the tests makes "every
+#: library was compiled ahead of time" a fact to assert, and a prefetch that does not
+#: compile them fails the tests instead of hanging them.
+HOLD_TESTS = '''
+import pathlib, time
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _hold_until_prefetched():
+    libraries = pathlib.Path({root!r})
+    deadline = time.monotonic() + 300
+    while len(list(libraries.glob("*.manifest.json"))) < {count}:
+        assert time.monotonic() < deadline, "prefetch did not publish {count} libraries"
+        time.sleep(0.05)
+'''
+
+
+def hold_tests(project: Project, count: int) -> None:
+    project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache / "tvm"),
+                                                    count=count))
+
 
 def test_partition_is_deterministic_and_complete() -> None:
     libs = list(range(7))
@@ -20,6 +44,7 @@ def test_partition_is_deterministic_and_complete() -> None:
 
 def test_prefetch_compiles_every_library_once_ahead_of_time(project: Project) -> None:
     project.write_tests(FOUR, per_config=2)
+    hold_tests(project, 4)
     result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=auto")
     result.assert_outcomes(passed=8)
     assert len(project.compiles()) == 4
@@ -36,6 +61,7 @@ def test_prefetch_off_and_single_process(project: Project) -> None:
     off.assert_outcomes(passed=4)
     assert "ahead of time" not in off.stdout.str()
     project.write_tests(FOUR[2:], per_config=2, name="test_more")
+    hold_tests(project, 4)
     single = project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
     single.assert_outcomes(passed=8)
     single.stdout.fnmatch_lines(["*2 compiled (2 ahead of time, *"])
