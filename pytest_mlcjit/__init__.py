@@ -1,15 +1,16 @@
 """pytest-mlcjit: compile TVM / MLC-LLM model libraries once, just in time, into a cache
 shared by every pytest-xdist worker, every later run and every CI job.
 
-Importing this package is cheap: TVM and numpy are imported only when a library is
-compiled, loaded or run.
+Importing this package is cheap: the names below are imported on first use (PEP 562), so
+loading the pytest plugin costs a few modules, and TVM and numpy are imported only when
+a library is compiled, loaded or run.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .device import Device
 from .errors import (
     CacheMissError,
     CompileError,
@@ -21,10 +22,43 @@ from .errors import (
     SpecError,
     UntrustedCacheError,
 )
-from .jit import JIT, Settings, Stats, default_cache_dir, jit
-from .model import CompiledModel
-from .policy import Policy
-from .spec import TVMModel
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._defaults import default_cache_dir
+    from .device import Device
+    from .engine import JIT, Settings, Stats, jit
+    from .model import CompiledModel
+    from .policy import Policy
+    from .spec import TVMModel
+
+#: Public name -> the module that defines it, imported when the name is first read.
+_LAZY = {
+    "Device": "device",
+    "JIT": "engine",
+    "Settings": "engine",
+    "Stats": "engine",
+    "jit": "engine",
+    "CompiledModel": "model",
+    "Policy": "policy",
+    "TVMModel": "spec",
+    "default_cache_dir": "_defaults",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "JIT",

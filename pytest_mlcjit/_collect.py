@@ -22,10 +22,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     out = os.environ.get(OUT_ENV)
     if not out:
         return
-    from .plugin import jit_key
+    from .plugin import state_key
 
     config = session.config
-    if jit_key not in config.stash:
+    if state_key not in config.stash:
         data: dict[str, Any] = {"error": "the pytest-mlcjit plugin is not active (-p no:mlcjit?)"}
     else:
         data = describe_requests(session.items, config, status=bool(os.environ.get(STATUS_ENV)))
@@ -35,11 +35,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
                       status: bool) -> dict[str, Any]:
     from . import manage
-    from .jit import default_cache_dir
-    from .plugin import jit_key
+    from ._defaults import default_cache_dir
+    from .plugin import get_engine
     from .prepare import make_plan
 
-    engine = config.stash[jit_key]
+    engine = get_engine(config)
     plan = make_plan(items, engine)
     scanned: dict[Path, list[manage.Entry]] = {}
     libraries = []

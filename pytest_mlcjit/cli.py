@@ -308,7 +308,8 @@ def _json_arg(text: str | None, name: str) -> Any:
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Key one spec given on the command line, in this process (nothing is compiled)."""
-    from .jit import JIT, Settings, default_cache_dir
+    from ._defaults import default_cache_dir
+    from .engine import JIT, Settings
     from .policy import Policy
 
     if os.getcwd() not in sys.path:

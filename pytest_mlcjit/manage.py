@@ -98,8 +98,7 @@ def default_roots(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]
         return [Path(cache_dir).expanduser().absolute()]
     if env := os.environ.get("MLC_JIT_CACHE_DIR"):
         return [Path(env).expanduser().absolute()]
-    from .backends.mlc import mlc_llm_home
-    from .jit import default_cache_dir
+    from ._defaults import default_cache_dir, mlc_llm_home
 
     roots = [default_cache_dir().absolute(), mlc_llm_home().absolute()]
     return list(dict.fromkeys(roots))

@@ -4,46 +4,40 @@ Hooks only: options, markers, fixtures, device parametrization, the xdist hand-o
 reporting. The controller resolves the options and probes the devices once, then sends
 both, with the run id, to the workers in ``workerinput``; each worker compiles and counts;
 the counts come back in ``workeroutput`` and only the controller prints them.
+
+Loading it is cheap: at start-up it imports only :mod:`.errors` and checks the options
+it was given; the device probe, the settings and the engine (and the modules behind
+them) are made when a test first needs them, so a run whose tests never ask for a
+model pays for none of it.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .device import (
-    AUTO,
-    Device,
-    Presence,
-    device_for_target,
-    devices_to_probe,
-    parse_device_list,
-    probe,
-    resolve_auto,
-)
+from ._defaults import DEFAULT_COMPILE_TIMEOUT_S
 from .errors import ConfigError, MlcJitError, SpecError, argparse_type
-from .jit import DEFAULT_COMPILE_TIMEOUT_S, JIT, Settings, Stats, default_cache_dir
-from .model import CompiledModel
-from .policy import Policy
-from .policy import resolve as resolve_policy
-from .prefetch import Prefetcher
-from .spec import TVMModel
+
+if TYPE_CHECKING:
+    from .device import Device
+    from .engine import JIT, Settings, Stats
+    from .model import CompiledModel
+    from .policy import Policy
+    from .prefetch import Prefetcher
 
 ENV_POLICY = "MLC_JIT_POLICY"
 ENV_CACHE_DIR = "MLC_JIT_CACHE_DIR"
+AUTO = "auto"
 
-settings_key = pytest.StashKey[Settings]()
-jit_key = pytest.StashKey[JIT]()
-stats_key = pytest.StashKey[Stats]()
-option_key = pytest.StashKey[str]()
+#: The options as resolved at configure, then the settings and engine made from them.
+state_key = pytest.StashKey["RunState"]()
 prefetch_key = pytest.StashKey[str]()
-prefetcher_key = pytest.StashKey[Prefetcher]()
 #: --mlc-jit-max-size in bytes (controller only), when set.
 max_size_key = pytest.StashKey[int]()
 #: When this run started (controller), and the digests its tests used (each process).
@@ -96,7 +90,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mlcjit", "pytest-mlcjit: just-in-time compiled model libraries")
     group.addoption(
         "--mlc-jit-policy", dest="mlc_jit_policy", metavar="{ON,OFF,REDO,READONLY}",
-        type=argparse_type(lambda t: Policy.parse(t, source="--mlc-jit-policy").value),
+        type=argparse_type(lambda t: _policy_value("--mlc-jit-policy", t)),
         default=None,
         help="JIT policy: ON compiles on a miss, OFF never compiles nor reads, REDO recompiles "
         "each key once per run, READONLY only reads. Case-insensitive. "
@@ -104,7 +98,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--mlc-device", dest="mlc_device", metavar="LIST", default=None,
-        type=argparse_type(lambda t: ",".join(parse_device_list(t))),
+        type=argparse_type(lambda t: ",".join(_device_list(t))),
         help="comma-separated devices each test runs on: auto, cpu, cuda, cuda:1, rocm, "
         "metal, vulkan, opencl, webgpu. Absent devices are skipped. ini mlc_device; "
         "default auto (the first present GPU, else cpu).",
@@ -177,13 +171,103 @@ def _ini(config: pytest.Config, name: str) -> Any:
     return value if value not in ("", None) else None
 
 
-def _resolve_settings(config: pytest.Config) -> tuple[Settings, str]:
+def _policy_value(source: str, text: str) -> str:
+    from .policy import Policy
+
+    return Policy.parse(text, source=source).value
+
+
+def _device_list(text: str) -> list[str]:
+    from .device import parse_device_list
+
+    return parse_device_list(text)
+
+
+class RunState:
+    """This process's view of the run.
+
+    At configure only the options are resolved and checked (CLI > env > ini > default).
+    The device probe, the :class:`Settings` and the engine are made on first need: by a
+    test that asks for a model or a device, by the report header, or (on the xdist
+    controller) when the workers are started, which receive them ready-made.
+    """
+
+    def __init__(self, *, policy: str, devices: list[str], option: str,
+                 cache_dir: Path | None = None, compile_timeout: float | None = None,
+                 lock_timeout: float | None = None, allow_untrusted: bool = False,
+                 settings_json: dict[str, Any] | None = None) -> None:
+        self.policy, self.device_names, self.option = policy, devices, option
+        self.cache_dir, self.allow_untrusted = cache_dir, allow_untrusted
+        self.compile_timeout, self.lock_timeout = compile_timeout, lock_timeout
+        self._settings_json = settings_json
+        self._settings: Settings | None = None
+        self._engine: JIT | None = None
+        #: Statistics sent by the workers (controller only), merged with its own.
+        self.worker_stats: list[Mapping[str, Any]] = []
+        #: This process's background prefetch, when one runs.
+        self.prefetcher: Prefetcher | None = None
+
+    @property
+    def writes(self) -> bool:
+        """Whether the run's policy may write to the cache (ON, REDO)."""
+        return self.policy in ("ON", "REDO")
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            if self._settings_json is not None:
+                self._settings = settings_from_json(self._settings_json)
+            else:
+                from .device import devices_to_probe, probe, resolve_auto
+                from .engine import Settings
+                from .policy import Policy
+
+                presence = probe(devices_to_probe(self.device_names))
+                self._settings = Settings(
+                    policy=Policy.parse(self.policy), cache_dir=self.cache_dir,
+                    compile_timeout=self.compile_timeout or DEFAULT_COMPILE_TIMEOUT_S,
+                    lock_timeout=self.lock_timeout, run_id=os.urandom(16).hex(),
+                    presence=presence, devices=tuple(resolve_auto(self.device_names, presence)),
+                    allow_untrusted=self.allow_untrusted,
+                )
+        return self._settings
+
+    @property
+    def engine(self) -> JIT:
+        if self._engine is None:
+            from .engine import JIT
+
+            self._engine = JIT(self.settings)
+        return self._engine
+
+    @property
+    def engine_made(self) -> bool:
+        return self._engine is not None
+
+    def stats(self) -> Stats | None:
+        """This process's statistics merged with the workers'; None if none were kept."""
+        if self._engine is None and not self.worker_stats:
+            return None
+        from .engine import Stats
+
+        total = Stats()
+        if self._engine is not None:
+            total.merge(self._engine.stats.to_json())
+        for stats in self.worker_stats:
+            total.merge(stats)
+        return total
+
+
+def _resolve_options(config: pytest.Config) -> RunState:
     """CLI > env > ini > default, for every option; bad values raise ConfigError."""
     opt = config.option
-    policy = resolve_policy(opt.mlc_jit_policy, os.environ.get(ENV_POLICY),
-                            _ini(config, "mlc_jit_policy"))
-    device_text = opt.mlc_device or _ini(config, "mlc_device") or AUTO
-    names = parse_device_list(device_text)
+    policy = opt.mlc_jit_policy  # checked by argparse already
+    if policy is None and (env := os.environ.get(ENV_POLICY)):
+        policy = _policy_value(ENV_POLICY, env)
+    if policy is None and (ini := _ini(config, "mlc_jit_policy")) is not None:
+        policy = _policy_value("ini mlc_jit_policy", ini)
+    option = opt.mlc_device or _ini(config, "mlc_device") or AUTO
+    devices = [AUTO] if option == AUTO else _device_list(option)
 
     cache_dir: Path | None
     if opt.mlc_jit_cache_dir is not None and not opt.mlc_jit_cache_dir.strip():
@@ -206,16 +290,9 @@ def _resolve_settings(config: pytest.Config) -> tuple[Settings, str]:
         lock_timeout = _seconds("ini mlc_jit_lock_timeout", text)
     allow = bool(opt.mlc_jit_allow_untrusted) or _truth(
         "ini mlc_jit_allow_untrusted_cache", _ini(config, "mlc_jit_allow_untrusted_cache"))
-
-    presence = probe(devices_to_probe(names))
-    devices = resolve_auto(names, presence)
-    settings = Settings(
-        policy=policy, cache_dir=cache_dir,
-        compile_timeout=timeout or DEFAULT_COMPILE_TIMEOUT_S, lock_timeout=lock_timeout,
-        run_id=uuid.uuid4().hex, presence=presence, devices=tuple(devices),
-        allow_untrusted=allow,
-    )
-    return settings, device_text
+    return RunState(policy=policy or "ON", devices=devices, option=option,
+                    cache_dir=cache_dir, compile_timeout=timeout, lock_timeout=lock_timeout,
+                    allow_untrusted=allow)
 
 
 def settings_to_json(settings: Settings) -> dict[str, Any]:
@@ -231,6 +308,10 @@ def settings_to_json(settings: Settings) -> dict[str, Any]:
 
 
 def settings_from_json(data: dict[str, Any]) -> Settings:
+    from .device import Presence
+    from .engine import Settings
+    from .policy import Policy
+
     return Settings(
         policy=Policy.parse(data["policy"]),
         cache_dir=Path(data["cache_dir"]) if data["cache_dir"] else None,
@@ -241,22 +322,33 @@ def settings_from_json(data: dict[str, Any]) -> Settings:
     )
 
 
+def run_state(config: pytest.Config) -> RunState:
+    """The run's state; a UsageError if the plugin was not configured (disabled with -p)."""
+    if state_key not in config.stash:
+        raise pytest.UsageError("pytest-mlcjit is not configured (was it disabled with -p?)")
+    return config.stash[state_key]
+
+
+def get_engine(config: pytest.Config) -> JIT:
+    """The run's engine (made on first call)."""
+    return run_state(config).engine
+
+
 # -- configuration ----------------------------------------------------------------------------
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "mlcjit" in workerinput:
-        settings = settings_from_json(workerinput["mlcjit"])
-        config.stash[option_key] = workerinput["mlcjit_option"]
+        data = workerinput["mlcjit"]
+        state = RunState(policy=data["policy"], devices=list(data["devices"]),
+                         option=workerinput["mlcjit_option"], settings_json=data)
     else:
         try:
-            settings, config.stash[option_key] = _resolve_settings(config)
+            state = _resolve_options(config)
         except MlcJitError as exc:
             raise pytest.UsageError(str(exc)) from None
-    config.stash[settings_key] = settings
-    config.stash[jit_key] = JIT(settings)
-    config.stash[stats_key] = Stats()
+    config.stash[state_key] = state
     config.stash[used_key] = set()
     if workerinput is None:
         config.stash[started_key] = time.time()
@@ -277,7 +369,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     config.stash[prefetch_key] = prefetch
     if config.option.mlc_jit_prepare:
-        if settings.policy is Policy.OFF:
+        if state.policy == "OFF":
             raise pytest.UsageError(
                 "--mlc-jit-prepare compiles libraries, but the policy is OFF; use ON (or "
                 "READONLY to check that every library is cached)")
@@ -294,49 +386,57 @@ class XdistHooks:
 
     @pytest.hookimpl
     def pytest_configure_node(self, node: Any) -> None:
-        node.workerinput["mlcjit"] = settings_to_json(self.config.stash[settings_key])
-        node.workerinput["mlcjit_option"] = self.config.stash[option_key]
+        state = self.config.stash[state_key]
+        node.workerinput["mlcjit"] = settings_to_json(state.settings)  # probes, once
+        node.workerinput["mlcjit_option"] = state.option
 
     @pytest.hookimpl
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         stats = getattr(node, "workeroutput", {}).get("mlcjit_stats")
         if stats:
-            self.config.stash[stats_key].merge(stats)
+            self.config.stash[state_key].worker_stats.append(stats)
         used = getattr(node, "workeroutput", {}).get("mlcjit_used")
         if used:
             self.config.stash[used_key].update(used)
 
 
+def _uses_plugin(item: pytest.Item) -> bool:
+    return "compiled_model" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start background prefetch of this worker's share of the run's libraries."""
     config = session.config
-    if jit_key not in config.stash or config.option.collectonly or config.option.mlc_jit_prepare:
+    if state_key not in config.stash or config.option.collectonly or config.option.mlc_jit_prepare:
         return
-    engine = config.stash[jit_key]
+    state = config.stash[state_key]
     workerinput = getattr(config, "workerinput", None)
     index, count = (0, 1) if workerinput is None else (
         int(str(workerinput["workerid"]).lstrip("gw") or 0), int(workerinput["workercount"]))
     mode = config.stash[prefetch_key]
-    if not engine.settings.policy.writes or mode == "off" or (mode == "auto" and count < 2):
+    if not state.writes or mode == "off" or (mode == "auto" and count < 2):
         return
-    prefetcher = Prefetcher(engine, index, count)
-    prefetcher.start(session.items)
-    config.stash[prefetcher_key] = prefetcher
+    if not any(_uses_plugin(item) for item in session.items):
+        return
+    from .prefetch import Prefetcher
+
+    state.prefetcher = Prefetcher(state.engine, index, count)
+    state.prefetcher.start(session.items)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    if jit_key not in config.stash:
+    if state_key not in config.stash:
         return
-    if (prefetcher := config.stash.get(prefetcher_key, None)) is not None:
-        prefetcher.stop()
-    own = config.stash[jit_key].stats.to_json()
+    state = config.stash[state_key]
+    if state.prefetcher is not None:
+        state.prefetcher.stop()
     if hasattr(config, "workeroutput"):
-        config.workeroutput["mlcjit_stats"] = own
+        if state.engine_made:
+            config.workeroutput["mlcjit_stats"] = state.engine.stats.to_json()
         used: set[str] = config.stash[used_key]
         config.workeroutput["mlcjit_used"] = sorted(used)
     else:
-        config.stash[stats_key].merge(own)
         _after_run(session)
 
 
@@ -345,17 +445,18 @@ def _after_run(session: pytest.Session) -> None:
     cache root's history (``.mlcjit/runs.jsonl``, read by ``pytest-mlcjit info``), then
     apply --mlc-jit-max-size, never evicting an entry this run used."""
     config = session.config
-    settings = config.stash[settings_key]
-    if not settings.policy.writes or (not config.stash[stats_key].requests
-                                      and max_size_key not in config.stash):
+    state = config.stash[state_key]
+    stats = state.stats()
+    requests = stats.requests if stats is not None else 0
+    if not state.writes or (not requests and max_size_key not in config.stash):
         return
     from . import manage
     from .cache import CONTROL_DIR
 
+    settings = state.settings
     roots = [r for r in manage.default_roots(settings.cache_dir) if (r / CONTROL_DIR).is_dir()]
-    stats = config.stash[stats_key]
     started = config.stash.get(started_key, time.time())
-    if stats.requests:
+    if stats is not None and requests:
         record = {"time": time.time(), "started": started, "run_id": settings.run_id,
                   "policy": settings.policy.value, "devices": list(settings.devices),
                   "prepare": bool(config.option.mlc_jit_prepare),
@@ -377,9 +478,14 @@ def _after_run(session: pytest.Session) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    if settings_key not in config.stash:
+    """The policy, the devices as probed, and the cache (probes the devices: shown only
+    at the default verbosity and above, so ``-q`` runs do not pay for it)."""
+    if state_key not in config.stash:
         return None
-    s = config.stash[settings_key]
+    from ._defaults import default_cache_dir, mlc_llm_home
+    from .device import Presence
+
+    s = config.stash[state_key].settings
     parts = []
     for name in s.devices:
         p = s.presence.get(name, Presence(True))
@@ -387,18 +493,16 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if s.cache_dir is not None:
         where = f"cache={s.cache_dir}"
     else:
-        from .backends.mlc import mlc_llm_home
-
         where = f"cache={default_cache_dir()} (MLC: {mlc_llm_home()})"
     return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    if stats_key not in config.stash or hasattr(config, "workeroutput"):
+    if state_key not in config.stash or hasattr(config, "workeroutput"):
         return
-    s = config.stash[stats_key]
+    s = config.stash[state_key].stats()
     lines = []
-    if s.requests:
+    if s is not None and s.requests:
         lines.append(
             f"{s.requests} request{'s' * (s.requests != 1)}: {s.hits} hits, {s.compiles} "
             f"compiled ({f'{s.prefetched} ahead of time, ' if s.prefetched else ''}"
@@ -460,17 +564,17 @@ def _user_parametrizes_device(metafunc: pytest.Metafunc) -> bool:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "mlc_device" not in metafunc.fixturenames or settings_key not in metafunc.config.stash:
+    if "mlc_device" not in metafunc.fixturenames or state_key not in metafunc.config.stash:
         return
     if _user_parametrizes_device(metafunc):
         return
-    settings = metafunc.config.stash[settings_key]
-    option = metafunc.config.stash[option_key]
+    from .device import Device, Presence, device_for_target, parse_target
+
+    state = metafunc.config.stash[state_key]
+    settings, option = state.settings, state.option
     target = _marker_target(metafunc)
     if target is not None:
         try:
-            from .device import parse_target
-
             device = device_for_target(parse_target(target))
             name = str(device)
         except MlcJitError:  # a packaging target (android…), or bad: the fixture says which
@@ -541,26 +645,22 @@ def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-def _engine(config: pytest.Config) -> JIT:
-    if jit_key not in config.stash:
-        raise pytest.UsageError("pytest-mlcjit is not configured (was it disabled with -p?)")
-    return config.stash[jit_key]
-
-
 @pytest.fixture(scope="session")
 def mlc_jit(pytestconfig: pytest.Config) -> JIT:
     """The session's JIT engine: ``mlc_jit.compile(spec, device)`` from code, its
     ``settings`` (policy, devices, cache dir…) and ``stats``."""
-    return _engine(pytestconfig)
+    return get_engine(pytestconfig)
 
 
 @pytest.fixture
 def mlc_device(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Device:
     """The device this test runs on; tests using it run once per ``--mlc-device`` entry."""
+    from .device import Device
+
     param = getattr(request, "param", None)
     if isinstance(param, Device):
         return param
-    return Device.parse(_engine(pytestconfig).settings.devices[0])
+    return Device.parse(run_state(pytestconfig).settings.devices[0])
 
 
 def spec_from_marker(marker: pytest.Mark) -> Any:
@@ -570,6 +670,8 @@ def spec_from_marker(marker: pytest.Mark) -> Any:
             f"mlc_model takes exactly one positional argument (the model spec), got "
             f"{len(marker.args)}: {marker.args!r}"
         )
+    from .spec import TVMModel
+
     spec, options = marker.args[0], dict(marker.kwargs)
     if isinstance(spec, TVMModel):
         target = options.pop("target", None)
@@ -626,6 +728,8 @@ def requested_spec(node: pytest.Item, params: Mapping[str, Any]) -> tuple[Any, P
     policy_marker = node.get_closest_marker("mlc_jit_policy")
     if policy_marker is None:
         return spec, None
+    from .policy import Policy
+
     if len(policy_marker.args) != 1:
         raise SpecError("mlc_jit_policy takes exactly one argument: ON, OFF, REDO or READONLY")
     return spec, Policy.parse(policy_marker.args[0], source="mlc_jit_policy marker")

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from .engine import JIT
 from .errors import MlcJitError
-from .jit import JIT
 
 
 def my_share(libraries: list[Any], index: int, count: int) -> list[Any]:

@@ -25,8 +25,8 @@ import pytest
 
 from .backends import BuildRequest
 from .device import Device
+from .engine import JIT, Settings
 from .errors import MlcJitError
-from .jit import JIT, Settings
 from .policy import Policy
 
 #: What a kept test compiles: ``(spec, device)``, or the error its request raised.
@@ -142,9 +142,9 @@ class Prepare:
     @pytest.hookimpl(trylast=True)  # after -k/-m deselection and skip marks
     def pytest_collection_modifyitems(self, config: pytest.Config,
                                       items: list[pytest.Item]) -> None:
-        from .plugin import jit_key
+        from .plugin import get_engine
 
-        plan = make_plan(items, config.stash[jit_key])
+        plan = make_plan(items, get_engine(config))
         keep = {id(tests[0]) for _, tests in plan.libraries.values()}
         keep.update(id(item) for item, _ in plan.errors)
         deselected = [item for item in items if id(item) not in keep]
@@ -158,9 +158,9 @@ class Prepare:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
-        from .plugin import jit_key
+        from .plugin import get_engine
 
-        engine = self.config.stash[jit_key]
+        engine = get_engine(self.config)
         planned = item.stash.get(planned_key, "the plan has no library for this test")
 
         def build() -> None:

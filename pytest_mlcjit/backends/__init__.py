@@ -1,7 +1,7 @@
 """Compile engines. Each backend turns a spec and a device into a :class:`BuildRequest`:
 the key fields, where the entry lives, and the command that compiles it in a subprocess.
 
-Backends know nothing of pytest or locking; :mod:`pytest_mlcjit.jit` drives them.
+Backends know nothing of pytest or locking; :mod:`pytest_mlcjit.engine` drives them.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._defaults import mlc_llm_home
 from ..cache import EntryPaths, write_json_atomic
 from ..device import Device
 from ..errors import CorruptEntryError, SpecError
@@ -42,14 +43,6 @@ OPT_PRESETS = ("O0", "O1", "O2", "O3")
 OPT_FLAGS = ("flashinfer", "cublas_gemm", "faster_transformer", "cudagraph", "cutlass",
              "ipc_allreduce_strategy")
 CONFIG_FILE = "mlc-chat-config.json"
-
-
-def mlc_llm_home() -> Path:
-    """``$MLC_LLM_HOME``, else ``$XDG_CACHE_HOME/mlc_llm``, else ``~/.cache/mlc_llm``."""
-    if home := os.environ.get("MLC_LLM_HOME"):
-        return Path(home).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlc_llm"
 
 
 def dso_suffix(target: str) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._defaults import DEFAULT_COMPILE_TIMEOUT_S, default_cache_dir, mlc_llm_home
 from .backends import BuildRequest, child_env
 from .cache import Cache, EntryPaths, fault_point, is_no_space, write_json_atomic
 from .device import Device, Presence, probe
@@ -44,14 +45,7 @@ from .errors import (
 from .model import CompiledModel
 from .policy import Policy
 
-DEFAULT_COMPILE_TIMEOUT_S = 1800.0
 LOG_TAIL_LINES = 20
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/pytest-mlcjit``, else ``~/.cache/pytest-mlcjit``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pytest-mlcjit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +213,7 @@ class JIT:
         elif backend == "mlc":
             from .backends import mlc as mlc_backend
 
-            root = self.settings.cache_dir or mlc_backend.mlc_llm_home()
+            root = self.settings.cache_dir or mlc_llm_home()
             req = mlc_backend.request(spec, dev, run_id=self.settings.run_id, cache_root=root,
                                       memo=self.settings.policy.writes)
         else:
