@@ -126,6 +126,8 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
         # Entry i was last used i seconds before entry 0: prune keeps the lowest i.
         (root / ".mlcjit" / "usage" / req.digest).write_text(f"{now - 3600 - i:.3f}\n",
                                                              encoding="ascii")
+        # A compiled entry leaves its (empty, unlocked) lock file behind, as here.
+        (root / ".mlcjit" / "locks" / f"{req.digest}.lock").touch(mode=0o644)
     return time.perf_counter() - t0
 
 

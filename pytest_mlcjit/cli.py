@@ -41,7 +41,10 @@ def _count(text: str) -> int:
 
 def _out(args: argparse.Namespace, data: Any, lines: Sequence[str]) -> None:
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        # Indented for a person at a terminal; compact for a pipe, where it is parsed (and
+        # where json's C encoder, which indenting turns off, keeps large outputs fast).
+        indent = 2 if sys.stdout.isatty() else None
+        print(json.dumps(data, indent=indent, sort_keys=True, default=str))
     else:
         for line in lines:
             print(line)

@@ -614,6 +614,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Skip, at collection, the tests whose model needs an ``mlc_llm`` that is not here."""
     installed: bool | None = None
     for item in items:
+        if not _uses_plugin(item):
+            continue
         callspec = getattr(item, "callspec", None)
         marker = item.get_closest_marker("mlc_model")
         if callspec is not None and "compiled_model" in callspec.params:
