@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The environment variable that names the cache root.
+ENV_CACHE_DIR = "MLC_JIT_CACHE_DIR"
 #: The limit for one compilation, in seconds (``--mlc-jit-timeout``).
 DEFAULT_COMPILE_TIMEOUT_S = 1800.0
 
@@ -23,3 +25,14 @@ def mlc_llm_home() -> Path:
     if home := os.environ.get("MLC_LLM_HOME"):
         return Path(home).expanduser()
     return Path(_cache_base()) / "mlc_llm"
+
+
+def default_roots(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The roots the plugin uses: ``cache_dir`` if given, else ``$MLC_JIT_CACHE_DIR``, else
+    the default TVM cache and MLC-LLM's home (where MLC entries live by default)."""
+    if cache_dir:
+        return [Path(cache_dir).expanduser().absolute()]
+    if env := os.environ.get(ENV_CACHE_DIR):
+        return [Path(env).expanduser().absolute()]
+    roots = [default_cache_dir().absolute(), mlc_llm_home().absolute()]
+    return list(dict.fromkeys(roots))

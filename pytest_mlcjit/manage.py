@@ -28,14 +28,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._defaults import default_roots
 from .cache import CONTROL_DIR, FILE_MODE, MANIFEST_SUFFIX, Cache, EntryPaths
 from .errors import ConfigError, CorruptEntryError
+from .history import RUNS_FILE, read_runs, record_run
 
 #: ``(directory under the root, backend name)`` of every backend's entries.
 BACKEND_DIRS = (("tvm", "tvm"), ("model_lib", "mlc"))
-#: The run history, one JSON object per line, newest last.
-RUNS_FILE = "runs.jsonl"
-RUNS_KEPT = 100
 _DIGEST_RE = re.compile(r"^[0-9a-f]{32}([0-9a-f]{32})?$")
 
 
@@ -92,19 +91,6 @@ def format_time(t: float | None) -> str:
 
 
 # -- roots ------------------------------------------------------------------------------------
-def default_roots(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The roots the plugin uses: ``cache_dir`` if given, else ``$MLC_JIT_CACHE_DIR``, else
-    the default TVM cache and MLC-LLM's home (where MLC entries live by default)."""
-    if cache_dir:
-        return [Path(cache_dir).expanduser().absolute()]
-    if env := os.environ.get("MLC_JIT_CACHE_DIR"):
-        return [Path(env).expanduser().absolute()]
-    from ._defaults import default_cache_dir, mlc_llm_home
-
-    roots = [default_cache_dir().absolute(), mlc_llm_home().absolute()]
-    return list(dict.fromkeys(roots))
-
-
 # -- entries ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Entry:
@@ -650,45 +636,6 @@ def _listdir(path: Path) -> list[Path]:
 
 
 # -- run history ------------------------------------------------------------------------------
-def record_run(root: Path, record: Mapping[str, Any]) -> None:
-    """Append one run's statistics to ``<root>/.mlcjit/runs.jsonl`` (last RUNS_KEPT kept)."""
-    from filelock import FileLock, Timeout
-
-    control = root / CONTROL_DIR
-    path = control / RUNS_FILE
-    line = json.dumps(dict(record), sort_keys=True, separators=(",", ":")) + "\n"
-    try:
-        with FileLock(control / "runs.lock", timeout=10, thread_local=False):
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True) \
-                if path.exists() else []
-            if len(lines) < 2 * RUNS_KEPT:
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(line)
-                return
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text("".join(lines[-(RUNS_KEPT - 1):]) + line, encoding="utf-8")
-            os.replace(tmp, path)
-    except (OSError, Timeout):
-        return  # the history is a convenience; never fail a run over it
-
-
-def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:
-    """The last ``limit`` runs recorded under ``root``, newest first."""
-    try:
-        lines = (root / CONTROL_DIR / RUNS_FILE).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    runs = []
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError):
-            data = json.loads(line)
-            if isinstance(data, dict):
-                runs.append(data)
-        if len(runs) >= limit:
-            break
-    return runs
-
-
 # -- info -------------------------------------------------------------------------------------
 def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
     """What a root holds: entries per backend, sizes, the toolchains seen, recent runs."""

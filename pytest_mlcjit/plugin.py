@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._defaults import DEFAULT_COMPILE_TIMEOUT_S
+from ._defaults import DEFAULT_COMPILE_TIMEOUT_S, ENV_CACHE_DIR
 from .errors import ConfigError, MlcJitError, SpecError, argparse_type
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from .prefetch import Prefetcher
 
 ENV_POLICY = "MLC_JIT_POLICY"
-ENV_CACHE_DIR = "MLC_JIT_CACHE_DIR"
 AUTO = "auto"
 
 #: The options as resolved at configure, then the settings and engine made from them.
@@ -450,11 +449,12 @@ def _after_run(session: pytest.Session) -> None:
     requests = stats.requests if stats is not None else 0
     if not state.writes or (not requests and max_size_key not in config.stash):
         return
-    from . import manage
+    from ._defaults import default_roots
     from .cache import CONTROL_DIR
+    from .history import record_run
 
     settings = state.settings
-    roots = [r for r in manage.default_roots(settings.cache_dir) if (r / CONTROL_DIR).is_dir()]
+    roots = [r for r in default_roots(settings.cache_dir) if (r / CONTROL_DIR).is_dir()]
     started = config.stash.get(started_key, time.time())
     if stats is not None and requests:
         record = {"time": time.time(), "started": started, "run_id": settings.run_id,
@@ -462,10 +462,12 @@ def _after_run(session: pytest.Session) -> None:
                   "prepare": bool(config.option.mlc_jit_prepare),
                   "exitstatus": int(session.exitstatus), **stats.to_json()}
         for root in roots:
-            manage.record_run(root, record)
+            record_run(root, record)
     max_size = config.stash.get(max_size_key, None)
     if max_size is None or config.option.collectonly:
         return
+    from . import manage
+
     used: set[str] = config.stash[used_key]
     results: list[Any] = []
     for root in roots:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,14 @@ class Project:
             return []
         return self.counter.read_text().splitlines()
 
-    def manifests(self, backend: str = "tvm") -> list[dict[str, object]]:
+    def manifests(self, backend: str = "tvm") -> list[dict[str, Any]]:
         d = self.cache / backend
         return [json.loads(p.read_text()) for p in sorted(d.glob("*.manifest.json"))]
 
     def libraries(self, backend: str = "tvm", suffix: str = "so") -> list[Path]:
         return sorted((self.cache / backend).glob(f"*.{suffix}"))
 
-    def write_tests(self, configs: list[dict[str, object]], per_config: int = 1,
+    def write_tests(self, configs: Sequence[Mapping[str, object]], per_config: int = 1,
                     name: str = "test_tiny") -> None:
         self.pytester.makepyfile(**{name: TESTS_TEMPLATE.format(configs=configs,
                                                                 per_config=per_config)})

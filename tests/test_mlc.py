@@ -38,7 +38,7 @@ def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def model_dir(tmp_path: Path, standin: Path) -> Path:
-    from make_model_dir import make_model_dir  # type: ignore[import-not-found]
+    from make_model_dir import make_model_dir  # type: ignore[import-not-found,unused-ignore]
 
     path: Path = make_model_dir(tmp_path / "Llama-q4f16_1-MLC")
     return path

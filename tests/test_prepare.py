@@ -96,7 +96,7 @@ def test_prepare_compiles_each_distinct_library_once_and_runs_no_test(suite: Pro
     # (hidden=4, cpu), (hidden=6, cpu), (hidden=4, cuda sm_80): what 9 of 14 tests request.
     assert sorted(line.split()[1] for line in suite.compiles()) == [
         "hidden=4", "hidden=4", "hidden=6"]
-    targets = sorted(json.dumps(m["key"]["target"], sort_keys=True)  # type: ignore[index]
+    targets = sorted(json.dumps(m["key"]["target"], sort_keys=True)
                      for m in suite.manifests())
     assert targets == ['{"arch": "sm_80", "kind": "cuda"}', '{"kind": "llvm"}',
                        '{"kind": "llvm"}']

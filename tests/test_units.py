@@ -117,3 +117,17 @@ def test_entry_paths() -> None:
     paths = EntryPaths("abc", Path("/c/tvm/abc.so"))
     assert paths.manifest == Path("/c/tvm/abc.manifest.json")
     assert paths.log == Path("/c/tvm/abc.log")
+
+
+def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
+    from pytest_mlcjit.history import RUNS_KEPT, read_runs, record_run
+
+    root = tmp_path / "cache"
+    Cache(root, writable=True)
+    total = 2 * RUNS_KEPT + 10
+    for i in range(total):
+        record_run(root, {"run": i, "requests": 1})
+    runs = read_runs(root, limit=10 * RUNS_KEPT)
+    assert RUNS_KEPT <= len(runs) < 2 * RUNS_KEPT, "cut back, not unbounded"
+    assert [r["run"] for r in runs] == list(range(total - 1, total - 1 - len(runs), -1))
+    assert not list((root / ".mlcjit").glob(".runs.jsonl.*.tmp")), "no temporary file left"
