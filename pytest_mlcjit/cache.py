@@ -477,11 +477,16 @@ class Cache:
             return
         check_digest(digest)
         self._used.add(digest)
+        # Overwritten in place, not truncated: ext4 starts writeback when a truncated file
+        # is closed, which made this 0.6 to 4 ms on a busy disk instead of ~10 us.
+        stamp = f"{time.time():.3f}\n".encode("ascii")
         with contextlib.suppress(OSError):
-            fd = os.open(self.control / "usage" / digest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         FILE_MODE)
-            with open(fd, "w", encoding="ascii") as f:
-                f.write(f"{time.time():.3f}\n")
+            fd = os.open(self.control / "usage" / digest, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+            try:
+                os.pwrite(fd, stamp, 0)
+                os.ftruncate(fd, len(stamp))  # no tail of a longer record left behind
+            finally:
+                os.close(fd)
 
     def last_used(self, digest: str) -> float | None:
         try:
