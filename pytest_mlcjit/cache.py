@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
@@ -127,6 +128,26 @@ def _write_json_tmp(path: Path, data: Any) -> Path:
             tmp.unlink()
         raise
     return tmp
+
+
+def try_flock(path: str | os.PathLike[str]) -> int | None:
+    """Open ``path`` (made if missing) and take its ``flock`` without waiting.
+
+    Returns the descriptor, whose ``os.close`` releases the lock, or None if another open
+    file holds it. The same lock :class:`filelock.FileLock` takes on the file, for the
+    places that need many locks quickly (a FileLock object costs half a millisecond).
+    Raises OSError if the file cannot be opened or the filesystem has no ``flock``.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -8,7 +8,6 @@ imports nothing the run has not imported already, and costs one ``flock`` and on
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .cache import CONTROL_DIR, FILE_MODE
+from .cache import CONTROL_DIR, try_flock
 
 #: Where the history lives, under the root's control directory (``.mlcjit``).
 RUNS_FILE = "runs.jsonl"
@@ -52,17 +51,12 @@ def record_run(root: Path, record: Mapping[str, Any]) -> None:
 @contextlib.contextmanager
 def _flocked(path: str, *, timeout: float) -> Iterator[None]:
     """Hold an ``flock`` on ``path`` (made if missing), waiting at most ``timeout`` s."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    deadline = time.monotonic() + timeout
+    while (fd := try_flock(path)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} stayed locked for {timeout:g}s")
+        time.sleep(0.01)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path} stayed locked for {timeout:g}s") from None
-                time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # releases the flock

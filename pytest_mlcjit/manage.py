@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._defaults import default_roots
-from .cache import CONTROL_DIR, FILE_MODE, MANIFEST_SUFFIX, Cache, EntryPaths
+from .cache import CONTROL_DIR, FILE_MODE, MANIFEST_SUFFIX, Cache, EntryPaths, try_flock
 from .errors import ConfigError, CorruptEntryError
 from .history import RUNS_FILE, read_runs, record_run
 
@@ -318,33 +317,24 @@ def try_lock(root: Path, digest: str) -> Iterator[bool]:
     """Hold ``digest``'s lock if no one holds it (a non-blocking ``flock``); yields whether
     it is held. A lock held by a live process means the entry is being compiled now.
 
-    A plain ``flock`` on the same lock file the cache's :class:`filelock.FileLock` locks,
-    which takes microseconds where a FileLock object takes half a millisecond (pruning
-    thousands of entries takes one per entry). Where the filesystem has no ``flock``, the
-    FileLock and its fallback are used, as the cache does.
+    :func:`~pytest_mlcjit.cache.try_flock` (pruning thousands of entries takes one lock
+    per entry); where the filesystem has no ``flock``, filelock and its fallback, as the
+    cache itself.
     """
     path = os.path.join(root, CONTROL_DIR, "locks", f"{digest}.lock")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        except OSError:  # no flock here (ENOSYS, EOPNOTSUPP…): let filelock decide
-            os.close(fd)
-        else:
-            try:
-                yield True
-            finally:
-                os.close(fd)  # closing the only descriptor releases the flock
-            return
-    with _filelock_try(path) as held:
-        yield held
+        fd = try_flock(path)
+    except OSError:  # no flock here (ENOSYS, EOPNOTSUPP…), or no file: let filelock decide
+        with _filelock_try(path) as held:
+            yield held
+        return
+    if fd is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
 
 
 @contextlib.contextmanager

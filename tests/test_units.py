@@ -131,3 +131,20 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
     assert RUNS_KEPT <= len(runs) < 2 * RUNS_KEPT, "cut back, not unbounded"
     assert [r["run"] for r in runs] == list(range(total - 1, total - 1 - len(runs), -1))
     assert not list((root / ".mlcjit").glob(".runs.jsonl.*.tmp")), "no temporary file left"
+
+
+def test_try_flock_sees_the_cache_s_own_lock(tmp_path: Path) -> None:
+    import os
+
+    from pytest_mlcjit.cache import try_flock
+
+    cache = Cache(tmp_path / "cache", writable=True)
+    digest = "ab" * 32
+    with cache.lock(digest, timeout=5):
+        assert try_flock(cache.lock_path(digest)) is None, "held: not taken"
+    fd = try_flock(cache.lock_path(digest))
+    assert fd is not None, "released: taken"
+    try:
+        assert try_flock(cache.lock_path(digest)) is None, "and now it excludes others"
+    finally:
+        os.close(fd)
