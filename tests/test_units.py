@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,8 +135,6 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
 
 
 def test_try_flock_sees_the_cache_s_own_lock(tmp_path: Path) -> None:
-    import os
-
     from pytest_mlcjit.cache import try_flock
 
     cache = Cache(tmp_path / "cache", writable=True)
