@@ -23,12 +23,13 @@ import pytest
 
 from ._defaults import DEFAULT_COMPILE_TIMEOUT_S, ENV_CACHE_DIR
 from .errors import ConfigError, MlcJitError, SpecError, argparse_type
+from .policy import Policy
+from .policy import resolve as resolve_policy
 
 if TYPE_CHECKING:
     from .device import Device
     from .engine import JIT, Settings, Stats
     from .model import CompiledModel
-    from .policy import Policy
     from .prefetch import Prefetcher
 
 ENV_POLICY = "MLC_JIT_POLICY"
@@ -171,8 +172,6 @@ def _ini(config: pytest.Config, name: str) -> Any:
 
 
 def _policy_value(source: str, text: str) -> str:
-    from .policy import Policy
-
     return Policy.parse(text, source=source).value
 
 
@@ -191,7 +190,7 @@ class RunState:
     controller) when the workers are started, which receive them ready-made.
     """
 
-    def __init__(self, *, policy: str, devices: list[str], option: str,
+    def __init__(self, *, policy: Policy, devices: list[str], option: str,
                  cache_dir: Path | None = None, compile_timeout: float | None = None,
                  lock_timeout: float | None = None, allow_untrusted: bool = False,
                  settings_json: dict[str, Any] | None = None) -> None:
@@ -207,11 +206,6 @@ class RunState:
         self.prefetcher: Prefetcher | None = None
 
     @property
-    def writes(self) -> bool:
-        """Whether the run's policy may write to the cache (ON, REDO)."""
-        return self.policy in ("ON", "REDO")
-
-    @property
     def settings(self) -> Settings:
         if self._settings is None:
             if self._settings_json is not None:
@@ -219,14 +213,13 @@ class RunState:
             else:
                 from .device import devices_to_probe, probe, resolve_auto
                 from .engine import Settings
-                from .policy import Policy
 
                 presence = probe(devices_to_probe(self.device_names))
                 self._settings = Settings(
-                    policy=Policy.parse(self.policy), cache_dir=self.cache_dir,
+                    policy=self.policy, cache_dir=self.cache_dir,
                     compile_timeout=self.compile_timeout or DEFAULT_COMPILE_TIMEOUT_S,
-                    lock_timeout=self.lock_timeout, run_id=os.urandom(16).hex(),
-                    presence=presence, devices=tuple(resolve_auto(self.device_names, presence)),
+                    lock_timeout=self.lock_timeout, presence=presence,
+                    devices=tuple(resolve_auto(self.device_names, presence)),
                     allow_untrusted=self.allow_untrusted,
                 )
         return self._settings
@@ -260,11 +253,8 @@ class RunState:
 def _resolve_options(config: pytest.Config) -> RunState:
     """CLI > env > ini > default, for every option; bad values raise ConfigError."""
     opt = config.option
-    policy = opt.mlc_jit_policy  # checked by argparse already
-    if policy is None and (env := os.environ.get(ENV_POLICY)):
-        policy = _policy_value(ENV_POLICY, env)
-    if policy is None and (ini := _ini(config, "mlc_jit_policy")) is not None:
-        policy = _policy_value("ini mlc_jit_policy", ini)
+    policy = resolve_policy(opt.mlc_jit_policy, os.environ.get(ENV_POLICY),
+                            _ini(config, "mlc_jit_policy"))
     option = opt.mlc_device or _ini(config, "mlc_device") or AUTO
     devices = [AUTO] if option == AUTO else _device_list(option)
 
@@ -289,7 +279,7 @@ def _resolve_options(config: pytest.Config) -> RunState:
         lock_timeout = _seconds("ini mlc_jit_lock_timeout", text)
     allow = bool(opt.mlc_jit_allow_untrusted) or _truth(
         "ini mlc_jit_allow_untrusted_cache", _ini(config, "mlc_jit_allow_untrusted_cache"))
-    return RunState(policy=policy or "ON", devices=devices, option=option,
+    return RunState(policy=policy, devices=devices, option=option,
                     cache_dir=cache_dir, compile_timeout=timeout, lock_timeout=lock_timeout,
                     allow_untrusted=allow)
 
@@ -309,7 +299,6 @@ def settings_to_json(settings: Settings) -> dict[str, Any]:
 def settings_from_json(data: dict[str, Any]) -> Settings:
     from .device import Presence
     from .engine import Settings
-    from .policy import Policy
 
     return Settings(
         policy=Policy.parse(data["policy"]),
@@ -340,7 +329,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "mlcjit" in workerinput:
         data = workerinput["mlcjit"]
-        state = RunState(policy=data["policy"], devices=list(data["devices"]),
+        state = RunState(policy=Policy.parse(data["policy"]), devices=list(data["devices"]),
                          option=workerinput["mlcjit_option"], settings_json=data)
     else:
         try:
@@ -368,7 +357,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     config.stash[prefetch_key] = prefetch
     if config.option.mlc_jit_prepare:
-        if state.policy == "OFF":
+        if state.policy is Policy.OFF:
             raise pytest.UsageError(
                 "--mlc-jit-prepare compiles libraries, but the policy is OFF; use ON (or "
                 "READONLY to check that every library is cached)")
@@ -413,7 +402,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     index, count = (0, 1) if workerinput is None else (
         int(str(workerinput["workerid"]).lstrip("gw") or 0), int(workerinput["workercount"]))
     mode = config.stash[prefetch_key]
-    if not state.writes or mode == "off" or (mode == "auto" and count < 2):
+    if not state.policy.writes or mode == "off" or (mode == "auto" and count < 2):
         return
     if not any(_uses_plugin(item) for item in session.items):
         return
@@ -447,7 +436,7 @@ def _after_run(session: pytest.Session) -> None:
     state = config.stash[state_key]
     stats = state.stats()
     requests = stats.requests if stats is not None else 0
-    if not state.writes or (not requests and max_size_key not in config.stash):
+    if not state.policy.writes or (not requests and max_size_key not in config.stash):
         return
     from ._defaults import default_roots
     from .cache import CONTROL_DIR
@@ -732,7 +721,6 @@ def requested_spec(node: pytest.Item, params: Mapping[str, Any]) -> tuple[Any, P
     policy_marker = node.get_closest_marker("mlc_jit_policy")
     if policy_marker is None:
         return spec, None
-    from .policy import Policy
 
     if len(policy_marker.args) != 1:
         raise SpecError("mlc_jit_policy takes exactly one argument: ON, OFF, REDO or READONLY")
