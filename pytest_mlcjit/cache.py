@@ -130,6 +130,23 @@ def _write_json_tmp(path: Path, data: Any) -> Path:
     return tmp
 
 
+def parse_manifest(raw: bytes, path: Path, digest: str) -> dict[str, Any]:
+    """A manifest's bytes as a dict; CorruptEntryError unless they are UTF-8 JSON with a
+    string ``sha256``, a non-negative integer ``size`` and ``digest`` equal to ``digest``."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise CorruptEntryError(f"manifest {path} is not valid JSON") from None
+    if not isinstance(data, dict) or not {"sha256", "size", "digest"} <= data.keys():
+        raise CorruptEntryError(f"manifest {path} lacks sha256/size/digest")
+    size, sha = data["size"], data["sha256"]
+    if not isinstance(sha, str) or isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise CorruptEntryError(f"manifest {path} has an invalid sha256 {sha!r} or size {size!r}")
+    if data["digest"] != digest:
+        raise CorruptEntryError(f"manifest {path} is for key {data['digest']}, not {digest}")
+    return data
+
+
 def try_flock(path: str | os.PathLike[str]) -> int | None:
     """Open ``path`` (made if missing) and take its ``flock`` without waiting.
 
@@ -301,22 +318,7 @@ class Cache:
                 f"manifest {paths.manifest} cannot be read ({exc.strerror})") from None
         self._check_dir(paths.library.parent)
         self._check_owner(paths.manifest, st)
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
-            raise CorruptEntryError(f"manifest {paths.manifest} is not valid JSON") from None
-        if not isinstance(data, dict) or not {"sha256", "size", "digest"} <= data.keys():
-            raise CorruptEntryError(f"manifest {paths.manifest} lacks sha256/size/digest")
-        size, sha = data["size"], data["sha256"]
-        if (not isinstance(sha, str) or isinstance(size, bool) or not isinstance(size, int)
-                or size < 0):
-            raise CorruptEntryError(
-                f"manifest {paths.manifest} has an invalid sha256 {sha!r} or size {size!r}")
-        if data["digest"] != paths.digest:
-            raise CorruptEntryError(
-                f"manifest {paths.manifest} is for key {data['digest']}, not {paths.digest}"
-            )
-        return data
+        return parse_manifest(raw, paths.manifest, paths.digest)
 
     def verify(self, paths: EntryPaths, manifest: dict[str, Any]) -> None:
         """Check the library's size and SHA-256 against its manifest.
@@ -508,12 +510,6 @@ class Cache:
                 os.ftruncate(fd, len(stamp))  # no tail of a longer record left behind
             finally:
                 os.close(fd)
-
-    def last_used(self, digest: str) -> float | None:
-        try:
-            return float((self.control / "usage" / digest).read_text(encoding="ascii"))
-        except (OSError, ValueError):
-            return None
 
     # -- failures remembered within a run ------------------------------------------------
     def failure_paths(self, digest: str) -> tuple[Path, Path]:

@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ._defaults import default_roots
-from .cache import CONTROL_DIR, FILE_MODE, MANIFEST_SUFFIX, Cache, EntryPaths, try_flock
+from .cache import (
+    CONTROL_DIR,
+    FILE_MODE,
+    MANIFEST_SUFFIX,
+    Cache,
+    EntryPaths,
+    parse_manifest,
+    try_flock,
+)
 from .errors import ConfigError, CorruptEntryError
 from .history import RUNS_FILE, read_runs, record_run
 
@@ -228,30 +236,23 @@ def _size(path: Path) -> int:
 
 
 def _read_manifest(path: Path, digest: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, None)``, ``(None, why it is unusable)``, or ``(None, None)`` if absent;
+    the same checks as :meth:`Cache.read_manifest` (:func:`parse_manifest`)."""
     try:
-        with open(path, "rb") as f:  # bytes: json decodes UTF-8 itself, faster
+        with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         return None, f"cannot read {path}: {exc.strerror}"
     try:
-        data = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
-        return None, f"manifest {path} is not valid JSON"
-    if not isinstance(data, dict) or not {"sha256", "size", "digest"} <= data.keys():
-        return None, f"manifest {path} lacks sha256/size/digest"
-    if data["digest"] != digest:
-        return None, f"manifest {path} is for key {data['digest']}, not {digest}"
-    return data, None
-
-
-def last_used(root: Path, digest: str) -> float | None:
-    """The cache's own record of when ``digest`` was last used (never a file time)."""
-    return _read_usage(os.path.join(root, CONTROL_DIR, "usage", digest))
+        return parse_manifest(raw, path, digest), None
+    except CorruptEntryError as exc:
+        return None, str(exc)
 
 
 def _read_usage(path: str) -> float | None:
+    """A usage record's stamp: when the cache last used that entry (never a file time)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
