@@ -34,8 +34,10 @@ from .cache import (
     MANIFEST_SUFFIX,
     Cache,
     EntryPaths,
+    lock_file,
     parse_manifest,
     try_flock,
+    usage_file,
 )
 from .errors import ConfigError, CorruptEntryError
 from .history import RUNS_FILE, read_runs, record_run
@@ -273,7 +275,6 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
     needs it (no usage record, or more than one candidate library).
     """
     base = Path(root).expanduser().absolute()
-    usage = os.path.join(base, CONTROL_DIR, "usage")
     entries: list[Entry] = []
     for subdir, backend in BACKEND_DIRS:
         directory = base / subdir
@@ -291,7 +292,7 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
             manifest_name = f"{digest}{MANIFEST_SUFFIX}"
             entry = Entry(root=base, backend=backend, digest=digest, directory=directory,
                           names=tuple(group), library_name=None,
-                          last_used=_read_usage(os.path.join(usage, digest)),
+                          last_used=_read_usage(usage_file(base, digest)),
                           disk_size=sum(_entry_size(found[n]) for n in group))
             candidates = [n for n in group if n not in (manifest_name, f"{digest}.log")]
             if len(candidates) > 1:  # the manifest names it
@@ -322,7 +323,7 @@ def try_lock(root: Path, digest: str) -> Iterator[bool]:
     per entry); where the filesystem has no ``flock``, filelock and its fallback, as the
     cache itself.
     """
-    path = os.path.join(root, CONTROL_DIR, "locks", f"{digest}.lock")
+    path = lock_file(root, digest)
     try:
         fd = try_flock(path)
     except OSError:  # no flock here (ENOSYS, EOPNOTSUPP…), or no file: let filelock decide
@@ -356,7 +357,7 @@ def _filelock_try(path: str) -> Iterator[bool]:
 
 def is_locked(root: Path, digest: str) -> bool:
     """Whether a live process holds ``digest``'s lock (read-only: no lock file is created)."""
-    if not (root / CONTROL_DIR / "locks" / f"{digest}.lock").exists():
+    if not os.path.exists(lock_file(root, digest)):
         return False
     with try_lock(root, digest) as held:
         return not held
@@ -370,7 +371,7 @@ def _delete_entry(entry: Entry) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(entry.directory, name))
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(entry.root, CONTROL_DIR, "usage", entry.digest))
+        os.unlink(usage_file(entry.root, entry.digest))
 
 
 def _open(root: Path) -> Cache:
@@ -429,7 +430,7 @@ def verify(root: Path, *, fix: bool = False) -> VerifyResult:
                     continue
                 moved = cache.quarantine(entry.paths, f"pytest-mlcjit verify --fix: {why}")
                 with contextlib.suppress(FileNotFoundError):
-                    (root / CONTROL_DIR / "usage" / entry.digest).unlink()
+                    os.unlink(usage_file(root, entry.digest))
                 result.quarantined[entry.digest] = str(moved) if moved else ""
     return result
 
