@@ -54,10 +54,6 @@ def _roots(args: argparse.Namespace) -> list[Path]:
     return manage.default_roots(args.cache_dir)
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
-
-
 # -- list ---------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {"roots": [], "entries": []}
@@ -66,7 +62,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         entries = manage.scan(root)
         data["roots"].append(str(root))
         data["entries"] += [e.to_json() for e in entries]
-        lines.append(f"{root}: {_plural(len(entries), 'entry', 'entries')}"
+        lines.append(f"{root}: {manage.plural(len(entries), 'entry', 'entries')}"
                      + ("" if root.is_dir() else " (does not exist)"))
         if not entries:
             continue
@@ -122,14 +118,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"  entries: {data['entries']}" + (f" ({per})" if per else "")
             + f", {manage.format_size(data['size'])}"
             + (f"; {data['unmanaged']} without manifest" if data["unmanaged"] else ""),
-            f"  quarantine: {_plural(data['quarantined'], 'entry', 'entries')} "
+            f"  quarantine: {manage.plural(data['quarantined'], 'entry', 'entries')} "
             f"({manage.format_size(data['quarantine_size'])}); staging dirs: {data['staging']}",
             "  toolchains seen:" + ("" if data["toolchains"] else " none"),
         ]
         for seen in data["toolchains"]:
             mark = " (the installed TVM)" if seen.get("installed_tvm") else ""
             lines.append(f"    {_toolchain_text(seen['toolchain'])}: "
-                         f"{_plural(seen['entries'], 'entry', 'entries')}{mark}")
+                         f"{manage.plural(seen['entries'], 'entry', 'entries')}{mark}")
         lines.append("  last runs:" + ("" if data["runs"] else " none recorded"))
         lines += [f"    {_run_line(run)}" for run in data["runs"]]
     _out(args, {"roots": infos}, lines)
@@ -143,7 +139,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     left = 0
     for r in results:
         checked = len(r.ok) + len(r.corrupt)
-        lines.append(f"{r.root}: {_plural(checked, 'entry', 'entries')} checked, "
+        lines.append(f"{r.root}: {manage.plural(checked, 'entry', 'entries')} checked, "
                      f"{len(r.ok)} ok, {len(r.corrupt)} corrupt"
                      + (f", {len(r.unmanaged)} without manifest (not verifiable)"
                         if r.unmanaged else ""))
@@ -173,7 +169,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lines: list[str] = []
     verb = "would evict" if args.dry_run else "evicted"
     for r in results:
-        lines.append(f"{r.root}: {verb} {_plural(len(r.evicted), 'entry', 'entries')} "
+        lines.append(f"{r.root}: {verb} {manage.plural(len(r.evicted), 'entry', 'entries')} "
                      f"({manage.format_size(r.freed)}); "
                      f"{manage.format_size(r.total_before)} -> "
                      f"{manage.format_size(r.total_after)}")
@@ -182,8 +178,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lines += [f"  kept {e.digest[:12]} {e.model}: its lock is held by a live process"
                   for e in r.kept_locked]
         if r.quarantine_removed:
-            n = len(r.quarantine_removed)
-            lines.append(f"  removed {_plural(n, 'quarantined entry', 'quarantined entries')}")
+            removed = manage.plural(len(r.quarantine_removed), "quarantined entry",
+                                    "quarantined entries")
+            lines.append(f"  removed {removed}")
         if r.over_cap:
             lines.append(f"  still over --max-size ({manage.format_size(r.max_size or 0)}): "
                          "the rest is in use")
@@ -197,7 +194,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     lines: list[str] = []
     for r in results:
-        lines.append(f"{r.root}: {verb} {_plural(len(r.removed), 'entry', 'entries')} "
+        lines.append(f"{r.root}: {verb} {manage.plural(len(r.removed), 'entry', 'entries')} "
                      f"({manage.format_size(r.freed)})")
         lines += [f"  kept {e.digest[:12]} {e.model}: its lock is held by a live process"
                   for e in r.kept_locked]
@@ -269,7 +266,7 @@ def _explain_one(lib: dict[str, Any], scans: dict[str, list[manage.Entry]]) -> d
 
 def _explain_lines(lib: dict[str, Any]) -> list[str]:
     tests = lib["tests"]
-    more = f" (+{_plural(len(tests) - 1, 'more test')})" if len(tests) > 1 else ""
+    more = f" (+{manage.plural(len(tests) - 1, 'more test')})" if len(tests) > 1 else ""
     lines = [f"{tests[0]}{more}", f"  {lib['describe']}",
              f"  key {lib['digest']}: {lib['status']} in {lib['root']}"]
     nearest = lib["nearest"]
@@ -279,7 +276,7 @@ def _explain_lines(lib: dict[str, Any]) -> list[str]:
         diffs = lib["differences"]
         lines.append(f"  nearest entry {nearest['digest'][:12]} ({nearest['model']} on "
                      f"{nearest['target']}, created {manage.format_time(nearest['created'])}) "
-                     f"differs in {_plural(len(diffs), 'key field')}:")
+                     f"differs in {manage.plural(len(diffs), 'key field')}:")
         lines += [f"    {d['field']}: wanted {json.dumps(d['wanted'])}, cached "
                   f"{json.dumps(d['cached'])}" for d in diffs]
     return lines
@@ -341,7 +338,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     scans: dict[str, list[manage.Entry]] = {}
     explained = [_explain_one(lib, scans) for lib in libraries]
     hits = sum(lib["status"] == "hit" for lib in explained)
-    lines = [f"{_plural(len(explained), 'library', 'libraries')} requested: {hits} cached, "
+    lines = [f"{manage.plural(len(explained), 'library', 'libraries')} requested: {hits} cached, "
              f"{len(explained) - hits} would miss under READONLY"]
     for lib in explained:
         if lib["status"] != "hit" or args.all:

@@ -86,6 +86,12 @@ def parse_age(text: str, *, what: str = "age") -> float:
     return float(match.group(1)) * _AGE_UNITS.get(unit, 1)
 
 
+def plural(n: int, word: str, plural: str | None = None) -> str:
+    """``1 entry``, ``2 entries``: ``n`` and the word, in the plural (``word + "s"`` unless
+    given) when ``n`` is not 1."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
 def format_size(n: float) -> str:
     """``1234567`` → ``1.2 MB`` (powers of 1000, like :func:`parse_size`'s ``M``)."""
     for unit in ("B", "kB", "MB", "GB"):
@@ -741,6 +747,6 @@ def entry_status(entries: Iterable[Entry], digest: str, stale: Any = None) -> st
 __all__ = [
     "ClearResult", "Entry", "PruneResult", "VerifyResult",
     "cache_key", "clear", "default_roots", "entry_status", "format_size", "info", "key_diff",
-    "nearest", "parse_age", "parse_size", "prune", "read_runs", "record_run", "scan",
-    "verify",
+    "nearest", "parse_age", "parse_size", "plural", "prune", "read_runs", "record_run",
+    "scan", "verify",
 ]

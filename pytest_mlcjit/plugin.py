@@ -512,7 +512,7 @@ def _prune_lines(config: pytest.Config) -> list[str]:
     results = config.stash.get(pruned_key, [])
     if not results:
         return []
-    from .manage import format_size
+    from .manage import format_size, plural
 
     cap = config.stash.get(max_size_key, None)
     lines = []
@@ -523,9 +523,9 @@ def _prune_lines(config: pytest.Config) -> list[str]:
         line = (f"--mlc-jit-max-size={format_size(cap or 0)}: {result.root} is "
                 f"{format_size(result.total_after)}")
         if result.evicted or result.quarantine_removed:
-            line += (f" after evicting {len(result.evicted)} least recently used "
-                     f"entr{'y' if len(result.evicted) == 1 else 'ies'} "
-                     f"({format_size(result.freed)})")
+            evicted = plural(len(result.evicted), "least recently used entry",
+                             "least recently used entries")
+            line += f" after evicting {evicted} ({format_size(result.freed)})"
         if result.over_cap:
             line += (f"; still over the cap: kept {len(result.kept_in_use)} used by this run "
                      f"and {len(result.kept_locked)} being compiled")

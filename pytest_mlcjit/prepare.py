@@ -127,10 +127,6 @@ def make_plan(items: list[pytest.Item], engine: JIT) -> Plan:
     return plan
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
-
-
 class Prepare:
     """The ``--mlc-jit-prepare`` run: compile each distinct library once, run no test."""
 
@@ -223,21 +219,23 @@ class Prepare:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if hasattr(self.config, "workeroutput"):
             return
+        from .manage import plural
+
         counts = self.counts or {"tests": 0, "libraries": 0, "errors": 0, "excluded": {}}
         done = self.outcomes
         terminalreporter.write_sep("-", "pytest-mlcjit prepare")
         terminalreporter.write_line(
-            f"{_plural(counts['tests'], 'test')} request "
-            f"{_plural(counts['libraries'], 'distinct library', 'distinct libraries')}: "
+            f"{plural(counts['tests'], 'test')} request "
+            f"{plural(counts['libraries'], 'distinct library', 'distinct libraries')}: "
             f"{done['compiled']} compiled, "
             f"{done['cached']} already cached, {done['failed']} failed"
         )
         if counts["errors"]:
             terminalreporter.write_line(
-                f"{_plural(counts['errors'], 'test')} with an invalid model spec (failed)")
+                f"{plural(counts['errors'], 'test')} with an invalid model spec (failed)")
         excluded = counts["excluded"]
         if excluded:
             terminalreporter.write_line(
-                f"{_plural(sum(excluded.values()), 'test')} request no library:")
+                f"{plural(sum(excluded.values()), 'test')} request no library:")
             for code, n in sorted(excluded.items()):
                 terminalreporter.write_line(f"  {n} {EXCLUDED.get(code, code)}")
