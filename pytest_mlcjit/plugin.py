@@ -648,12 +648,31 @@ def mlc_jit(pytestconfig: pytest.Config) -> JIT:
 @pytest.fixture
 def mlc_device(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Device:
     """The device this test runs on; tests using it run once per ``--mlc-device`` entry."""
+    params = {"mlc_device": request.param} if hasattr(request, "param") else {}
+    settings = run_state(pytestconfig).settings
+    try:
+        device = requested_device(params, settings)
+    except ConfigError as exc:
+        error = f"mlc_device: {exc}"
+    else:
+        if device is None:  # the placeholder of a test no selected device allows
+            pytest.skip("no device selected")
+        return device
+    pytest.fail(error, pytrace=False)  # outside the except: no chained traceback
+
+
+def requested_device(params: Mapping[str, Any], settings: Settings) -> Device | None:
+    """The device a test runs on: its ``mlc_device`` parameter (a Device, or a device
+    string where the test parametrizes ``mlc_device`` itself), else the first selected
+    device; None for the placeholder of a test no selected device allows."""
     from .device import Device
 
-    param = getattr(request, "param", None)
-    if isinstance(param, Device):
-        return param
-    return Device.parse(run_state(pytestconfig).settings.devices[0])
+    if "mlc_device" not in params:
+        return Device.parse(settings.devices[0])
+    value = params["mlc_device"]
+    if value is None or isinstance(value, Device):
+        return value
+    return Device.parse(str(value))
 
 
 def spec_from_marker(marker: pytest.Mark) -> Any:

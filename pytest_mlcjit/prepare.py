@@ -25,7 +25,7 @@ import pytest
 
 from .backends import BuildRequest
 from .device import Device
-from .engine import JIT, Settings
+from .engine import JIT
 from .errors import MlcJitError
 from .policy import Policy
 
@@ -83,20 +83,9 @@ def static_skip(item: pytest.Item) -> str | None:
     return None
 
 
-def item_device(item: pytest.Item, settings: Settings) -> Device | None:
-    """The device ``item`` runs on (its ``mlc_device`` parameter), None for no device."""
-    params = _params(item)
-    if "mlc_device" not in params:
-        return Device.parse(settings.devices[0])
-    value = params["mlc_device"]
-    if value is None or isinstance(value, Device):
-        return value
-    return Device.parse(str(value))
-
-
 def make_plan(items: list[pytest.Item], engine: JIT) -> Plan:
     """Key what each test would request, without compiling anything."""
-    from .plugin import requested_spec
+    from .plugin import requested_device, requested_spec
 
     plan = Plan()
     for item in items:
@@ -112,7 +101,7 @@ def make_plan(items: list[pytest.Item], engine: JIT) -> Plan:
             if policy is Policy.OFF:
                 plan.excluded.append((item, "off"))
                 continue
-            device = item_device(item, engine.settings)
+            device = requested_device(_params(item), engine.settings)
             if device is None:
                 plan.excluded.append((item, "no-device"))
                 continue

@@ -100,3 +100,24 @@ def test_opencl_in_spec(compiled_model):
     targets = sorted(m["target_str"] for m in project.manifests())
     assert any('"arch":"sm_90"' in t for t in targets), targets
     assert any('"kind":"opencl"' in t for t in targets), targets
+
+
+OWN_DEVICE_PARAMS = '''
+import pytest
+
+
+@pytest.mark.parametrize("mlc_device, expected", [("cuda:1", "cuda:1"), ("cpu", "cpu"),
+                                                  ("tpu", None)], indirect=["mlc_device"])
+def test_own_params(mlc_device, expected):
+    assert str(mlc_device) == expected
+'''
+
+
+def test_a_test_that_parametrizes_mlc_device_itself_gets_that_device(project: Project) -> None:
+    """Indirect parameters of ``mlc_device`` are the device the test runs on (the same
+    reading prepare mode makes), not the first ``--mlc-device``; a bad one is an error."""
+    project.pytester.makepyfile(test_own=OWN_DEVICE_PARAMS)
+    result = project.run("--mlc-device=cpu")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*mlc_device: invalid device 'tpu': expected one of auto, *"])
+    assert project.compiles() == []
