@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from .._defaults import mlc_llm_home
-from ..cache import EntryPaths, write_json_atomic
+from ..cache import CONTROL_DIR, EntryPaths, write_json_atomic
 from ..device import Device
 from ..errors import CorruptEntryError, SpecError
-from ..key import canonical_json, tvm_fingerprint
+from ..key import canonical_json, sha256_digest, tvm_fingerprint
 from . import BuildRequest, child_env
 
 #: MLC's override fields, in the order its override string lists them.
@@ -200,7 +200,7 @@ class MLCModel:
 
 def _normalize(job: dict[str, Any], memo_dir: Path | None) -> dict[str, Any]:
     """Run :mod:`._mlc_key` for ``job``, memoized on disk (per run) under ``memo_dir``."""
-    digest = hashlib.sha256(canonical_json(job).encode()).hexdigest()
+    digest = sha256_digest(job)
     if memo_dir is None:
         return _run_key_script(job)
     from filelock import FileLock
@@ -257,7 +257,7 @@ def request(spec: MLCModel, device: Device | None, *, run_id: str, cache_root: P
     for name, value in spec.overrides.items():
         if value is not None:
             model_config[name] = value
-    memo_dir = cache_root / ".mlcjit" / "mlckeys" / run_id if memo else None
+    memo_dir = cache_root / CONTROL_DIR / "mlckeys" / run_id if memo else None
     norm = _normalize({"model_type": model_type, "model_config": model_config,
                        "opt": spec.opt}, memo_dir)
     if spec.target is not None:
