@@ -10,7 +10,8 @@ raises if anything would compile).
 * lookup time, 10 vs 10,000 entries, in a fresh process per repetition (sizes
   alternating): the first ``JIT.compile`` request of a key under READONLY (key, manifest,
   checksum) and under ON (the same plus rewriting the key's usage record), a repeated
-  request (memoized), and ``Cache.read_manifest`` + ``Cache.verify`` on a fresh ``Cache``.
+  request (memoized), and ``LocalStore.read_manifest`` + ``LocalStore.verify`` on a fresh
+  ``LocalStore``.
   Target: flat.
 * ``pytest-mlcjit prune`` over 10,000 entries (``python -m pytest_mlcjit prune``), evicting
   half (``--keep-last-used``) and evicting nothing (the scan alone). Target: < 2 s.
@@ -94,12 +95,12 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
     import hashlib
 
     from pytest_mlcjit import JIT, Settings
-    from pytest_mlcjit.cache import Cache
+    from pytest_mlcjit.store import LocalStore
 
     if str(factory_dir) not in sys.path:
         sys.path.insert(0, str(factory_dir))
     t0 = time.perf_counter()
-    Cache(root, writable=True)  # the root and .mlcjit/ as the plugin makes them
+    LocalStore(root, writable=True)  # the root and .mlcjit/ as the plugin makes them
     engine = JIT(Settings(cache_dir=root))
     now = time.time()
     params = [{"dtype": "float32", "name": f"blocks.{j}.weight", "shape": [32, 32]}
@@ -107,7 +108,7 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
     rng = random.Random(n)
     for i in range(n):
         req = engine.request(spec_for(i), "cpu")
-        paths = req.locate(root)
+        paths = engine.paths(req)
         paths.library.parent.mkdir(exist_ok=True)
         data = rng.randbytes(lib_bytes)
         paths.library.write_bytes(data)
@@ -134,7 +135,7 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
 # -- probes (each in a fresh interpreter) ---------------------------------------------------
 def lookup_probe(root: Path, n: int, seed: int, sample: int) -> dict[str, Any]:
     from pytest_mlcjit import JIT, Policy, Settings
-    from pytest_mlcjit.cache import Cache
+    from pytest_mlcjit.store import LocalStore
 
     sys.path.insert(0, str(root.parent))
     keys = random.Random(seed).sample(range(n), min(n, sample + 1))
@@ -161,8 +162,8 @@ def lookup_probe(root: Path, n: int, seed: int, sample: int) -> dict[str, Any]:
             engine.compile(spec, "cpu")
             repeat.append(time.perf_counter() - t0)
     for spec in specs:
-        paths = engine.request(spec, "cpu").locate(root)
-        cache = Cache(root, writable=False)
+        paths = engine.paths(engine.request(spec, "cpu"))
+        cache = LocalStore(root, writable=False)
         t0 = time.perf_counter()
         manifest = cache.read_manifest(paths)
         assert manifest is not None

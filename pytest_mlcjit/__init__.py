@@ -26,24 +26,25 @@ from .errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ._defaults import default_cache_dir
     from .device import Device
-    from .engine import JIT, Settings, Stats, jit
+    from .engine import JIT, Stats, jit
+    from .layout import default_cache_dir
     from .model import CompiledModel
     from .policy import Policy
+    from .settings import Settings
     from .spec import TVMModel
 
 #: Public name -> the module that defines it, imported when the name is first read.
 _LAZY = {
     "Device": "device",
     "JIT": "engine",
-    "Settings": "engine",
+    "Settings": "settings",
     "Stats": "engine",
     "jit": "engine",
     "CompiledModel": "model",
     "Policy": "policy",
     "TVMModel": "spec",
-    "default_cache_dir": "_defaults",
+    "default_cache_dir": "layout",
 }
 
 

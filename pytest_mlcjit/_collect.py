@@ -22,7 +22,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     out = os.environ.get(OUT_ENV)
     if not out:
         return
-    from .plugin import state_key
+    from .session import state_key
 
     config = session.config
     if state_key not in config.stash:
@@ -35,16 +35,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
                       status: bool) -> dict[str, Any]:
     from . import manage
-    from ._defaults import default_cache_dir
-    from .plugin import get_engine
-    from .prepare import make_plan
+    from .backends import get_backend
+    from .plan import make_plan
+    from .session import get_engine
 
     engine = get_engine(config)
     plan = make_plan(items, engine)
     scanned: dict[Path, list[manage.Entry]] = {}
     libraries = []
     for digest, (req, tests) in plan.libraries.items():
-        root = Path(engine.settings.cache_dir or req.default_root or default_cache_dir())
+        root = engine.root_for(req)
         library: dict[str, Any] = {
             "digest": digest, "backend": req.backend, "describe": req.describe,
             "key": req.key, "toolchain": dict(req.toolchain) or req.key.get("toolchain"),
@@ -53,7 +53,9 @@ def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
         if status:
             if root not in scanned:
                 scanned[root] = manage.scan(root)
-            library["status"] = manage.entry_status(scanned[root], digest, req.stale)
+            backend = get_backend(req.backend)
+            library["status"] = manage.entry_status(
+                scanned[root], digest, lambda m, req=req, backend=backend: backend.stale(req, m))
         libraries.append(library)
     settings = engine.settings
     return {

@@ -24,6 +24,8 @@ from typing import Any
 
 from . import __version__, manage
 from .errors import MlcJitError, argparse_type
+from .layout import default_roots
+from .units import format_size, format_time, parse_age, parse_size, plural
 
 PROG = "pytest-mlcjit"
 
@@ -51,7 +53,7 @@ def _out(args: argparse.Namespace, data: Any, lines: Sequence[str]) -> None:
 
 
 def _roots(args: argparse.Namespace) -> list[Path]:
-    return manage.default_roots(args.cache_dir)
+    return default_roots(args.cache_dir)
 
 
 # -- list ---------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         entries = manage.scan(root)
         data["roots"].append(str(root))
         data["entries"] += [e.to_json() for e in entries]
-        lines.append(f"{root}: {manage.plural(len(entries), 'entry', 'entries')}"
+        lines.append(f"{root}: {plural(len(entries), 'entry', 'entries')}"
                      + ("" if root.is_dir() else " (does not exist)"))
         if not entries:
             continue
@@ -71,8 +73,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in entries:
             seconds = f"{e.compile_seconds:.1f}s" if e.compile_seconds is not None else "-"
             model = e.model if e.state == "ok" else f"{e.model} [{e.state}]"
-            rows.append((e.digest[:12], e.backend, model, e.target, manage.format_size(e.size),
-                         manage.format_time(e.created), manage.format_time(e.last_used),
+            rows.append((e.digest[:12], e.backend, model, e.target, format_size(e.size),
+                         format_time(e.created), format_time(e.last_used),
                          seconds))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
@@ -85,7 +87,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _run_line(run: dict[str, Any]) -> str:
     mode = "prepare, " if run.get("prepare") else ""
     requests, hits = int(run.get("requests", 0)), int(run.get("hits", 0))
-    return (f"{manage.format_time(run.get('time'))}  {mode}{run.get('policy', '?')}: "
+    return (f"{format_time(run.get('time'))}  {mode}{run.get('policy', '?')}: "
             f"{requests} requests, {hits} hits, {requests - hits} misses "
             f"({run.get('compiles', 0)} compiled in "
             f"{float(run.get('compile_seconds', 0)):.1f}s, {run.get('failures', 0)} failed, "
@@ -116,16 +118,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines += [
             f"cache root: {data['root']}",
             f"  entries: {data['entries']}" + (f" ({per})" if per else "")
-            + f", {manage.format_size(data['size'])}"
+            + f", {format_size(data['size'])}"
             + (f"; {data['unmanaged']} without manifest" if data["unmanaged"] else ""),
-            f"  quarantine: {manage.plural(data['quarantined'], 'entry', 'entries')} "
-            f"({manage.format_size(data['quarantine_size'])}); staging dirs: {data['staging']}",
+            f"  quarantine: {plural(data['quarantined'], 'entry', 'entries')} "
+            f"({format_size(data['quarantine_size'])}); staging dirs: {data['staging']}",
             "  toolchains seen:" + ("" if data["toolchains"] else " none"),
         ]
         for seen in data["toolchains"]:
             mark = " (the installed TVM)" if seen.get("installed_tvm") else ""
             lines.append(f"    {_toolchain_text(seen['toolchain'])}: "
-                         f"{manage.plural(seen['entries'], 'entry', 'entries')}{mark}")
+                         f"{plural(seen['entries'], 'entry', 'entries')}{mark}")
         lines.append("  last runs:" + ("" if data["runs"] else " none recorded"))
         lines += [f"    {_run_line(run)}" for run in data["runs"]]
     _out(args, {"roots": infos}, lines)
@@ -139,7 +141,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     left = 0
     for r in results:
         checked = len(r.ok) + len(r.corrupt)
-        lines.append(f"{r.root}: {manage.plural(checked, 'entry', 'entries')} checked, "
+        lines.append(f"{r.root}: {plural(checked, 'entry', 'entries')} checked, "
                      f"{len(r.ok)} ok, {len(r.corrupt)} corrupt"
                      + (f", {len(r.unmanaged)} without manifest (not verifiable)"
                         if r.unmanaged else ""))
@@ -169,20 +171,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     lines: list[str] = []
     verb = "would evict" if args.dry_run else "evicted"
     for r in results:
-        lines.append(f"{r.root}: {verb} {manage.plural(len(r.evicted), 'entry', 'entries')} "
-                     f"({manage.format_size(r.freed)}); "
-                     f"{manage.format_size(r.total_before)} -> "
-                     f"{manage.format_size(r.total_after)}")
+        lines.append(f"{r.root}: {verb} {plural(len(r.evicted), 'entry', 'entries')} "
+                     f"({format_size(r.freed)}); "
+                     f"{format_size(r.total_before)} -> "
+                     f"{format_size(r.total_after)}")
         lines += [f"  {verb} {e.digest[:12]} {e.backend} {e.model} on {e.target} "
-                  f"(last used {manage.format_time(e.recency)})" for e in r.evicted]
+                  f"(last used {format_time(e.recency)})" for e in r.evicted]
         lines += [f"  kept {e.digest[:12]} {e.model}: its lock is held by a live process"
                   for e in r.kept_locked]
         if r.quarantine_removed:
-            removed = manage.plural(len(r.quarantine_removed), "quarantined entry",
+            removed = plural(len(r.quarantine_removed), "quarantined entry",
                                     "quarantined entries")
             lines.append(f"  removed {removed}")
         if r.over_cap:
-            lines.append(f"  still over --max-size ({manage.format_size(r.max_size or 0)}): "
+            lines.append(f"  still over --max-size ({format_size(r.max_size or 0)}): "
                          "the rest is in use")
     _out(args, {"roots": [r.to_json() for r in results]}, lines)
     return 0
@@ -194,8 +196,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     lines: list[str] = []
     for r in results:
-        lines.append(f"{r.root}: {verb} {manage.plural(len(r.removed), 'entry', 'entries')} "
-                     f"({manage.format_size(r.freed)})")
+        lines.append(f"{r.root}: {verb} {plural(len(r.removed), 'entry', 'entries')} "
+                     f"({format_size(r.freed)})")
         lines += [f"  kept {e.digest[:12]} {e.model}: its lock is held by a live process"
                   for e in r.kept_locked]
     _out(args, {"roots": [r.to_json() for r in results]}, lines)
@@ -266,7 +268,7 @@ def _explain_one(lib: dict[str, Any], scans: dict[str, list[manage.Entry]]) -> d
 
 def _explain_lines(lib: dict[str, Any]) -> list[str]:
     tests = lib["tests"]
-    more = f" (+{manage.plural(len(tests) - 1, 'more test')})" if len(tests) > 1 else ""
+    more = f" (+{plural(len(tests) - 1, 'more test')})" if len(tests) > 1 else ""
     lines = [f"{tests[0]}{more}", f"  {lib['describe']}",
              f"  key {lib['digest']}: {lib['status']} in {lib['root']}"]
     nearest = lib["nearest"]
@@ -275,8 +277,8 @@ def _explain_lines(lib: dict[str, Any]) -> list[str]:
     elif nearest is not None:
         diffs = lib["differences"]
         lines.append(f"  nearest entry {nearest['digest'][:12]} ({nearest['model']} on "
-                     f"{nearest['target']}, created {manage.format_time(nearest['created'])}) "
-                     f"differs in {manage.plural(len(diffs), 'key field')}:")
+                     f"{nearest['target']}, created {format_time(nearest['created'])}) "
+                     f"differs in {plural(len(diffs), 'key field')}:")
         lines += [f"    {d['field']}: wanted {json.dumps(d['wanted'])}, cached "
                   f"{json.dumps(d['cached'])}" for d in diffs]
     return lines
@@ -308,22 +310,25 @@ def _json_arg(text: str | None, name: str) -> Any:
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Key one spec given on the command line, in this process (nothing is compiled)."""
-    from ._defaults import default_cache_dir
-    from .engine import JIT, Settings
+    from .backends import get_backend
+    from .engine import JIT
     from .policy import Policy
+    from .settings import Settings
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # factories beside the tests, as pytest finds them
-    root = manage.default_roots(args.cache_dir)[0] if (
+    root = default_roots(args.cache_dir)[0] if (
         args.cache_dir or os.environ.get("MLC_JIT_CACHE_DIR")) else None
     engine = JIT(Settings(policy=Policy.READONLY, cache_dir=root))
     req = engine.request(_spec_from_args(args), args.device)
-    where = Path(root or req.default_root or default_cache_dir())
+    where = engine.root_for(req)
     entries = manage.scan(where)
+    backend = get_backend(req.backend)
     return {"digest": req.digest, "backend": req.backend, "describe": req.describe,
             "key": req.key, "toolchain": dict(req.toolchain), "root": str(where),
             "tests": ["(command line)"],
-            "status": manage.entry_status(entries, req.digest, req.stale)}
+            "status": manage.entry_status(entries, req.digest,
+                                          lambda m: backend.stale(req, m))}
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -338,7 +343,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     scans: dict[str, list[manage.Entry]] = {}
     explained = [_explain_one(lib, scans) for lib in libraries]
     hits = sum(lib["status"] == "hit" for lib in explained)
-    lines = [f"{manage.plural(len(explained), 'library', 'libraries')} requested: {hits} cached, "
+    lines = [f"{plural(len(explained), 'library', 'libraries')} requested: {hits} cached, "
              f"{len(explained) - hits} would miss under READONLY"]
     for lib in explained:
         if lib["status"] != "hit" or args.all:
@@ -381,11 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move corrupt entries to .mlcjit/quarantine (they are then misses)")
     p = add("prune", cmd_prune, "evict least recently used entries (by the cache's own usage "
             "records), never one being compiled")
-    p.add_argument("--max-size", type=argparse_type(lambda t: manage.parse_size(t,
+    p.add_argument("--max-size", type=argparse_type(lambda t: parse_size(t,
                    what="--max-size")), metavar="SIZE",
                    help="evict until the cache is at most SIZE: 10G, 500M, 2GiB (K/M/G/T are "
                    "powers of 1000, Ki/Mi/Gi/Ti of 1024)")
-    p.add_argument("--older-than", type=argparse_type(lambda t: manage.parse_age(t,
+    p.add_argument("--older-than", type=argparse_type(lambda t: parse_age(t,
                    what="--older-than")), metavar="AGE",
                    help="evict entries last used longer ago than AGE: 30d, 12h, 90m, 2w")
     p.add_argument("--keep-last-used", type=_count, metavar="N",

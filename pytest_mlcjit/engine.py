@@ -13,65 +13,35 @@ into a staging directory that is published atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import os
-import shlex
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._defaults import DEFAULT_COMPILE_TIMEOUT_S, default_cache_dir, mlc_llm_home
-from .backends import BuildRequest, child_env
-from .cache import Cache, EntryPaths, fault_point, is_no_space, write_json_atomic
+from .backends import Backend, BuildContext, BuildRequest, backend_for
 from .device import Device, Presence, probe
 from .errors import (
     CacheMissError,
     CompileError,
     CorruptEntryError,
     JitDisabledError,
-    SpecError,
 )
+from .fsutil import best_effort, fault_point, is_no_space
+from .layout import EntryPaths, backend_root
 from .model import CompiledModel
 from .policy import Policy
+from .runner import run_logged
+from .settings import Settings
+from .store import LocalStore, Store
 
 LOG_TAIL_LINES = 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything the engine needs, resolved once (by the plugin, or by you)."""
-
-    policy: Policy = Policy.ON
-    #: The cache root; None means each backend's default (see :func:`default_cache_dir`).
-    cache_dir: Path | None = None
-    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT_S
-    #: How long to wait for another process's compile; None: compile timeout + 5 minutes.
-    lock_timeout: float | None = None
-    #: Identifies one test run across all its xdist workers (REDO and failure memory).
-    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
-    #: Probed devices, ``{str(device): Presence}``; others are probed on first use.
-    presence: Mapping[str, Presence] = dataclasses.field(default_factory=dict)
-    allow_untrusted: bool = False
-    #: The devices tests run on (resolved ``--mlc-device``).
-    devices: tuple[str, ...] = ("cpu",)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "policy", Policy.parse(self.policy))
-
-    @property
-    def effective_lock_timeout(self) -> float:
-        return self.lock_timeout if self.lock_timeout is not None else self.compile_timeout + 300
 
 
 @dataclasses.dataclass
@@ -97,35 +67,6 @@ class Stats:
         return dataclasses.asdict(self)
 
 
-def run_logged(argv: list[str], log_path: Path, *, timeout: float,
-               env: Mapping[str, str]) -> int | None:
-    """Run ``argv`` with all output appended to ``log_path``; None if it timed out.
-
-    The child runs in its own process group (killed whole on timeout or interrupt) and dies
-    with this process (see :mod:`pytest_mlcjit._child`).
-    """
-    launcher = [sys.executable, "-m", "pytest_mlcjit._child", str(os.getpid()), "--", *argv]
-    with open(log_path, "ab") as log:
-        log.write(f"$ {shlex.join(argv)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(launcher, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return None
-        except BaseException:
-            _kill_group(proc)
-            raise
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def _ran_out_of_space(root: Path, log: Path) -> str | None:
     """Why a failed compile looks like a full disk (its log says so, or the cache's
     filesystem has no space left), else None."""
@@ -146,7 +87,8 @@ def _ran_out_of_space(root: Path, log: Path) -> str | None:
     return "the cache's filesystem has no space left" if full else None
 
 
-def _no_space_message(req: BuildRequest, cache: Cache, why: str, log: Path | None = None) -> str:
+def _no_space_message(req: BuildRequest, cache: Store, why: str,
+                      log: Path | None = None) -> str:
     try:
         st = os.statvfs(cache.root)
         free = st.f_bavail * st.f_frsize
@@ -178,8 +120,8 @@ class JIT:
         self.settings = settings or Settings()
         self.stats = Stats()
         self._presence: dict[str, Presence] = dict(self.settings.presence)
-        self._caches: dict[tuple[Path, bool], Cache] = {}
-        self._requests: dict[tuple[Any, str | None], BuildRequest] = {}
+        self._stores: dict[tuple[Path, bool], Store] = {}
+        self._requests: dict[tuple[Any, str | None, bool], BuildRequest] = {}
         self._done: dict[tuple[str, Path], CompiledModel] = {}
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -195,82 +137,84 @@ class JIT:
             self._presence.update(probe([device]))
         return self._presence[name]
 
-    def request(self, spec: Any, device: Device | str | None = "cpu") -> BuildRequest:
-        """The validated, keyed request for ``spec`` on ``device`` (memoized)."""
+    def request(self, spec: Any, device: Device | str | None = "cpu",
+                policy: Policy | str | None = None) -> BuildRequest:
+        """The validated, keyed request for ``spec`` on ``device`` (memoized). ``policy``
+        (default: the run's) decides whether the backend may keep memos in the cache."""
         dev = Device.parse(device) if isinstance(device, str) else device
-        memo_key = (spec, None if dev is None else str(dev))
+        writes = self._policy(policy).writes
+        memo_key = (spec, None if dev is None else str(dev), writes)
         with self._lock:
             found = self._requests.get(memo_key)
         if found is not None:
             return found
-        backend = getattr(spec, "backend", None)
-        if backend == "tvm":
-            from .backends import tvm as tvm_backend
-
-            needs_presence = dev is not None and dev.is_gpu and spec.target is None
-            req = tvm_backend.request(spec, dev, self.presence(dev) if needs_presence and dev
-                                      else None)
-        elif backend == "mlc":
-            from .backends import mlc as mlc_backend
-
-            root = self.settings.cache_dir or mlc_llm_home()
-            req = mlc_backend.request(spec, dev, run_id=self.settings.run_id, cache_root=root,
-                                      memo=self.settings.policy.writes)
-        else:
-            raise SpecError(
-                f"invalid model spec {spec!r}: expected a TVMModel, an MLCModel or an MLC "
-                "model directory"
-            )
+        ctx = BuildContext(run_id=self.settings.run_id, cache_dir=self.settings.cache_dir,
+                           writes=writes, presence=self.presence)
+        req = backend_for(spec).request(spec, dev, ctx)
         with self._lock:
             self._requests[memo_key] = req
         return req
 
-    def cache_for(self, req: BuildRequest, policy: Policy) -> Cache:
-        root = self.settings.cache_dir or req.default_root or default_cache_dir()
+    def root_for(self, req: BuildRequest) -> Path:
+        """The cache root of ``req``'s entry (the cache-root rule of :mod:`.layout`)."""
+        return backend_root(req.backend, self.settings.cache_dir)
+
+    def paths(self, req: BuildRequest) -> EntryPaths:
+        """Where ``req``'s entry lives (whether or not it is there)."""
+        return backend_for(req.spec).locate(req, self.root_for(req))
+
+    def store_for(self, req: BuildRequest, policy: Policy) -> Store:
+        root = self.root_for(req)
         writable = policy.writes
         with self._lock:
-            cache = self._caches.get((root, writable))
-            if cache is None:
-                cache = Cache(root, writable=writable,
-                              allow_untrusted=self.settings.allow_untrusted)
-                self._caches[(root, writable)] = cache
-        return cache
+            store = self._stores.get((root, writable))
+            if store is None:
+                store = LocalStore(root, writable=writable,
+                                   allow_untrusted=self.settings.allow_untrusted)
+                self._stores[(root, writable)] = store
+        return store
+
+    def _policy(self, policy: Policy | str | None) -> Policy:
+        return Policy.parse(policy) if policy is not None else self.settings.policy
 
     # -- the one public operation -----------------------------------------------------------
     def compile(self, spec: Any, device: Device | str | None = "cpu", *,
                 policy: Policy | str | None = None, background: bool = False) -> CompiledModel:
         """Return the compiled library for ``spec`` on ``device``, compiling it if needed.
 
-        ``background=True`` is for prefetching: the call is not counted as a request (nor
-        its outcome as a hit); a compile it does is counted as ``prefetched`` too.
+        ``policy`` overrides the run's for this request: every read and write decision of
+        the request follows it. ``background=True`` is for prefetching: the call is not
+        counted as a request (nor its outcome as a hit); a compile it does is counted as
+        ``prefetched`` too.
         """
         self._local.background = background
-        pol = Policy.parse(policy) if policy is not None else self.settings.policy
+        pol = self._policy(policy)
         if pol is Policy.OFF:
             raise JitDisabledError(
                 "JIT compilation is disabled (policy OFF): nothing is read from or written to "
                 "the cache; use --mlc-jit-policy=ON (or MLC_JIT_POLICY=ON) to compile"
             )
-        req = self.request(spec, device)
-        cache = self.cache_for(req, pol)
-        paths = req.locate(cache.root)
+        req = self.request(spec, device, pol)
+        backend = backend_for(req.spec)
+        store = self.store_for(req, pol)
+        paths = backend.locate(req, store.root)
         with self._lock:
             self.stats.requests += not background
-            done = self._done.get((req.digest, cache.root))
-        if done is not None and cache.is_verified(paths):
+            done = self._done.get((req.digest, store.root))
+        if done is not None and store.is_verified(paths):
             with self._lock:
                 self.stats.hits += not background
             return dataclasses.replace(done, hit=True)
         with self._key_lock(req.digest):
-            return self._compile_or_fetch(req, cache, paths, pol)
+            return self._compile_or_fetch(req, backend, store, paths, pol)
 
     def _key_lock(self, digest: str) -> threading.Lock:
         with self._lock:
             return self._key_locks.setdefault(digest, threading.Lock())
 
-    def _finish(self, req: BuildRequest, cache: Cache, paths: EntryPaths,
+    def _finish(self, req: BuildRequest, store: Store, paths: EntryPaths,
                 manifest: dict[str, Any], *, hit: bool) -> CompiledModel:
-        cache.record_use(req.digest)
+        store.record_use(req.digest)
         loadable = req.runnable and (req.device.kind == "cpu"
                                      or self.presence(req.device).present)
         model = CompiledModel(
@@ -279,88 +223,83 @@ class JIT:
             manifest=manifest, loadable=loadable,
         )
         with self._lock:
-            self._done[(req.digest, cache.root)] = model
+            self._done[(req.digest, store.root)] = model
             if hit and not self._local.background:
                 self.stats.hits += 1
         return model
 
-    def _lookup(self, req: BuildRequest, cache: Cache, paths: EntryPaths,
+    def _lookup(self, req: BuildRequest, backend: Backend, store: Store, paths: EntryPaths,
                 policy: Policy) -> tuple[dict[str, Any] | None, str]:
         """``(manifest, "")`` for a usable entry, else ``(None, why it is not usable)``."""
         try:
-            manifest = cache.read_manifest(paths)
+            manifest = store.read_manifest(paths)
             if manifest is None:
-                if req.adopt is None or not paths.library.is_file():
+                if not paths.library.is_file():
                     return None, "missing"
-                manifest = self._adopt(req, cache, paths)
-            cache.verify(paths, manifest)
+                adopted = backend.adopt(req, paths)
+                if adopted is None:
+                    return None, "missing"
+                store.write_manifest(paths, adopted)
+                manifest = adopted
+            store.verify(paths, manifest)
         except CorruptEntryError as exc:
             return None, f"corrupt: {exc}"
-        if (why := req.stale(manifest)) is not None:
+        if (why := backend.stale(req, manifest)) is not None:
             return None, f"stale: {why}"
         if policy is Policy.REDO and manifest.get("run_id") != self.settings.run_id:
             return None, "redo"
         return manifest, ""
 
-    def _adopt(self, req: BuildRequest, cache: Cache, paths: EntryPaths) -> dict[str, Any]:
-        """Take over a library another tool (MLC's own JIT) left without a manifest: it is
-        used once it proves loadable, and its manifest is written if the cache is writable."""
-        assert req.adopt is not None
-        manifest = req.adopt(paths)
-        if cache.writable:
-            with contextlib.suppress(OSError):
-                write_json_atomic(paths.manifest, manifest)
-        return manifest
-
-    def _compile_or_fetch(self, req: BuildRequest, cache: Cache, paths: EntryPaths,
-                          policy: Policy) -> CompiledModel:
-        manifest, why = self._lookup(req, cache, paths, policy)
+    def _compile_or_fetch(self, req: BuildRequest, backend: Backend, store: Store,
+                          paths: EntryPaths, policy: Policy) -> CompiledModel:
+        manifest, why = self._lookup(req, backend, store, paths, policy)
         if manifest is not None:
-            return self._finish(req, cache, paths, manifest, hit=True)
+            return self._finish(req, store, paths, manifest, hit=True)
         if policy is Policy.READONLY:
             with self._lock:
                 self.stats.corrupt += why.startswith("corrupt")
-            raise CacheMissError(self._readonly_message(req, cache, why))
-        if (failed := cache.read_failure(req.digest, self.settings.run_id)) is not None:
+            raise CacheMissError(self._readonly_message(req, store, why))
+        if (failed := store.read_failure(req.digest, self.settings.run_id)) is not None:
             raise CompileError(f"{failed}\n(remembered from an earlier attempt in this run)")
-        with cache.lock(req.digest, self.settings.effective_lock_timeout,
+        with store.lock(req.digest, self.settings.effective_lock_timeout,
                         req.describe) as waited:
             with self._lock:
                 self.stats.lock_wait_seconds += waited
-            manifest, why = self._lookup(req, cache, paths, policy)
+            manifest, why = self._lookup(req, backend, store, paths, policy)
             if manifest is not None:
-                return self._finish(req, cache, paths, manifest, hit=True)
-            if (failed := cache.read_failure(req.digest, self.settings.run_id)) is not None:
+                return self._finish(req, store, paths, manifest, hit=True)
+            if (failed := store.read_failure(req.digest, self.settings.run_id)) is not None:
                 raise CompileError(f"{failed}\n(remembered from an earlier attempt in this run)")
             if why.startswith("corrupt"):
                 with self._lock:
                     self.stats.corrupt += 1
-                cache.quarantine(paths, why)
-            manifest = self._build(req, cache, paths)
-        return self._finish(req, cache, paths, manifest, hit=False)
+                store.quarantine(paths, why)
+            manifest = self._build(req, backend, store, paths)
+        return self._finish(req, store, paths, manifest, hit=False)
 
-    def _readonly_message(self, req: BuildRequest, cache: Cache, why: str) -> str:
+    def _readonly_message(self, req: BuildRequest, store: Store, why: str) -> str:
         head = {
             "missing": "no cached library",
         }.get(why, f"the cached library is {why.split(':', 1)[0]}")
         detail = "" if why == "missing" else f" ({why.split(': ', 1)[-1]})"
         return (
-            f"{head} for key {req.digest} ({req.describe}) in {cache.root}{detail}, and the "
+            f"{head} for key {req.digest} ({req.describe}) in {store.root}{detail}, and the "
             "policy is READONLY, which never compiles or repairs; warm the cache first "
             "(pytest --mlc-jit-prepare, or a run with --mlc-jit-policy=ON)"
         )
 
-    def _build(self, req: BuildRequest, cache: Cache, paths: EntryPaths) -> dict[str, Any]:
+    def _build(self, req: BuildRequest, backend: Backend, store: Store,
+               paths: EntryPaths) -> dict[str, Any]:
         """Compile ``req`` in a subprocess and publish it; call with the key's lock held."""
-        cache.clean_staging()
-        parent, note = req.staging_parent(cache.root) if req.staging_parent else (None, "")
+        store.clean_staging()
+        parent, note = backend.staging_parent(req, store.root)
         if parent is not None:
-            cache.clean_staging(where=parent)
+            store.clean_staging(where=parent)
         try:
-            staging = cache.new_staging_dir(req.digest, parent=parent)
+            staging = store.new_staging_dir(req.digest, parent=parent)
         except OSError as exc:
             if is_no_space(exc):
-                raise CompileError(_no_space_message(req, cache, "")) from None
+                raise CompileError(_no_space_message(req, store, "")) from None
             raise
         log = staging / "compile.log"
         timeout = self.settings.compile_timeout
@@ -368,33 +307,33 @@ class JIT:
             fault_point("staging")
             if note:
                 log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
-            argv, output = req.command(staging)
+            argv, output = backend.command(req, staging)
             t0 = time.perf_counter()
             fault_point("compile")
-            rc = run_logged(argv, log, timeout=timeout, env=child_env())
+            rc = run_logged(argv, log, timeout=timeout)
             seconds = time.perf_counter() - t0
             fault_point("compiled")
-            if rc != 0 and (why := _ran_out_of_space(cache.root, log)) is not None:
+            if rc != 0 and (why := _ran_out_of_space(store.root, log)) is not None:
                 # Not remembered as this config's failure: freeing space fixes it.
-                raise CompileError(_no_space_message(req, cache, why, log))
+                raise CompileError(_no_space_message(req, store, why, log))
             if rc is None:
-                self._fail(req, cache, log, f"timed out after {timeout:g}s (--mlc-jit-timeout)")
+                self._fail(req, store, log, f"timed out after {timeout:g}s (--mlc-jit-timeout)")
             if rc != 0:
-                self._fail(req, cache, log, f"the compiler exited with code {rc}")
+                self._fail(req, store, log, f"the compiler exited with code {rc}")
             if not output.is_file():
-                self._fail(req, cache, log, f"the compiler exited 0 but wrote no library "
+                self._fail(req, store, log, f"the compiler exited 0 but wrote no library "
                                             f"at {output.name}")
             manifest = {
                 "format": req.key.get("format"), "backend": req.backend, "key": req.key,
-                "toolchain": req.toolchain, "compile_seconds": round(seconds, 3),
+                "toolchain": dict(req.toolchain), "compile_seconds": round(seconds, 3),
                 "created": time.time(), "run_id": self.settings.run_id,
                 "host": socket.gethostname(), "plugin_version": __version__,
-                **req.collect(staging),
+                **backend.collect(req, staging),
             }
-            published = cache.publish(output, log, paths, manifest)
+            published = store.publish(output, log, paths, manifest)
         except OSError as exc:
             if is_no_space(exc):
-                raise CompileError(_no_space_message(req, cache, "")) from None
+                raise CompileError(_no_space_message(req, store, "")) from None
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -405,13 +344,13 @@ class JIT:
             self.stats.bytes_compiled += int(published["size"])
         return published
 
-    def _fail(self, req: BuildRequest, cache: Cache, log: Path, why: str) -> None:
-        _, kept_log = cache.failure_paths(req.digest)
-        with contextlib.suppress(OSError):
+    def _fail(self, req: BuildRequest, store: Store, log: Path, why: str) -> None:
+        _, kept_log = store.failure_paths(req.digest)
+        with best_effort(kept_log, "keep the failed compile's log at"):
             shutil.copyfile(log, kept_log)
         message = (f"compiling {req.describe} failed: {why}\n"
                    f"compile log: {kept_log}\n--- last lines of the log ---\n{_tail(log)}")
-        cache.record_failure(req.digest, self.settings.run_id, message)
+        store.record_failure(req.digest, self.settings.run_id, message)
         with self._lock:
             self.stats.failures += 1
         raise CompileError(message, log_path=str(kept_log))

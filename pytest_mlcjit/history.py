@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .cache import CONTROL_DIR, try_flock
+from .fsutil import warn_write_failed
+from .layout import CONTROL_DIR, RUNS_FILE
+from .locks import flocked
 
-#: Where the history lives, under the root's control directory (``.mlcjit``).
-RUNS_FILE = "runs.jsonl"
 #: Runs kept when the file is cut back (it is cut once it holds twice as many).
 RUNS_KEPT = 100
 
@@ -32,7 +31,7 @@ def record_run(root: Path, record: Mapping[str, Any]) -> None:
     path = control / RUNS_FILE
     line = json.dumps(dict(record), sort_keys=True, separators=(",", ":")) + "\n"
     try:
-        with _flocked(os.path.join(control, "runs.lock"), timeout=10):
+        with flocked(os.path.join(control, "runs.lock"), timeout=10):
             with open(path, "a", encoding="utf-8") as f:
                 f.write(line)
                 size = f.tell()
@@ -44,22 +43,10 @@ def record_run(root: Path, record: Mapping[str, Any]) -> None:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text("".join(lines[-RUNS_KEPT:]), encoding="utf-8")
             os.replace(tmp, path)
-    except (OSError, TimeoutError):
-        return  # the history is a convenience; never fail a run over it
-
-
-@contextlib.contextmanager
-def _flocked(path: str, *, timeout: float) -> Iterator[None]:
-    """Hold an ``flock`` on ``path`` (made if missing), waiting at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while (fd := try_flock(path)) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} stayed locked for {timeout:g}s")
-        time.sleep(0.01)
-    try:
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+    except TimeoutError:
+        return  # another run holds the history for long: skip this record
+    except OSError as exc:  # a convenience: never fail a run over it, but say so
+        warn_write_failed(path, "append the run to the history", exc)
 
 
 def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import pytest
 
 from .engine import JIT
 from .errors import MlcJitError
+from .plan import make_plan
 
 
 def my_share(libraries: list[Any], index: int, count: int) -> list[Any]:
@@ -37,8 +38,6 @@ class Prefetcher:
         self.planned = 0
 
     def start(self, items: list[pytest.Item]) -> None:
-        from .prepare import make_plan
-
         plan = make_plan(items, self.engine)
         jobs = [(req.spec, req.device) for req, _ in plan.libraries.values()]
         mine = my_share(jobs, self.index, self.count)

@@ -146,6 +146,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pytest_mlcjit import JIT, MlcJitError, Policy, Settings, TVMModel
+from pytest_mlcjit.backends import locate
 from pytest_mlcjit.key import file_sha256
 
 
@@ -176,7 +177,7 @@ def main():
         out = {"i": i, "config": config}
         try:
             req = engine.request(spec, "cpu")
-            paths = req.locate(root)
+            paths = locate(req, root)
             print(json.dumps({"event": "request", "digest": req.digest,
                               "library": str(paths.library), "manifest": str(paths.manifest)}),
                   flush=True)

@@ -134,7 +134,7 @@ def test_bad_arguments_name_the_value(warm: Warm, args: list[str], message: str)
 
 
 def test_sizes_and_ages() -> None:
-    from pytest_mlcjit.manage import parse_age, parse_size
+    from pytest_mlcjit.units import parse_age, parse_size
 
     assert parse_size("10G") == 10 * 10**9
     assert parse_size("1.5GiB") == 3 * 2**29
@@ -296,8 +296,8 @@ def test_prune_older_than_reads_the_caches_usage_records(warm: Warm, tmp_path: P
 
 HOLD_LOCK = """
 import sys
-from pytest_mlcjit.cache import Cache
-cache = Cache(sys.argv[1], writable=True)
+from pytest_mlcjit.store import LocalStore
+cache = LocalStore(sys.argv[1], writable=True)
 with cache.lock(sys.argv[2], timeout=10):
     print("locked", flush=True)
     sys.stdin.read()

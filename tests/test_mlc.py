@@ -18,6 +18,7 @@ import pytest
 
 from conftest import Project
 from pytest_mlcjit import JIT, CacheMissError, CompileError, JitDisabledError, Settings, SpecError
+from pytest_mlcjit.backends import locate
 from pytest_mlcjit.backends.mlc import MLCModel, override_string
 
 STANDIN = Path(__file__).parent / "mlc_standin"
@@ -185,9 +186,9 @@ def test_dso_suffix_from_env(model_dir: Path, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLC_DSO_SUFFIX", "dylib")
     req = _engine(tmp_path / "home").request(MLCModel(model_dir), "cpu")
-    assert req.locate(tmp_path).library.name == f"{req.digest}.dylib"
+    assert locate(req, tmp_path).library.name == f"{req.digest}.dylib"
     android = _engine(tmp_path / "home").request(MLCModel(model_dir, target="android"), None)
-    assert android.locate(tmp_path).library.suffix == ".tar"
+    assert locate(android, tmp_path).library.suffix == ".tar"
 
 
 def test_mlc_llm_home_is_the_default_root(model_dir: Path, tmp_path: Path,
@@ -223,17 +224,17 @@ def _mlc_compile_by_hand(model_dir: Path, output: Path) -> None:
 def test_adopts_a_library_mlc_put_there(model_dir: Path, tmp_path: Path, standin: Path) -> None:
     root = tmp_path / "home"
     req = _engine(root).request(MLCModel(model_dir), "cpu")
-    _mlc_compile_by_hand(model_dir, req.locate(root).library)
+    _mlc_compile_by_hand(model_dir, locate(req, root).library)
     assert _count(standin) == 1
     # READONLY uses it without writing anything.
     ro = _engine(root, "READONLY").compile(MLCModel(model_dir), "cpu")
     assert ro.hit
     assert ro.manifest["adopted"]
-    assert not req.locate(root).manifest.exists()
+    assert not locate(req, root).manifest.exists()
     # ON adopts it: a manifest is written; nothing is compiled.
     on = _engine(root).compile(MLCModel(model_dir), "cpu")
     assert on.hit
-    assert json.loads(req.locate(root).manifest.read_text())["adopted"] is True
+    assert json.loads(locate(req, root).manifest.read_text())["adopted"] is True
     assert _count(standin) == 1
 
 
@@ -242,8 +243,8 @@ def test_an_unloadable_library_without_manifest_is_replaced(
 ) -> None:
     root = tmp_path / "home"
     req = _engine(root).request(MLCModel(model_dir), "cpu")
-    req.locate(root).library.parent.mkdir(parents=True)
-    req.locate(root).library.write_bytes(b"\x7fELF truncated")
+    locate(req, root).library.parent.mkdir(parents=True)
+    locate(req, root).library.write_bytes(b"\x7fELF truncated")
     with pytest.raises(CacheMissError, match=r"is corrupt .*does not load"):
         _engine(root, "READONLY").compile(MLCModel(model_dir), "cpu")
     model = _engine(root).compile(MLCModel(model_dir), "cpu")
@@ -343,3 +344,15 @@ def test_header_names_the_mlc_root(project: Project, tmp_path: Path,
     result.stdout.fnmatch_lines([f"mlcjit: policy=ON, devices=cpu (present), "
                                  f"cache={tmp_path / 'xdg' / 'pytest-mlcjit'} "
                                  f"(MLC: {tmp_path / 'mlc-home'})"])
+
+
+def test_a_readonly_request_in_an_on_run_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
+    """The request's policy, not the run's, decides every write: a READONLY request in an
+    ON run leaves the cache untouched (no MLC key memo either)."""
+    home = tmp_path / "home"
+    engine = _engine(home, "ON")
+    with pytest.raises(CacheMissError, match="READONLY"):
+        engine.compile(MLCModel(model_dir), "cpu", policy="READONLY")
+    assert not home.exists() or not any(home.rglob("*")), sorted(home.rglob("*"))
+    engine.compile(MLCModel(model_dir), "cpu")  # the run's own policy still writes
+    assert list((home / ".mlcjit" / "mlckeys").iterdir())

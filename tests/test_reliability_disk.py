@@ -2,7 +2,7 @@
 
 The full disk is real where this process may mount a small tmpfs (root, with mount
 rights); the same checks also run everywhere with ENOSPC injected by the engine's
-test-only fault points (``MLCJIT_TEST_ENOSPC``, see pytest_mlcjit/cache.py)."""
+test-only fault points (``MLCJIT_TEST_ENOSPC``, see pytest_mlcjit/fsutil.py)."""
 
 from __future__ import annotations
 

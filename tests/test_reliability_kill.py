@@ -1,7 +1,7 @@
 """Killed processes never leave a partial entry, a held lock or a running compiler.
 
 A compile is SIGKILLed at randomized points. The engine's test-only fault points
-(``MLCJIT_TEST_PAUSE``, see pytest_mlcjit/cache.py) announce each step of a compile on
+(``MLCJIT_TEST_PAUSE``, see pytest_mlcjit/fsutil.py) announce each step of a compile on
 stderr and pause there, which makes even the publish step a window a test can hit; the
 delay after the announcement is random, so a kill may also land inside the next step
 (for ``compile``: anywhere in the compiler subprocess). A waiter is killed while it waits,

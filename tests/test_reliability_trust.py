@@ -18,7 +18,8 @@ import pytest
 import pytest_mlcjit
 from conftest import Engine, Project
 from pytest_mlcjit import ConfigError
-from pytest_mlcjit.cache import Cache, EntryPaths
+from pytest_mlcjit.layout import EntryPaths
+from pytest_mlcjit.store import LocalStore
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NOBODY = 65534
@@ -213,7 +214,7 @@ def test_hostile_values_stay_data(engine: Engine, project: Project, tmp_path: Pa
     assert [n for n in names if not layout.fullmatch(n)] == []
 
 
-def _entry_operations(cache: Cache, paths: EntryPaths, staged: Path) -> list[Any]:
+def _entry_operations(cache: LocalStore, paths: EntryPaths, staged: Path) -> list[Any]:
     return [
         lambda: cache.read_manifest(paths),
         lambda: cache.verify(paths, {"sha256": "0" * 64, "size": 4}),
@@ -222,7 +223,7 @@ def _entry_operations(cache: Cache, paths: EntryPaths, staged: Path) -> list[Any
     ]
 
 
-def _digest_operations(cache: Cache, digest: str) -> list[Any]:
+def _digest_operations(cache: LocalStore, digest: str) -> list[Any]:
     return [
         lambda: cache.lock_path(digest),
         lambda: cache.new_staging_dir(digest),
@@ -236,7 +237,7 @@ def _digest_operations(cache: Cache, digest: str) -> list[Any]:
                                     "/etc/passwd", "", "a" * 40])
 def test_a_digest_cannot_name_a_path(tmp_path: Path, digest: str) -> None:
     root = tmp_path / "root"
-    cache = Cache(root, writable=True)
+    cache = LocalStore(root, writable=True)
     staged = tmp_path / "staged.so"
     staged.write_bytes(b"\x7fELF")
     before = _files(tmp_path, tmp_path / "none")
@@ -255,7 +256,7 @@ def test_a_digest_cannot_name_a_path(tmp_path: Path, digest: str) -> None:
 ])
 def test_an_entry_path_cannot_leave_the_layout(tmp_path: Path, library: str) -> None:
     root = tmp_path / "root"
-    cache = Cache(root, writable=True)
+    cache = LocalStore(root, writable=True)
     digest = "a" * 64
     staged = tmp_path / "staged.so"
     staged.write_bytes(b"\x7fELF")
@@ -269,4 +270,4 @@ def test_an_entry_path_cannot_leave_the_layout(tmp_path: Path, library: str) -> 
 
 def test_a_nul_in_the_cache_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="it contains a NUL character"):
-        Cache(f"{tmp_path}/a\x00b", writable=True)
+        LocalStore(f"{tmp_path}/a\x00b", writable=True)

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from pytest_mlcjit import ConfigError, Device, Policy, TVMModel
-from pytest_mlcjit.cache import Cache, EntryPaths
 from pytest_mlcjit.device import Presence as P
 from pytest_mlcjit.device import parse_device_list, parse_target, resolve_auto, target_for
 from pytest_mlcjit.key import canonical_json, sha256_digest
+from pytest_mlcjit.layout import EntryPaths
 from pytest_mlcjit.policy import resolve
+from pytest_mlcjit.store import LocalStore
 
 
 @pytest.mark.parametrize("text", ["on", "ON", " Redo ", "readonly", "Off"])
@@ -108,10 +109,10 @@ def test_cache_refuses_a_world_writable_root(tmp_path: Path) -> None:
     root.mkdir()
     root.chmod(0o777)
     with pytest.raises(UntrustedCacheError, match="writable by other users"):
-        Cache(root, writable=True)
-    Cache(root, writable=True, allow_untrusted=True)
+        LocalStore(root, writable=True)
+    LocalStore(root, writable=True, allow_untrusted=True)
     root.chmod(0o1777)  # sticky, like /tmp: accepted
-    Cache(root, writable=True)
+    LocalStore(root, writable=True)
 
 
 def test_entry_paths() -> None:
@@ -124,7 +125,7 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
     from pytest_mlcjit.history import RUNS_KEPT, read_runs, record_run
 
     root = tmp_path / "cache"
-    Cache(root, writable=True)
+    LocalStore(root, writable=True)
     total = 2 * RUNS_KEPT + 10
     for i in range(total):
         record_run(root, {"run": i, "requests": 1})
@@ -135,9 +136,9 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
 
 
 def test_try_flock_sees_the_cache_s_own_lock(tmp_path: Path) -> None:
-    from pytest_mlcjit.cache import try_flock
+    from pytest_mlcjit.locks import try_flock
 
-    cache = Cache(tmp_path / "cache", writable=True)
+    cache = LocalStore(tmp_path / "cache", writable=True)
     digest = "ab" * 32
     with cache.lock(digest, timeout=5):
         assert try_flock(cache.lock_path(digest)) is None, "held: not taken"

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,12 +23,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._defaults import mlc_llm_home
-from ..cache import CONTROL_DIR, EntryPaths, write_json_atomic
+from .. import layout
 from ..device import Device
 from ..errors import CorruptEntryError, SpecError
-from ..key import canonical_json, sha256_digest, tvm_fingerprint
-from . import BuildRequest, child_env
+from ..fsutil import best_effort, remove_tree, write_json_atomic
+from ..key import canonical_json, file_sha256, sha256_digest, tvm_fingerprint
+from ..layout import EntryPaths
+from ..locks import flocked
+from ..runner import child_env
+from .base import Backend, BuildContext, BuildRequest
 
 #: MLC's override fields, in the order its override string lists them.
 OVERRIDE_FIELDS = ("context_window_size", "sliding_window_size", "prefill_chunk_size",
@@ -43,6 +45,8 @@ OPT_PRESETS = ("O0", "O1", "O2", "O3")
 OPT_FLAGS = ("flashinfer", "cublas_gemm", "faster_transformer", "cudagraph", "cutlass",
              "ipc_allreduce_strategy")
 CONFIG_FILE = "mlc-chat-config.json"
+#: Limit for computing one key with mlc_llm (it imports mlc_llm and TVM).
+KEY_SCRIPT_TIMEOUT_S = 600
 
 
 def dso_suffix(target: str) -> str:
@@ -203,18 +207,16 @@ def _normalize(job: dict[str, Any], memo_dir: Path | None) -> dict[str, Any]:
     digest = sha256_digest(job)
     if memo_dir is None:
         return _run_key_script(job)
-    from filelock import FileLock
-
     memo = memo_dir / f"{digest}.json"
     if not memo_dir.is_dir():
         _forget_old_runs(memo_dir.parent)
         memo_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(memo_dir / f"{digest}.lock", thread_local=False):
+    with flocked(memo_dir / f"{digest}.lock", timeout=KEY_SCRIPT_TIMEOUT_S + 60):
         with contextlib.suppress(OSError, ValueError):
             cached: dict[str, Any] = json.loads(memo.read_text(encoding="utf-8"))
             return cached
         result = _run_key_script(job)
-        with contextlib.suppress(OSError):
+        with best_effort(memo, "keep the MLC key memo"):
             write_json_atomic(memo, result)
     return result
 
@@ -223,9 +225,9 @@ def _forget_old_runs(memos: Path, max_age: float = 24 * 3600.0) -> None:
     """Remove the key memos of runs that ended long ago (each run has its own folder)."""
     with contextlib.suppress(OSError):
         for run in memos.iterdir():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(FileNotFoundError):
                 if time.time() - run.stat().st_mtime > max_age:
-                    shutil.rmtree(run, ignore_errors=True)
+                    remove_tree(run)
 
 
 def _run_key_script(job: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +235,8 @@ def _run_key_script(job: dict[str, Any]) -> dict[str, Any]:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job), encoding="utf-8")
         proc = subprocess.run([sys.executable, "-m", "pytest_mlcjit.backends._mlc_key",
-                               str(job_file)], capture_output=True, text=True, timeout=600,
-                              check=False, env=child_env())
+                               str(job_file)], capture_output=True, text=True,
+                              timeout=KEY_SCRIPT_TIMEOUT_S, check=False, env=child_env())
     if proc.returncode != 0:
         lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise SpecError(f"mlc_llm could not compute the cache key for {job['model_type']!r}: "
@@ -243,95 +245,98 @@ def _run_key_script(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def request(spec: MLCModel, device: Device | None, *, run_id: str, cache_root: Path,
-            memo: bool) -> BuildRequest:
-    """The MLC-compatible request for ``spec`` on ``device`` (or its packaging target).
+class MLCBackend(Backend):
+    name = "mlc"
 
-    ``memo``: share the key computation between the processes of this run through
-    ``<cache_root>/.mlcjit/mlckeys`` (only when the cache is writable).
-    """
-    chat = spec.read_config()
-    model_type, quantization = chat.pop("model_type"), chat.pop("quantization")
-    model_config = dict(chat.pop("model_config"))
-    model_config.update(chat)
-    for name, value in spec.overrides.items():
-        if value is not None:
-            model_config[name] = value
-    memo_dir = cache_root / CONTROL_DIR / "mlckeys" / run_id if memo else None
-    norm = _normalize({"model_type": model_type, "model_config": model_config,
-                       "opt": spec.opt}, memo_dir)
-    if spec.target is not None:
-        device_text, run_device = spec.target, Device("cpu")
-    elif device is not None:
-        device_text, run_device = device.full_name, device
-    else:
-        raise SpecError(f"{spec!r} has no target and no device to compile for")
-    key: dict[str, Any] = {
-        "model_config": norm["model_config"],
-        "overrides": override_string(spec.overrides),
-        "opt": norm["opt"],
-        "device": device_text,
-        "model_type": model_type,
-        "quantization": quantization,
-    }
-    prefix = spec.system_lib_prefix
-    if device_text in PACKAGING_TARGETS:
-        if prefix is None:
-            prefix = f"{model_type}_{quantization}_{mlc_md5(key)}".replace("-", "_")
-        key["system_lib_prefix"] = prefix
-    digest = mlc_md5(key)
-    suffix = dso_suffix(device_text)
-    toolchain = {"mlc_llm": norm["mlc_llm"], "tvm": tvm_fingerprint()}
+    def request(self, spec: Any, device: Device | None, ctx: BuildContext) -> BuildRequest:
+        """The MLC-compatible request for ``spec`` on ``device`` (or its packaging target).
 
-    def locate(root: Path) -> EntryPaths:
-        return EntryPaths(digest, root / "model_lib" / f"{digest}.{suffix}")
+        The key computation is shared between the processes of a run through
+        ``<root>/.mlcjit/mlckeys/<run>`` when the request's policy writes.
+        """
+        if not isinstance(spec, MLCModel):
+            raise SpecError(f"expected an MLCModel, got {spec!r}")
+        chat = spec.read_config()
+        model_type, quantization = chat.pop("model_type"), chat.pop("quantization")
+        model_config = dict(chat.pop("model_config"))
+        model_config.update(chat)
+        for name, value in spec.overrides.items():
+            if value is not None:
+                model_config[name] = value
+        root = layout.backend_root("mlc", ctx.cache_dir)
+        memo_dir = layout.mlc_key_memos(root, ctx.run_id) if ctx.writes else None
+        norm = _normalize({"model_type": model_type, "model_config": model_config,
+                           "opt": spec.opt}, memo_dir)
+        if spec.target is not None:
+            device_text, run_device = spec.target, Device("cpu")
+        elif device is not None:
+            device_text, run_device = device.full_name, device
+        else:
+            raise SpecError(f"{spec!r} has no target and no device to compile for")
+        key: dict[str, Any] = {
+            "model_config": norm["model_config"],
+            "overrides": override_string(spec.overrides),
+            "opt": norm["opt"],
+            "device": device_text,
+            "model_type": model_type,
+            "quantization": quantization,
+        }
+        prefix = spec.system_lib_prefix
+        if device_text in PACKAGING_TARGETS:
+            if prefix is None:
+                prefix = f"{model_type}_{quantization}_{mlc_md5(key)}".replace("-", "_")
+            key["system_lib_prefix"] = prefix
+        describe = (f"{spec.model_dir.name} (overrides {key['overrides'] or 'none'}, opt "
+                    f"{spec.opt}, device {device_text})")
+        return BuildRequest(
+            backend="mlc", spec=spec, device=run_device, target=device_text, key=key,
+            digest=mlc_md5(key), describe=describe,
+            toolchain={"mlc_llm": norm["mlc_llm"], "tvm": tvm_fingerprint()},
+            runnable=device_text not in PACKAGING_TARGETS,
+            extra={"suffix": dso_suffix(device_text), "prefix": prefix},
+        )
 
-    def command(staging: Path) -> tuple[list[str], Path]:
-        output = staging / f"lib.{suffix}"
+    def locate(self, req: BuildRequest, root: Path) -> EntryPaths:
+        return layout.mlc_entry(root, req.digest, req.extra["suffix"])
+
+    def command(self, req: BuildRequest, staging: Path) -> tuple[list[str], Path]:
+        spec: MLCModel = req.spec
+        output = staging / f"lib.{req.extra['suffix']}"
         argv = [sys.executable, "-m", "mlc_llm", "compile", str(spec.model_dir),
-                "--opt", spec.opt, "--overrides", key["overrides"], "--device", device_text,
-                "--output", str(output)]
-        if prefix:
-            argv += ["--system-lib-prefix", f"{prefix}_"]
+                "--opt", spec.opt, "--overrides", req.key["overrides"], "--device",
+                str(req.target), "--output", str(output)]
+        if req.extra["prefix"]:
+            argv += ["--system-lib-prefix", f"{req.extra['prefix']}_"]
         return argv, output
 
-    def collect(_staging: Path) -> dict[str, Any]:
-        return {"target": device_text, "system_lib_prefix": prefix,
-                "model_dir": str(spec.model_dir)}
+    def collect(self, req: BuildRequest, staging: Path) -> dict[str, Any]:
+        return {"target": req.target, "system_lib_prefix": req.extra["prefix"],
+                "model_dir": str(req.spec.model_dir)}
 
-    def stale(manifest: Mapping[str, Any]) -> str | None:
+    def stale(self, req: BuildRequest, manifest: Mapping[str, Any]) -> str | None:
         recorded = manifest.get("toolchain")
-        if not recorded or manifest.get("adopted"):
+        if not recorded or not isinstance(recorded, Mapping) or manifest.get("adopted"):
             return None
         for part in ("mlc_llm", "tvm"):
-            old, new = recorded.get(part) or {}, toolchain[part] or {}
+            old, new = recorded.get(part) or {}, req.toolchain[part] or {}
             if {k: old.get(k) for k in ("version", "commit")} != {
                     k: new.get(k) for k in ("version", "commit")}:
                 return (f"built by {part} {old.get('version')} ({old.get('commit')}), "
                         f"installed is {part} {new.get('version')} ({new.get('commit')})")
         return None
 
-    def adopt(paths: EntryPaths) -> dict[str, Any]:
+    def adopt(self, req: BuildRequest, paths: EntryPaths) -> dict[str, Any]:
         """A manifest for a library MLC itself put there, once it proves loadable."""
         check_loadable(paths.library)
         st = paths.library.stat()
-        from ..key import file_sha256
+        return {"digest": req.digest, "library": paths.library.name, "sha256":
+                file_sha256(paths.library), "size": st.st_size, "key": req.key,
+                "backend": "mlc", "adopted": True, "toolchain": dict(req.toolchain),
+                "target": req.target, "system_lib_prefix": req.extra["prefix"],
+                "model_dir": str(req.spec.model_dir), "compile_seconds": 0.0}
 
-        return {"digest": digest, "library": paths.library.name, "sha256":
-                file_sha256(paths.library), "size": st.st_size, "key": key,
-                "backend": "mlc", "adopted": True, "toolchain": toolchain,
-                "target": device_text, "system_lib_prefix": prefix,
-                "model_dir": str(spec.model_dir), "compile_seconds": 0.0}
-
-    describe = (f"{spec.model_dir.name} (overrides {key['overrides'] or 'none'}, opt "
-                f"{spec.opt}, device {device_text})")
-    return BuildRequest(
-        backend="mlc", spec=spec, device=run_device, target=device_text, key=key,
-        digest=digest, locate=locate, command=command, collect=collect, stale=stale,
-        describe=describe, default_root=mlc_llm_home(), adopt=adopt,
-        toolchain=toolchain, staging_parent=_mlc_temp_dir,
-        runnable=device_text not in PACKAGING_TARGETS,
-    )
+    def staging_parent(self, req: BuildRequest, root: Path) -> tuple[Path | None, str]:
+        return _mlc_temp_dir(root)
 
 
 def _mlc_temp_dir(cache_root: Path) -> tuple[Path | None, str]:

@@ -1,0 +1,141 @@
+"""File-system primitives the cache is built on: atomic JSON writes, directory fsync,
+best-effort writes that warn instead of failing silently, and test fault injection."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: Directories and files the cache creates: never writable by group or others, whatever the
+#: umask (a root it made itself must pass its own trust check).
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+#: Test-only fault injection (docs/reliability.md), off unless these are set in the
+#: environment. ``MLCJIT_TEST_PAUSE=SECONDS``: at each named point of a compile, announce
+#: ``mlcjit-test-point <name> <pid>`` on stderr and sleep, so a test can SIGKILL the process
+#: inside that window. ``MLCJIT_TEST_ENOSPC=<name>``: raise ENOSPC at that point.
+TEST_PAUSE_ENV = "MLCJIT_TEST_PAUSE"
+TEST_ENOSPC_ENV = "MLCJIT_TEST_ENOSPC"
+
+log = logging.getLogger("pytest_mlcjit")
+
+
+def fault_point(name: str) -> None:
+    """A named point of a compile where tests may pause or inject ENOSPC (off by default)."""
+    pause = os.environ.get(TEST_PAUSE_ENV)
+    if pause:
+        sys.stderr.write(f"mlcjit-test-point {name} {os.getpid()}\n")
+        sys.stderr.flush()
+        time.sleep(float(pause))
+    if os.environ.get(TEST_ENOSPC_ENV) == name:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {name})")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full-disk (or quota) error."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_tmp(path: Path, data: Any) -> Path:
+    """Write JSON to a new temp file beside ``path`` and fsync it; returns the temp file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` all at once: a temp file in the same dir, fsync, rename."""
+    tmp = write_json_tmp(path, data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+# -- best-effort writes -----------------------------------------------------------------------
+class WriteFailedWarning(UserWarning):
+    """A write the cache could do without (a usage stamp, a record, a cleanup) failed."""
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_write_failed(path: str | os.PathLike[str], what: str, exc: OSError) -> None:
+    """Say, once per path per process, that a best-effort write failed: a
+    :class:`pytest.PytestWarning` inside pytest (as pytest's cacheprovider does), else a
+    logged warning. Never raises."""
+    name = os.fspath(path)
+    with _warned_lock:
+        if name in _warned:
+            return
+        _warned.add(name)
+    message = (f"pytest-mlcjit could not {what} {name}: "
+               f"{exc.strerror or exc} (errno {exc.errno}); carrying on without it")
+    if "pytest" in sys.modules:
+        import pytest
+
+        try:
+            warnings.warn(pytest.PytestWarning(message), stacklevel=3)
+        except Warning:
+            # A filter of "error" (the strictest test configs) must not turn a
+            # convenience into a failed test: then the warning is logged instead.
+            log.warning(message)
+        return
+    log.warning(message)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree the cache no longer needs; a part that cannot be removed
+    is reported by :func:`warn_write_failed` (once per path), the rest goes."""
+
+    def report(_func: Any, failed: str, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            warn_write_failed(failed, "remove", exc)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=report)
+    else:
+        shutil.rmtree(path, onerror=lambda f, p, info: report(f, p, info[1]))
+
+
+@contextlib.contextmanager
+def best_effort(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Run a write the cache can do without; an OSError is reported by
+    :func:`warn_write_failed`, not raised."""
+    try:
+        yield
+    except OSError as exc:
+        warn_write_failed(path, what, exc)

@@ -1,0 +1,50 @@
+"""``pytest-mlcjit info``: what a cache root holds, and its recent runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..history import read_runs
+from ..layout import CONTROL_DIR
+from .entries import scan
+from .prune import list_dir, quarantined
+
+
+def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
+    """What a root holds: entries per backend, sizes, the toolchains seen, recent runs."""
+    from ..key import canonical_json, tvm_fingerprint
+
+    entries = scan(root)
+    installed_tvm = tvm_fingerprint()
+    toolchains: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        chain = entry.toolchain
+        if chain is None:
+            continue
+        text = canonical_json(chain)
+        seen = toolchains.setdefault(text, {"toolchain": chain, "entries": 0})
+        seen["entries"] += 1
+        tvm = chain.get("tvm") if isinstance(chain, dict) else None
+        seen["installed_tvm"] = tvm == installed_tvm
+    backends: dict[str, int] = {}
+    for entry in entries:
+        backends[entry.backend] = backends.get(entry.backend, 0) + 1
+    quarantine = quarantined(root)
+    control = root / CONTROL_DIR
+    return {
+        "root": str(root),
+        "exists": root.is_dir(),
+        "entries": len(entries),
+        "backends": backends,
+        "size": sum(e.disk_size for e in entries),
+        "library_size": sum(e.size for e in entries),
+        "unmanaged": sum(e.state == "unmanaged" for e in entries),
+        "quarantined": len(quarantine),
+        "quarantine_size": sum(size for _, _, size in quarantine),
+        "staging": len(list_dir(control / "staging")),
+        "toolchains": sorted(toolchains.values(), key=lambda t: -int(t["entries"])),
+        "installed_tvm": installed_tvm,
+        "runs": read_runs(root, runs),
+    }
+

@@ -1,0 +1,122 @@
+"""This process's state of one pytest run, kept in ``config.stash``: the resolved options,
+then (made on first need) the device probe, the :class:`Settings` and the engine, and the
+statistics the xdist workers sent back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .options import AUTO, Options
+from .settings import DEFAULT_COMPILE_TIMEOUT_S, Settings
+
+if TYPE_CHECKING:
+    from .engine import JIT, Stats
+    from .prefetch import Prefetcher
+
+#: The run's state (set at configure, unless the plugin is disabled).
+state_key = pytest.StashKey["RunState"]()
+
+
+class RunState:
+    """This process's view of the run.
+
+    On the controller (or without xdist) the options are resolved at configure; the
+    device probe, the settings and the engine are made on first need: by a test that asks
+    for a model or a device, by the report header, or when the workers are started, which
+    receive the settings ready-made (``settings_json``).
+    """
+
+    def __init__(self, options: Options, *, settings_json: Mapping[str, Any] | None = None
+                 ) -> None:
+        self.options = options
+        self._settings_json = settings_json
+        self._settings: Settings | None = None
+        self._engine: JIT | None = None
+        #: Statistics sent by the workers (controller only), merged with its own.
+        self.worker_stats: list[Mapping[str, Any]] = []
+        #: The digests this run's tests used (the size cap never evicts them).
+        self.used: set[str] = set()
+        #: This process's background prefetch, when one runs.
+        self.prefetcher: Prefetcher | None = None
+        #: What the size cap pruned after the run, per root, or the error that stopped it.
+        self.pruned: list[Any] = []
+        #: When this run started (controller).
+        self.started: float | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            if self._settings_json is not None:
+                self._settings = Settings.from_json(self._settings_json)
+            else:
+                from .device import devices_to_probe, probe, resolve_auto
+
+                opts = self.options
+                presence = probe(devices_to_probe(list(opts.devices)))
+                self._settings = Settings(
+                    policy=opts.policy, cache_dir=opts.cache_dir,
+                    compile_timeout=opts.compile_timeout or DEFAULT_COMPILE_TIMEOUT_S,
+                    lock_timeout=opts.lock_timeout, presence=presence,
+                    devices=tuple(resolve_auto(list(opts.devices), presence)),
+                    allow_untrusted=opts.allow_untrusted,
+                )
+        return self._settings
+
+    @property
+    def engine(self) -> JIT:
+        if self._engine is None:
+            from .engine import JIT
+
+            self._engine = JIT(self.settings)
+        return self._engine
+
+    @property
+    def engine_made(self) -> bool:
+        return self._engine is not None
+
+    def stats(self) -> Stats | None:
+        """This process's statistics merged with the workers'; None if none were kept."""
+        if self._engine is None and not self.worker_stats:
+            return None
+        from .engine import Stats
+
+        total = Stats()
+        if self._engine is not None:
+            total.merge(self._engine.stats.to_json())
+        for stats in self.worker_stats:
+            total.merge(stats)
+        return total
+
+    # -- the xdist hand-off ---------------------------------------------------------------
+    def worker_input(self) -> dict[str, Any]:
+        """What a worker needs: the settings (probing the devices once, here) and the
+        options, resolved."""
+        opts = self.options
+        return {"settings": self.settings.to_json(), "device_option": opts.device_option,
+                "prefetch": opts.prefetch, "max_size": opts.max_size}
+
+    @classmethod
+    def from_worker_input(cls, data: Mapping[str, Any], *, prepare: bool) -> RunState:
+        settings = Settings.from_json(data["settings"])
+        options = Options(
+            policy=settings.policy, devices=settings.devices or (AUTO,),
+            device_option=data["device_option"], cache_dir=settings.cache_dir,
+            compile_timeout=settings.compile_timeout, lock_timeout=settings.lock_timeout,
+            allow_untrusted=settings.allow_untrusted, prefetch=data["prefetch"],
+            max_size=data["max_size"], prepare=prepare)
+        return cls(options, settings_json=data["settings"])
+
+
+def run_state(config: pytest.Config) -> RunState:
+    """The run's state; a UsageError if the plugin was not configured (disabled with -p)."""
+    if state_key not in config.stash:
+        raise pytest.UsageError("pytest-mlcjit is not configured (was it disabled with -p?)")
+    return config.stash[state_key]
+
+
+def get_engine(config: pytest.Config) -> JIT:
+    """The run's engine (made on first call)."""
+    return run_state(config).engine
