@@ -1,0 +1,825 @@
+"""The remote tier (pytest_mlcjit.store.remote) against a real S3 server (moto's, over
+HTTP on 127.0.0.1) and a file:// directory: publishing, create-only races, integrity,
+signatures, and how failures of the server surface (refused, stalled, 503, forbidden)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_mlcjit.errors import ConfigError, MlcJitError
+from pytest_mlcjit.store.remote import (
+    EXTRA_HINT,
+    FileRemote,
+    Remote,
+    RemoteAuthError,
+    RemoteConfigError,
+    RemoteEntry,
+    RemoteError,
+    RemoteIntegrityError,
+    RemoteUnavailableError,
+    S3Remote,
+    classify_s3_error,
+    manifest_signature,
+    open_remote,
+    parse_remote_url,
+)
+
+pytest_plugins = ["s3server"]
+
+KEY = hashlib.sha256(b"key").hexdigest()
+OTHER_KEY = hashlib.sha256(b"other key").hexdigest()
+ENTRY = hashlib.sha256(b"entry").hexdigest()
+ENTRY2 = hashlib.sha256(b"entry 2").hexdigest()
+PREFIX = "team/cache"
+#: Upper bound for "fails fast" checks: generous so a loaded machine does not flake; the
+#: point is that nothing waits for the default 30 s timeouts or hangs.
+FAST_S = 10.0
+
+
+# -- helpers ----------------------------------------------------------------------------------
+class Backdoor:
+    """Reads and writes a remote's raw objects behind its back (to tamper with them)."""
+
+    def __init__(self, url: str, s3: Any) -> None:
+        self.url = url
+        self.s3 = s3  # a boto3 client, None for a directory
+        parsed = parse_remote_url(url)
+        self.bucket, self.prefix, self.path = parsed.bucket, parsed.prefix, parsed.path
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.s3 is None:
+            path = Path(self.path, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        else:
+            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+
+    def read(self, name: str) -> bytes:
+        if self.s3 is None:
+            return Path(self.path, name).read_bytes()
+        body = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"]
+        with body:
+            data: bytes = body.read()
+        return data
+
+    def names(self) -> set[str]:
+        if self.s3 is None:
+            root = Path(self.path)
+            return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
+        return {obj["Key"][len(self.prefix):] for obj in listing.get("Contents", ())}
+
+
+@pytest.fixture(params=["s3", "file"])
+def remote_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty remote: a bucket prefix on moto, or a directory."""
+    if request.param == "s3":
+        return f"s3://{request.getfixturevalue('s3_bucket')}/{PREFIX}"
+    root = tmp_path / "remote"
+    root.mkdir()
+    return root.as_uri()
+
+
+@pytest.fixture
+def backdoor(remote_url: str, request: pytest.FixtureRequest) -> Backdoor:
+    s3 = request.getfixturevalue("s3_admin") if remote_url.startswith("s3:") else None
+    return Backdoor(remote_url, s3)
+
+
+def make_library(directory: Path, data: bytes, key: str = KEY,
+                 created: float | None = None) -> tuple[Path, dict[str, Any]]:
+    """A library file and the manifest the local cache would write for it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"{hashlib.sha256(data).hexdigest()[:12]}.so"
+    library.write_bytes(data)
+    manifest = {"digest": key, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                "created": time.time() if created is None else created,
+                "target": "llvm", "toolchain": {"version": "0.27", "ünïcode": "✓"}}
+    return library, manifest
+
+
+def usable(entries: list[RemoteEntry]) -> list[dict[str, Any]]:
+    return [e.manifest for e in entries if e.usable and e.manifest is not None]
+
+
+def published(remote: Remote, tmp_path: Path, data: bytes, *, key: str = KEY,
+              entry: str = ENTRY, created: float | None = None) -> dict[str, Any]:
+    library, manifest = make_library(tmp_path / "build" / entry[:8], data, key, created)
+    assert remote.upload(key, entry, library, manifest)
+    return manifest
+
+
+def tails(locations: list[str]) -> list[str]:
+    """The object names (``entries/…``, ``blobs/…``) at the end of remote URLs."""
+    return [re.sub(r"^.*?/(?=(entries|blobs)/)", "", loc) for loc in locations]
+
+
+def dest_in(tmp_path: Path) -> Path:
+    staging = tmp_path / "staging"
+    staging.mkdir(exist_ok=True)
+    return staging / f"lib.{time.monotonic_ns()}.so"
+
+
+# -- round trip -------------------------------------------------------------------------------
+def test_upload_list_download_round_trip(remote_url: str, tmp_path: Path,
+                                         backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    library, manifest = make_library(tmp_path / "build", os.urandom(3 << 20))  # > one chunk
+    assert remote.list_manifests(KEY) == []
+
+    assert remote.upload(KEY, ENTRY, library, manifest) is True
+
+    [entry] = remote.list_manifests(KEY)
+    assert entry.usable
+    assert entry.problem is None
+    assert (entry.key_digest, entry.entry_digest) == (KEY, ENTRY)
+    assert entry.manifest == manifest
+    assert entry.location.endswith(f"entries/{KEY}/{ENTRY}.json")
+    dest = remote.download(manifest, dest_in(tmp_path))
+    assert dest.read_bytes() == library.read_bytes()
+    assert remote.list_manifests(OTHER_KEY) == []
+    assert [e.entry_digest for e in remote.iter_entries()] == [ENTRY]
+    assert backdoor.names() == {f"blobs/{manifest['sha256']}", f"entries/{KEY}/{ENTRY}.json"}
+
+
+def test_a_key_holds_several_entries(remote_url: str, tmp_path: Path) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    first = published(remote, tmp_path, b"variant one", entry=ENTRY2)
+    second = published(remote, tmp_path, b"variant two", entry=ENTRY)
+
+    entries = remote.list_manifests(KEY)
+
+    assert [e.entry_digest for e in entries] == sorted([ENTRY, ENTRY2])
+    assert sorted(usable(entries), key=lambda m: str(m["sha256"])) == sorted(
+        [first, second], key=lambda m: str(m["sha256"]))
+
+
+def test_the_s3_remote_lives_under_its_prefix(s3_bucket: str, aws_env: str, s3_admin: Any,
+                                              tmp_path: Path) -> None:
+    remote = open_remote(f"s3://{s3_bucket}/{PREFIX}/", signing_key=None)
+    assert isinstance(remote, S3Remote)
+    published(remote, tmp_path, b"bytes")
+    keys = {o["Key"] for o in s3_admin.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert all(k.startswith(f"{PREFIX}/") for k in keys), keys
+    assert aws_env in remote.describe()  # the endpoint came from AWS_ENDPOINT_URL
+    assert open_remote(f"s3://{s3_bucket}", signing_key=None).list_manifests(KEY) == []
+
+
+def test_upload_refuses_a_library_that_does_not_match_its_manifest(
+        remote_url: str, tmp_path: Path, backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    library, manifest = make_library(tmp_path, b"the real bytes")
+    library.write_bytes(b"other bytes!!!")  # same size, other content
+
+    with pytest.raises(RemoteIntegrityError, match="refusing to upload") as info:
+        remote.upload(KEY, ENTRY, library, manifest)
+
+    assert manifest["sha256"] in str(info.value)
+    assert backdoor.names() == set()
+    with pytest.raises(RemoteIntegrityError, match="is for key"):
+        remote.upload(OTHER_KEY, ENTRY, *make_library(tmp_path, b"x"))
+    library, keyless = make_library(tmp_path, b"x")
+    del keyless["digest"]
+    with pytest.raises(RemoteIntegrityError, match="is for key None"):
+        remote.upload(KEY, ENTRY, library, keyless)
+    with pytest.raises(RemoteConfigError, match=re.escape("invalid entry digest '../x'")):
+        remote.upload(KEY, "../x", *make_library(tmp_path, b"x"))
+
+
+# -- create-only publishing -------------------------------------------------------------------
+def test_concurrent_uploads_of_one_entry_have_exactly_one_winner(remote_url: str,
+                                                                 tmp_path: Path) -> None:
+    """Four writers publish different libraries as the same entry at the same instant: one
+    wins, the others are told, and the entry is the winner's, whole."""
+    writers = 4
+    remotes = [open_remote(remote_url, signing_key=None) for _ in range(writers)]
+    builds = [make_library(tmp_path / f"w{i}", os.urandom(200_000)) for i in range(writers)]
+    results: list[bool | BaseException] = [False] * writers
+    barrier = threading.Barrier(writers)
+
+    def publish(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = remotes[i].upload(KEY, ENTRY, *builds[i])
+        except BaseException as exc:  # reported below, not lost in the thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sorted(map(repr, results)) == ["False"] * (writers - 1) + ["True"], results
+    winner = results.index(True)
+    [entry] = remotes[0].list_manifests(KEY)
+    assert entry.manifest == builds[winner][1]
+    dest = remotes[0].download(entry.manifest, dest_in(tmp_path))
+    assert dest.read_bytes() == builds[winner][0].read_bytes()
+
+
+def test_a_second_upload_changes_nothing_and_replace_overwrites(remote_url: str,
+                                                                tmp_path: Path) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    first = published(remote, tmp_path, b"first build")
+    library, second = make_library(tmp_path / "again", b"second build")
+
+    assert remote.upload(KEY, ENTRY, library, second) is False
+    assert usable(remote.list_manifests(KEY)) == [first]
+
+    assert remote.upload(KEY, ENTRY, library, second, replace=True) is True
+    assert usable(remote.list_manifests(KEY)) == [second]
+    assert remote.download(second, dest_in(tmp_path)).read_bytes() == b"second build"
+
+
+def test_replace_repairs_a_corrupt_blob(remote_url: str, tmp_path: Path,
+                                        backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    library, manifest = make_library(tmp_path, b"good bytes")
+    remote.upload(KEY, ENTRY, library, manifest)
+    backdoor.write(f"blobs/{manifest['sha256']}", b"bad bytes!")
+    assert remote.verify() != []
+
+    assert remote.upload(KEY, ENTRY, library, manifest, replace=True) is True
+    assert remote.verify() == []
+
+
+# -- integrity of downloads -------------------------------------------------------------------
+def test_a_tampered_blob_is_refused_and_deleted(remote_url: str, tmp_path: Path,
+                                                backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    manifest = published(remote, tmp_path, b"A" * 5000)
+    backdoor.write(f"blobs/{manifest['sha256']}", b"B" * 5000)  # same size
+    dest = dest_in(tmp_path)
+
+    with pytest.raises(RemoteIntegrityError) as info:
+        remote.download(manifest, dest)
+
+    message = str(info.value)
+    assert f"blobs/{manifest['sha256']}" in message
+    assert manifest["sha256"] in message
+    assert hashlib.sha256(b"B" * 5000).hexdigest() in message
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_a_swapped_library_is_refused(remote_url: str, tmp_path: Path,
+                                      backdoor: Backdoor) -> None:
+    """Another entry's valid library put in place of this one's (larger, so the download
+    stops at the manifest's size), or a manifest that names another library with the wrong
+    size: both refused."""
+    remote = open_remote(remote_url, signing_key=None)
+    mine = published(remote, tmp_path, b"mine" * 100)
+    theirs = published(remote, tmp_path, b"theirs" * 1000, key=OTHER_KEY)
+    backdoor.write(f"blobs/{mine['sha256']}", backdoor.read(f"blobs/{theirs['sha256']}"))
+
+    with pytest.raises(RemoteIntegrityError, match=f"more than {mine['size']} bytes"):
+        remote.download(mine, dest_in(tmp_path))
+
+    lying = {**mine, "sha256": theirs["sha256"]}  # the other blob, but this size
+    backdoor.write(f"entries/{KEY}/{ENTRY2}.json", json.dumps(lying).encode())
+    [entry] = [e for e in remote.list_manifests(KEY) if e.entry_digest == ENTRY2]
+    assert entry.manifest is not None
+    with pytest.raises(RemoteIntegrityError, match="is corrupt"):
+        remote.download(entry.manifest, dest_in(tmp_path))
+    assert list((tmp_path / "staging").iterdir()) == []
+
+
+def test_a_missing_blob_is_an_integrity_error(remote_url: str, tmp_path: Path) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    _, manifest = make_library(tmp_path, b"never uploaded")
+
+    with pytest.raises(RemoteIntegrityError, match="is missing"):
+        remote.download(manifest, dest_in(tmp_path))
+
+
+@pytest.mark.parametrize("field", [{"sha256": "../../../etc/passwd"}, {"sha256": "A" * 64},
+                                   {"size": -1}, {"size": "12"}, {"size": True}])
+def test_download_refuses_a_malformed_manifest_before_any_request(
+        field: dict[str, Any], tmp_path: Path) -> None:
+    remote = open_remote((tmp_path).as_uri(), signing_key=None)
+    _, manifest = make_library(tmp_path / "build", b"x")
+
+    with pytest.raises(RemoteIntegrityError, match="refusing to download"):
+        remote.download({**manifest, **field}, dest_in(tmp_path))
+
+
+def test_malformed_and_stray_objects_are_reported_or_ignored(remote_url: str, tmp_path: Path,
+                                                             backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    good = published(remote, tmp_path, b"good")
+    backdoor.write(f"entries/{KEY}/{ENTRY2}.json", b"{not json")
+    backdoor.write(f"entries/{KEY}/README", b"stray: not a manifest name")
+    backdoor.write(f"entries/{OTHER_KEY}/{ENTRY}.json", json.dumps(good).encode())
+    huge = json.dumps({**good, "padding": "x" * (2 << 20)}).encode()
+    backdoor.write(f"entries/{OTHER_KEY}/{ENTRY2}.json", huge)
+
+    entries = {(e.key_digest, e.entry_digest): e for e in remote.iter_entries()}
+
+    assert set(entries) == {(KEY, ENTRY), (KEY, ENTRY2), (OTHER_KEY, ENTRY), (OTHER_KEY, ENTRY2)}
+    assert entries[KEY, ENTRY].usable
+    assert "is not UTF-8 JSON" in str(entries[KEY, ENTRY2].problem)
+    assert f"is for key {KEY!r}" in str(entries[OTHER_KEY, ENTRY].problem)
+    assert "is larger than" in str(entries[OTHER_KEY, ENTRY2].problem)
+    assert usable(remote.list_manifests(KEY)) == [good]
+
+
+# -- signatures -------------------------------------------------------------------------------
+def test_signed_manifests_are_accepted_and_readable_without_the_key(
+        remote_url: str, tmp_path: Path, backdoor: Backdoor) -> None:
+    writer = open_remote(remote_url, signing_key=b"team secret")
+    manifest = published(writer, tmp_path, b"signed library")
+
+    stored = json.loads(backdoor.read(f"entries/{KEY}/{ENTRY}.json"))
+    assert stored["signature"].startswith("hmac-sha256:")
+    assert {k: v for k, v in stored.items() if k != "signature"} == manifest
+    for reader in (open_remote(remote_url, signing_key=b"team secret"),
+                   open_remote(remote_url, signing_key=None)):
+        [entry] = reader.list_manifests(KEY)
+        assert entry.usable, entry.problem
+        assert entry.manifest is not None
+        assert reader.download(entry.manifest, dest_in(tmp_path)).read_bytes() == (
+            b"signed library")
+
+
+def test_unsigned_and_wrongly_signed_manifests_are_refused(remote_url: str,
+                                                           tmp_path: Path) -> None:
+    """A job that can write to the bucket but lacks the key cannot make a reader with the
+    key use its library, whether it signs nothing or signs with another key."""
+    published(open_remote(remote_url, signing_key=None), tmp_path, b"unsigned", entry=ENTRY)
+    published(open_remote(remote_url, signing_key=b"wrong"), tmp_path, b"other", entry=ENTRY2)
+    reader = open_remote(remote_url, signing_key=b"team secret")
+
+    entries = {e.entry_digest: e for e in reader.list_manifests(KEY)}
+
+    assert "is unsigned" in str(entries[ENTRY].problem)
+    assert "does not match" in str(entries[ENTRY2].problem)
+    for entry in entries.values():
+        assert not entry.usable
+        assert entry.manifest is not None
+        with pytest.raises(RemoteIntegrityError, match="refusing to download"):
+            reader.download(entry.manifest, dest_in(tmp_path))
+    assert {e.entry_digest for e in reader.verify()} == {ENTRY, ENTRY2}
+
+
+def test_editing_a_signed_manifest_breaks_its_signature(remote_url: str, tmp_path: Path,
+                                                        backdoor: Backdoor) -> None:
+    signer = open_remote(remote_url, signing_key=b"team secret")
+    published(signer, tmp_path, b"the signed one")
+    evil = published(open_remote(remote_url, signing_key=None), tmp_path, b"evil",
+                     key=OTHER_KEY)
+    name = f"entries/{KEY}/{ENTRY}.json"
+    stored = json.loads(backdoor.read(name))
+    backdoor.write(name, json.dumps({**stored, "sha256": evil["sha256"],
+                                     "size": evil["size"]}).encode())
+
+    [entry] = signer.list_manifests(KEY)
+
+    assert "does not match" in str(entry.problem)
+
+
+def test_a_signed_manifest_copied_under_another_key_is_refused(
+        remote_url: str, tmp_path: Path, backdoor: Backdoor) -> None:
+    """The signature covers the manifest's ``digest`` (its key), so a validly signed
+    manifest cannot be replayed to serve its library for another key."""
+    signer = open_remote(remote_url, signing_key=b"team secret")
+    published(signer, tmp_path, b"library of KEY")
+    backdoor.write(f"entries/{OTHER_KEY}/{ENTRY}.json",
+                   backdoor.read(f"entries/{KEY}/{ENTRY}.json"))
+
+    [entry] = signer.list_manifests(OTHER_KEY)
+
+    assert f"is for key {KEY!r}" in str(entry.problem)
+
+
+def test_the_signature_is_hmac_sha256_over_canonical_json() -> None:
+    """Pinned format, so that other tools can sign and check manifests."""
+    manifest = {"size": 3, "sha256": "ab" * 32, "toolchain": {"b": 1, "a": "é"}}
+    body = '{"sha256":"' + "ab" * 32 + '","size":3,"toolchain":{"a":"é","b":1}}'
+    expected = hmac.new(b"k", body.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    assert manifest_signature(manifest, b"k") == f"hmac-sha256:{expected}"
+    assert manifest_signature({**manifest, "signature": "anything"}, b"k") == (
+        f"hmac-sha256:{expected}")
+
+
+# -- maintenance ------------------------------------------------------------------------------
+def test_verify_finds_a_bad_blob(remote_url: str, tmp_path: Path, backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    good = published(remote, tmp_path, b"good library", entry=ENTRY)
+    bad = published(remote, tmp_path, b"library to be damaged", entry=ENTRY2)
+    assert remote.verify() == []
+
+    backdoor.write(f"blobs/{bad['sha256']}", b"damaged")
+    problems = remote.verify()
+
+    assert [e.entry_digest for e in problems] == [ENTRY2]
+    assert f"blobs/{bad['sha256']}" in str(problems[0].problem)
+    assert "7 bytes" in str(problems[0].problem)
+    assert good["sha256"] not in str(problems)
+
+
+def test_prune_removes_old_entries_and_their_unreferenced_blobs(remote_url: str,
+                                                                tmp_path: Path,
+                                                                backdoor: Backdoor) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    day = 24 * 3600.0
+    old = published(remote, tmp_path, b"old only", entry=ENTRY, created=time.time() - 10 * day)
+    shared = b"shared by an old and a new entry"
+    published(remote, tmp_path, shared, key=OTHER_KEY, entry=ENTRY,
+              created=time.time() - 10 * day)
+    new = published(remote, tmp_path, shared, key=OTHER_KEY, entry=ENTRY2)
+
+    # the old manifests go; their blobs are young (their uploads may still be running)
+    assert sorted(tails(remote.prune(7 * day))) == [f"entries/{KEY}/{ENTRY}.json",
+                                                    f"entries/{OTHER_KEY}/{ENTRY}.json"]
+    assert f"blobs/{old['sha256']}" in backdoor.names()
+
+    # past the grace period, the blob no manifest names goes; the shared one stays
+    assert tails(remote.prune(7 * day, blob_grace_seconds=0)) == [f"blobs/{old['sha256']}"]
+    assert backdoor.names() == {f"blobs/{new['sha256']}", f"entries/{OTHER_KEY}/{ENTRY2}.json"}
+    assert remote.verify() == []
+    assert remote.prune(7 * day, blob_grace_seconds=0) == []
+
+
+def test_prune_without_a_created_field_uses_the_object_time(remote_url: str,
+                                                            tmp_path: Path) -> None:
+    remote = open_remote(remote_url, signing_key=None)
+    library, manifest = make_library(tmp_path, b"no created field")
+    del manifest["created"]
+    remote.upload(KEY, ENTRY, library, manifest)
+
+    assert remote.prune(3600.0) == []
+    assert len(remote.prune(-60.0, blob_grace_seconds=-60.0)) == 2
+    assert list(remote.iter_entries()) == []
+
+
+# -- URLs and options -------------------------------------------------------------------------
+@pytest.mark.parametrize("url", [
+    "", "http://host/x", "gs://bucket/x", "/abs/path", "s3://", "s3://Upper-Case",
+    "s3://ab", "s3://bucket/a//b", "s3://bucket/../x", "s3://bucket/p?versionId=1",
+    "s3://bucket:9000/p", "file://relative/path", "file:relative", "s3://bucket/a b",
+])
+def test_malformed_urls_are_config_errors_naming_the_value(url: str) -> None:
+    with pytest.raises(RemoteConfigError) as info:
+        open_remote(url, signing_key=None)
+
+    assert isinstance(info.value, ConfigError)
+    assert isinstance(info.value, MlcJitError)
+    assert repr(url) in str(info.value)
+    assert "s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH" in str(info.value)
+
+
+def test_credentials_in_a_url_are_refused_without_being_shown() -> None:
+    with pytest.raises(RemoteConfigError, match="credentials do not belong") as info:
+        parse_remote_url("s3://AKIA123:hunter2@bucket/prefix")
+
+    assert "hunter2" not in str(info.value)
+    assert "AKIA123" not in str(info.value)
+    assert "s3://***@bucket/prefix" in str(info.value)
+
+
+def test_well_formed_urls(tmp_path: Path) -> None:
+    assert parse_remote_url("s3://my.bucket-1").prefix == ""
+    assert parse_remote_url("s3://my.bucket-1/a/b/").prefix == "a/b/"
+    assert parse_remote_url("s3://my.bucket-1/a/b/").redacted == "s3://my.bucket-1/a/b"
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    parsed = parse_remote_url(spaced.as_uri())
+    assert (parsed.scheme, parsed.path) == ("file", str(spaced))
+    assert parse_remote_url(parsed.redacted) == parsed
+    remote = open_remote(spaced.as_uri(), signing_key=None)
+    assert isinstance(remote, FileRemote)
+    assert remote.url == parsed.redacted
+
+
+def test_a_missing_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(RemoteConfigError, match="does not exist"):
+        open_remote((tmp_path / "nowhere").as_uri(), signing_key=None)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("signing_key", b""), ("signing_key", "text"), ("connect_timeout", 0),
+    ("read_timeout", float("nan")), ("read_timeout", -1.0), ("retries", -1), ("retries", 1.5),
+])
+def test_bad_options_are_config_errors(option: str, value: Any, tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"signing_key": None, option: value}
+    with pytest.raises(RemoteConfigError, match="invalid remote"):
+        open_remote(tmp_path.as_uri(), **kwargs)
+
+
+def test_importing_the_module_does_not_import_boto3() -> None:
+    code = ("import sys, pytest_mlcjit.store.remote as r; "
+            "r.parse_remote_url('s3://bucket/x'); assert 'boto3' not in sys.modules, 'boto3'; "
+            "assert 'botocore' not in sys.modules, 'botocore'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_without_boto3_an_s3_remote_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # what `import boto3` sees when absent
+
+    with pytest.raises(RemoteConfigError, match="needs boto3") as info:
+        open_remote("s3://bucket/x", signing_key=None)
+
+    assert EXTRA_HINT in str(info.value)
+
+
+# -- failures of the S3 server ----------------------------------------------------------------
+def test_a_missing_bucket_is_a_config_error(aws_env: str) -> None:
+    remote = open_remote("s3://no-such-bucket-here/x", signing_key=None)
+
+    with pytest.raises(RemoteConfigError, match="bucket 'no-such-bucket-here' does not exist"):
+        remote.list_manifests(KEY)
+
+
+@pytest.fixture
+def moto_auth(aws_env: str) -> Iterator[Callable[[], None]]:
+    """A function that makes the session's moto server check credentials (as AWS does: the
+    dummy ones are then unknown), undone at teardown. Uses moto's /moto-api/reset-auth."""
+
+    def post(count: str) -> None:
+        request = urllib.request.Request(f"{aws_env}/moto-api/reset-auth", method="POST",
+                                         data=count.encode(),
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+
+    try:
+        yield lambda: post("0")
+    finally:
+        post("inf")
+
+
+def test_refused_credentials_are_an_auth_error_not_a_miss(
+        s3_bucket: str, tmp_path: Path, moto_auth: Callable[[], None]) -> None:
+    remote = open_remote(f"s3://{s3_bucket}/{PREFIX}", signing_key=None, retries=0)
+    published(remote, tmp_path, b"published before the keys were revoked")
+    manifest = next(remote.iter_entries()).manifest
+    assert manifest is not None
+    moto_auth()
+
+    with pytest.raises(RemoteAuthError, match="InvalidAccessKeyId") as info:
+        remote.list_manifests(KEY)
+    assert "AWS_ACCESS_KEY_ID" in str(info.value)
+    with pytest.raises(RemoteAuthError):
+        remote.download(manifest, dest_in(tmp_path))
+    with pytest.raises(RemoteAuthError, match="403"):
+        remote.upload(KEY, ENTRY2, *make_library(tmp_path / "new", b"new"))
+    assert list((tmp_path / "staging").iterdir()) == []
+
+
+@pytest.mark.parametrize(("code", "status", "expected"), [
+    ("ExpiredToken", 400, RemoteAuthError),
+    ("SignatureDoesNotMatch", 403, RemoteAuthError),
+    ("AccessDenied", 403, RemoteAuthError),
+    ("InvalidAccessKeyId", 403, RemoteAuthError),
+    ("401", 401, RemoteAuthError),
+    ("SlowDown", 503, RemoteUnavailableError),
+    ("TooManyRequests", 429, RemoteUnavailableError),
+    ("InternalError", 500, RemoteUnavailableError),
+    ("BadGateway", 502, RemoteUnavailableError),
+    ("NoSuchBucket", 404, RemoteConfigError),
+    ("BadDigest", 400, RemoteIntegrityError),
+    ("InvalidRequest", 400, RemoteError),
+])
+def test_s3_error_codes_map_to_distinct_errors(code: str, status: int,
+                                               expected: type[RemoteError]) -> None:
+    """Mapping of answers moto cannot be made to give on demand (expired tokens,
+    throttling, server errors...), checked on botocore's own ClientError built from such an
+    answer. The real-server tests above cover 403, 503, timeouts and refused connections."""
+    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+    exc = ClientError({"Error": {"Code": code, "Message": "from the server"},
+                       "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    error = classify_s3_error(exc, bucket="bucket", what="reading s3://bucket/x")
+
+    assert type(error) is expected
+    assert "reading s3://bucket/x" in str(error)
+    assert code in str(error) or "bucket 'bucket' does not exist" in str(error)
+
+
+def _elapsed(call: Callable[[], object], expected: type[Exception]) -> tuple[float, str]:
+    start = time.monotonic()
+    with pytest.raises(expected) as info:
+        call()
+    return time.monotonic() - start, str(info.value)
+
+
+def test_a_stopped_server_is_unavailable_fast(aws_env: str, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path,
+                                              spare_s3_server: tuple[Any, str]) -> None:
+    server, endpoint = spare_s3_server
+    server.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    remote = open_remote("s3://soon-gone/x", signing_key=None, connect_timeout=1,
+                         read_timeout=1, retries=0)
+
+    took, message = _elapsed(lambda: remote.list_manifests(KEY), RemoteUnavailableError)
+
+    assert took < FAST_S
+    assert "s3://soon-gone/x/entries/" in message
+    assert endpoint in message
+    _, manifest = make_library(tmp_path, b"x")
+    _elapsed(lambda: remote.download(manifest, dest_in(tmp_path)), RemoteUnavailableError)
+    _elapsed(lambda: remote.upload(KEY, ENTRY, *make_library(tmp_path, b"x")),
+             RemoteUnavailableError)
+
+
+def test_credentials_in_the_endpoint_are_never_shown(aws_env: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]  # closed below: nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://admin:hunter2@127.0.0.1:{port}")
+    remote = open_remote("s3://bucket/x", signing_key=None, connect_timeout=1, retries=0)
+
+    _, message = _elapsed(lambda: remote.list_manifests(KEY), RemoteUnavailableError)
+
+    assert "hunter2" not in message
+    assert "hunter2" not in remote.describe()
+    assert f"http://***@127.0.0.1:{port}" in message
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never finishes an answer:
+    it sends ``reply`` (if any) after reading a request's headers, then stalls."""
+
+    def __init__(self, reply: bytes = b"") -> None:
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections.append(conn)
+            if self.reply:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536) or b"\r\n\r\n"
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        for conn in self.connections:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[Callable[[bytes], SilentServer]]:
+    servers: list[SilentServer] = []
+
+    def start(reply: bytes = b"") -> SilentServer:
+        servers.append(SilentServer(reply))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_a_stalling_server_is_unavailable_after_the_read_timeout(
+        aws_env: str, monkeypatch: pytest.MonkeyPatch,
+        silent_server: Callable[[bytes], SilentServer]) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent_server(b"").endpoint)
+    remote = open_remote("s3://bucket/x", signing_key=None, read_timeout=1, retries=0)
+
+    took, message = _elapsed(lambda: remote.list_manifests(KEY), RemoteUnavailableError)
+
+    assert 0.9 < took < FAST_S
+    assert "timed out" in message
+
+
+def test_a_download_that_stalls_midway_is_unavailable_and_leaves_no_file(
+        aws_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        silent_server: Callable[[bytes], SilentServer]) -> None:
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+             b"Content-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent_server(reply).endpoint)
+    remote = open_remote("s3://bucket/x", signing_key=None, read_timeout=1, retries=0)
+    _, manifest = make_library(tmp_path, b"x" * 1_000_000)
+    dest = dest_in(tmp_path)
+
+    took, message = _elapsed(lambda: remote.download(manifest, dest), RemoteUnavailableError)
+
+    assert took < FAST_S
+    assert f"s3://bucket/x/blobs/{manifest['sha256']}" in message
+    assert not dest.exists()
+
+
+@pytest.fixture
+def unavailable_server() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server answering every request with S3's 503 SlowDown; (endpoint, requests)."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            body = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
+                    b"<Message>Please reduce your request rate.</Message></Error>")
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", seen
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def test_a_throttling_server_is_unavailable_after_the_configured_retries(
+        aws_env: str, monkeypatch: pytest.MonkeyPatch,
+        unavailable_server: tuple[str, list[str]]) -> None:
+    endpoint, seen = unavailable_server
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    remote = open_remote("s3://bucket/x", signing_key=None, retries=1)
+
+    took, message = _elapsed(lambda: remote.list_manifests(KEY), RemoteUnavailableError)
+
+    assert took < FAST_S
+    assert "SlowDown" in message
+    assert "503" in message
+    assert len(seen) == 2, seen  # the first try and one retry
+
+
+# -- failures of a directory ------------------------------------------------------------------
+def permissions_enforced(tmp_path: Path) -> bool:
+    """Whether this process is refused an unreadable directory (root is not)."""
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0)
+    try:
+        os.listdir(probe)
+    except PermissionError:
+        return True
+    else:
+        return False
+    finally:
+        probe.rmdir()
+
+
+def test_an_unreadable_directory_is_an_auth_error_not_a_miss(tmp_path: Path) -> None:
+    if not permissions_enforced(tmp_path):
+        pytest.skip("file permissions are not enforced for this user (root)")
+    remote = open_remote(tmp_path.as_uri(), signing_key=None)
+    published(remote, tmp_path, b"x")
+    (tmp_path / "entries" / KEY).chmod(0)
+    try:
+        with pytest.raises(RemoteAuthError, match="permission"):
+            remote.list_manifests(KEY)
+    finally:
+        (tmp_path / "entries" / KEY).chmod(0o755)
+
+
+def test_a_directory_remote_leaves_no_temp_files(tmp_path: Path) -> None:
+    root = tmp_path / "remote"
+    root.mkdir()
+    remote = open_remote(root.as_uri(), signing_key=None)
+    published(remote, tmp_path, b"x")
+    library, manifest = make_library(tmp_path / "again", b"x")
+    assert remote.upload(KEY, ENTRY, library, manifest) is False
+    assert remote.upload(KEY, ENTRY, library, manifest, replace=True) is True
+
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == sorted(
+        [manifest["sha256"], f"{ENTRY}.json"])
+    stale = root / "blobs" / ".abc.123.tmp"
+    stale.write_bytes(b"left by a killed writer")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert remote.prune(3600.0) == [stale.as_uri()]
