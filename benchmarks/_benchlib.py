@@ -390,18 +390,35 @@ def xdist_args(workers: int) -> list[str]:
     return ["-n", str(workers)] if workers > 0 else ["-p", "no:xdist"]
 
 
-_SUMMARY_RE = re.compile(
-    r"(?P<requests>\d+) requests?: (?P<hits>\d+) hits, (?P<compiles>\d+) compiled "
-    r"\((?:(?P<prefetched>\d+) ahead of time, )?(?P<compile_s>[\d.]+)s compiling\)"
-    r".*?(?P<wait_s>[\d.]+)s waiting for locks")
+#: ``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s compiling,
+#: 52.10s waiting for other compiles``: the outcomes, then what compiles and waits cost.
+_SUMMARY_RE = re.compile(r"^(?P<requests>\d+) requests?: (?P<kinds>[^;\n]*)(?:; (?P<extra>.*))?$",
+                         re.MULTILINE)
 
 
 def plugin_summary(output: str) -> dict[str, float] | None:
-    """The plugin's terminal-summary counters, if its line is in ``output``."""
+    """The plugin's terminal-summary counters, if its line is in ``output``: ``requests``,
+    ``hits`` (served from a cache: hit, remote hit or waited), ``compiles`` (all, ahead of
+    time included), ``prefetched``, ``compile_s``, ``wait_s``, and each outcome by name."""
     match = _SUMMARY_RE.search(output)
     if match is None:
         return None
-    return {k: float(v or 0) for k, v in match.groupdict().items()}
+    out = {"requests": float(match["requests"])}
+    for part in match["kinds"].split(", "):
+        n, _, word = part.partition(" ")
+        out[word.rstrip("s") if word.endswith("hits") else word] = float(n)
+    extra = match["extra"] or ""
+
+    def number(pattern: str) -> float:
+        found = re.search(pattern, extra)
+        return float(found[1]) if found else 0.0
+
+    out["prefetched"] = number(r"(\d+) librar(?:y|ies) compiled ahead of time")
+    out["compile_s"] = number(r"([\d.]+)s compiling")
+    out["wait_s"] = number(r"([\d.]+)s waiting")
+    out["hits"] = sum(out.get(k, 0.0) for k in ("hit", "remote hit", "waited"))
+    out["compiles"] = out.get("compiled", 0.0) + out["prefetched"]
+    return out
 
 
 _HELP_CACHE: dict[str, str] = {}

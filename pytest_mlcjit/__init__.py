@@ -16,6 +16,7 @@ from .errors import (
     CompileError,
     ConfigError,
     CorruptEntryError,
+    InputError,
     JitDisabledError,
     LockTimeoutError,
     MlcJitError,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .engine import JIT, Stats, jit
     from .layout import default_cache_dir
-    from .model import CompiledModel
+    from .model import ArgSpec, CompiledModel, Shape, Signature
     from .policy import Policy
     from .settings import Settings
     from .spec import TVMModel
@@ -42,6 +43,9 @@ _LAZY = {
     "Stats": "engine",
     "jit": "engine",
     "CompiledModel": "model",
+    "ArgSpec": "model",
+    "Shape": "model",
+    "Signature": "model",
     "Policy": "policy",
     "TVMModel": "spec",
     "default_cache_dir": "layout",
@@ -63,17 +67,21 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "JIT",
+    "ArgSpec",
     "CacheMissError",
     "CompileError",
     "CompiledModel",
     "ConfigError",
     "CorruptEntryError",
     "Device",
+    "InputError",
     "JitDisabledError",
     "LockTimeoutError",
     "MlcJitError",
     "Policy",
     "Settings",
+    "Shape",
+    "Signature",
     "SpecError",
     "Stats",
     "TVMModel",

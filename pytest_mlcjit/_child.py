@@ -1,33 +1,273 @@
-"""Subprocess launcher: ``python -m pytest_mlcjit._child PARENT_PID -- argv...``.
+"""Subprocess launcher: ``python -m pytest_mlcjit._child [options] PARENT_PID -- argv...``.
 
-Asks the kernel to kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``),
-then replaces itself with ``argv``: a compile whose test process was killed stops too,
-instead of running on as an orphan. Elsewhere it simply ``exec``s.
+It stays the parent of the command it runs, so that the command's whole process tree
+dies with it, whatever the tree does:
+
+* it is a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): a descendant whose parent
+  dies is re-parented to it, not to init, so nothing the compile starts escapes it, not
+  even a daemon that double-forks or calls ``setsid``;
+* it asks for SIGTERM when its parent, the test process, dies (``PR_SET_PDEATHSIG``; a
+  SIGKILL of the test process included), and on SIGTERM, SIGINT or SIGHUP it SIGKILLs
+  every descendant (found by walking ``/proc``), reaps them all, and exits;
+* when the command exits, it kills what the command left running, and exits as the
+  command did (the same code, or the same signal);
+* the command's output (stdout and stderr) goes through it into the log (``--log``),
+  bounded: the first ``--head`` bytes and the last ``--tail`` bytes are kept, with a line
+  in between saying how much was cut.
+
+Elsewhere than Linux it runs the command in its own process group and kills that group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sys
+import time
+from types import FrameType
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+USAGE = ("usage: python -m pytest_mlcjit._child [--log PATH --head BYTES --tail BYTES] "
+         "PARENT_PID -- argv...")
+#: How long the launcher keeps killing and reaping descendants before it gives up.
+REAP_LIMIT_S = 10.0
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler: the launcher must kill everything and exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _prctl(option: int, arg: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(option, arg, 0, 0, 0)) == 0
+
+
+class BoundedLog:
+    """Writes the first ``head`` bytes to ``fd`` as they come, keeps the last ``tail``
+    bytes in memory, and on :meth:`close` writes a line saying how much was cut (if
+    anything) and then the tail."""
+
+    def __init__(self, fd: int, head: int, tail: int) -> None:
+        self.fd, self.head, self.tail = fd, head, tail
+        self.written = 0
+        self.total = 0
+        self.kept = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.head - self.written
+        if room > 0:
+            first = data[:room]
+            _write_all(self.fd, first)
+            self.written += len(first)
+            data = data[room:]
+        if data:
+            self.kept += data
+            if len(self.kept) > self.tail:
+                del self.kept[:len(self.kept) - self.tail]  # O(1) from the front
+
+    def close(self) -> None:
+        cut = self.total - self.written - len(self.kept)
+        if cut > 0:
+            _write_all(self.fd, (
+                f"\n[pytest-mlcjit] ... {cut} bytes of compiler output cut here ({self.total} "
+                f"in all): the log keeps the first {self.written} and the last "
+                f"{len(self.kept)} bytes ...\n").encode())
+        _write_all(self.fd, bytes(self.kept))
+        self.kept.clear()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except OSError:
+            return  # a full disk: the compile itself will say so
+
+
+def descendants(root: int) -> list[int]:
+    """Every live (not zombie) descendant of ``root``, from ``/proc``, parents first."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0] not in (b"Z", b"X"):
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def kill_tree(group: int | None) -> None:
+    """SIGKILL every descendant of this process (and the command's process group), reaping
+    them, until none is left (or :data:`REAP_LIMIT_S` has passed)."""
+    deadline = time.monotonic() + REAP_LIMIT_S
+    linux = os.path.isdir("/proc/self")
+    while True:
+        if group is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+        for pid in descendants(os.getpid()) if linux else []:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            return  # no children left, live or zombie
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
+
+
+def _parse(argv: list[str]) -> tuple[int, str | None, int, int, list[str]] | None:
+    log, head, tail = None, 256 * 1024, 1024 * 1024
+    args = list(argv)
+    try:
+        while args and args[0].startswith("--") and args[0] != "--":
+            option, value = args.pop(0), args.pop(0)
+            if option == "--log":
+                log = value
+            elif option == "--head":
+                head = int(value)
+            elif option == "--tail":
+                tail = int(value)
+            else:
+                return None
+        parent, sep, *command = args
+        if sep != "--" or not command:
+            return None
+        return int(parent), log, head, tail, command
+    except (IndexError, ValueError):
+        return None
 
 
 def main(argv: list[str]) -> int:
-    parent, sep, *command = argv
-    if sep != "--" or not command:
-        print("usage: python -m pytest_mlcjit._child PARENT_PID -- argv...", file=sys.stderr)
+    parsed = _parse(argv)
+    if parsed is None:
+        print(USAGE, file=sys.stderr)
         return 2
-    if sys.platform.startswith("linux"):
-        import ctypes
+    parent, log_path, head, tail, command = parsed
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != int(parent):  # the parent died before prctl took effect
-        return 137
-    sys.stdout.flush()
-    os.execv(command[0], command)  # noqa: S606 - exec of an argument list, no shell
-    return 127  # unreachable: execv does not return
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise _Stop(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        return 128 + signal.SIGTERM
+    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log_path else 1
+    sink = BoundedLog(out, head, tail)
+    read_end, write_end = os.pipe()
+    me = os.getpid()
+    pid = 0
+    stopped: _Stop | None = None
+    status = 0
+    try:
+        pid = os.fork()
+        if pid == 0:  # the command: its own process group, dying with the launcher
+            _exec(command, me, read_end, write_end)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # also here: no window in which a kill of the group misses
+        os.close(write_end)
+        status = _pump(read_end, sink, pid)
+    except _Stop as exc:
+        stopped = exc
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # the clean-up below is bounded: let it end
+    # On a stop: everything. Else whatever the command left running (its group only where
+    # /proc cannot show descendants: once the command is reaped, its id may be reused).
+    reaped = stopped is None and os.path.isdir("/proc/self")
+    kill_tree(None if reaped or not pid else pid)
+    _drain(read_end, sink)
+    sink.close()
+    if stopped is not None:
+        return 128 + stopped.signum
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)  # exit as the command did
+        return 128 + sig
+    return os.waitstatus_to_exitcode(status)
+
+
+def _exec(command: list[str], launcher: int, read_end: int, write_end: int) -> None:
+    """In the forked child: become the command (never returns)."""
+    try:
+        os.setpgid(0, 0)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(read_end)
+        os.close(write_end)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher:
+            os._exit(137)
+        os.execv(command[0], command)  # noqa: S606 - exec of an argument list, no shell
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(2, f"pytest-mlcjit: cannot run {command[0]}: {exc}\n".encode())
+    os._exit(127)
+
+
+def _pump(fd: int, sink: BoundedLog, pid: int) -> int:
+    """Copy the command's output to the log until it exits; its wait status."""
+    open_ = True
+    while True:
+        if open_:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                data = os.read(fd, 1 << 16)
+                if data:
+                    sink.write(data)
+                else:
+                    open_ = False  # every writer closed it; the command may still run
+        else:
+            time.sleep(0.05)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+
+
+def _drain(fd: int, sink: BoundedLog) -> None:
+    """What is left in the pipe once every writer is dead."""
+    with contextlib.suppress(OSError):
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0)
+            if not ready:
+                return
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return
+            sink.write(data)
 
 
 if __name__ == "__main__":

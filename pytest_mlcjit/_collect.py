@@ -34,14 +34,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
                       status: bool) -> dict[str, Any]:
-    from . import manage
     from .backends import get_backend
     from .plan import make_plan
     from .session import get_engine
 
     engine = get_engine(config)
     plan = make_plan(items, engine)
-    scanned: dict[Path, list[manage.Entry]] = {}
     libraries = []
     for digest, (req, tests) in plan.libraries.items():
         root = engine.root_for(req)
@@ -49,13 +47,10 @@ def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
             "digest": digest, "backend": req.backend, "describe": req.describe,
             "key": req.key, "toolchain": dict(req.toolchain) or req.key.get("toolchain"),
             "root": str(root), "tests": [item.nodeid for item in tests],
+            "sources": get_backend(req.backend).static_inputs(req),
         }
         if status:
-            if root not in scanned:
-                scanned[root] = manage.scan(root)
-            backend = get_backend(req.backend)
-            library["status"] = manage.entry_status(
-                scanned[root], digest, lambda m, req=req, backend=backend: backend.stale(req, m))
+            library["status"] = engine.status(req.spec, req.device)
         libraries.append(library)
     settings = engine.settings
     return {

@@ -67,6 +67,47 @@ class Device:
         return cls(kind, int(index_text))
 
 
+#: The environment variable TVM's own test suite selects its targets with (``tvm.testing``).
+ENV_TVM_TEST_TARGETS = "TVM_TEST_TARGETS"
+#: TVM target kinds whose code runs on a device of another name.
+_KIND_DEVICES = {"llvm": "cpu", "c": "cpu", "nvptx": "cuda"}
+
+
+def devices_from_tvm_targets(text: str) -> list[str]:
+    """The devices of a ``TVM_TEST_TARGETS`` value, as ``tvm.testing`` reads it: targets
+    separated by ``;``, each a kind with optional CLI-style attributes (``llvm``,
+    ``opencl -device=mali``) or a JSON target (``{"kind": "cuda", "arch": "sm_80"}``).
+    ``llvm`` and ``c`` run on the CPU, ``nvptx`` on CUDA; an unknown kind is a ConfigError.
+    Empty: ``[]`` (the variable is then ignored, as tvm.testing does)."""
+    out: list[str] = []
+    for raw in text.split(";"):
+        entry = raw.strip()
+        if not entry:
+            continue
+        if entry.startswith("{"):
+            try:
+                data = json.loads(entry)
+            except ValueError as exc:
+                raise ConfigError(f"invalid {ENV_TVM_TEST_TARGETS} entry {entry!r}: not a "
+                                  f"JSON object ({exc})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+                raise ConfigError(f"invalid {ENV_TVM_TEST_TARGETS} entry {entry!r}: a JSON "
+                                  "target needs a 'kind' string")
+            kind = str(data["kind"])
+        else:
+            kind = entry.split()[0]
+        device = _KIND_DEVICES.get(kind, kind)
+        if device not in DEVICE_KINDS:
+            kinds = ", ".join(("llvm", "c", "nvptx", *GPU_KINDS))
+            raise ConfigError(
+                f"invalid {ENV_TVM_TEST_TARGETS} entry {entry!r}: target kind {kind!r} runs "
+                f"on no device pytest-mlcjit knows; expected one of {kinds} (or choose the "
+                "devices with --mlc-device)")
+        if device not in out:
+            out.append(device)
+    return out
+
+
 def parse_device_list(text: str) -> list[str]:
     """Parse a comma-separated ``--mlc-device`` value into validated device strings.
 

@@ -13,6 +13,7 @@ into a staging directory that is published atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -20,11 +21,11 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__
+from . import __version__, activity
 from .backends import Backend, BuildContext, BuildRequest, backend_for
 from .device import Device, Presence, probe
 from .errors import (
@@ -32,39 +33,201 @@ from .errors import (
     CompileError,
     CorruptEntryError,
     JitDisabledError,
+    LockTimeoutError,
 )
 from .fsutil import best_effort, fault_point, is_no_space
+from .inputs import Change, inputs_digest, shared_checker
+from .key import sha256_digest
 from .layout import EntryPaths, backend_root
 from .model import CompiledModel
 from .policy import Policy
 from .runner import run_logged
+from .schedule import record_time
 from .settings import Settings
 from .store import LocalStore, Store
 
+if TYPE_CHECKING:
+    from .store.tier import RemoteTier
+
 LOG_TAIL_LINES = 20
+#: Between a failed compile's message and the last lines of its log.
+_TAIL_MARK = "\n--- last lines of the log ---"
+
+
+class _KeyBusy(Exception):
+    """A prefetch found its key held by another thread or process (:meth:`JIT.prefetch`)."""
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(0.0, seconds):.0f} s"
+
+
+def _known_failure_message(known: Mapping[str, Any]) -> str:
+    """A known failure's message: the original one (its cause, its log's last lines),
+    with when it was recorded and why it was not compiled again."""
+    head, mark, tail = str(known["message"]).partition(_TAIL_MARK)
+    when = float(known["time"])
+    note = (f"(a known failure, recorded {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}"
+            f", {_ago(time.time() - when)} ago: not compiled again, since its key and its "
+            "recorded inputs are unchanged; --mlc-jit-retry-failed or --mlc-jit-policy=REDO "
+            "compiles it again)")
+    return f"{head}\n{note}{mark}{tail}"
+
+
+#: What became of a request; each request is counted as exactly one of these.
+#: ``hit``: found in the local cache; ``remote_hit``: fetched from a remote tier;
+#: ``compiled``: compiled by this request; ``waited``: found after waiting for another's
+#: compile (another process's, or this process's prefetch); ``failed``: an error;
+#: ``missed``: not cached, and the policy (READONLY, OFF) does not compile.
+OUTCOMES = ("hit", "remote_hit", "compiled", "waited", "failed", "missed")
+
+
+def _library_outcome(lib: Mapping[str, Any]) -> str:
+    """What became of one library in a run, from its requests and compiles."""
+    outcomes = lib.get("outcomes", {})
+    if lib.get("compile_failed") or outcomes.get("failed"):
+        return "failed"
+    if lib.get("compiles"):
+        return "compiled"
+    for kind in ("missed", "remote_hit", "waited", "hit"):
+        if outcomes.get(kind):
+            return kind
+    return "hit"
 
 
 @dataclasses.dataclass
 class Stats:
-    """Counters of one process, merged across xdist workers on the controller."""
+    """The accounting of one process, merged across xdist workers on the controller.
+
+    Every request (a test's, or a :meth:`JIT.compile` call; not a prefetch) is counted
+    once, in ``outcomes``, so they sum to ``requests``. Compiles are counted apart
+    (``compiles``, of which ``prefetched`` ahead of time), since a prefetch compile is no
+    request. ``wait_seconds`` is the time requests spent waiting for another's compile (a
+    key's lock, or this process's prefetch). ``libraries``: one record per key digest.
+    """
 
     requests: int = 0
-    hits: int = 0
+    outcomes: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    #: Libraries compiled (successfully) by this process: for requests and ahead of time.
     compiles: int = 0
-    failures: int = 0
+    #: Of ``compiles``, those done ahead of time by background prefetch.
+    prefetched: int = 0
+    #: Time spent compiling, failed compiles included.
     compile_seconds: float = 0.0
-    lock_wait_seconds: float = 0.0
+    wait_seconds: float = 0.0
     bytes_compiled: int = 0
     corrupt: int = 0
-    #: Compiles done ahead of time by background prefetch (included in ``compiles``).
-    prefetched: int = 0
+    libraries: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: The remote tier's counts (downloads, bytes, seconds, uploads, errors, warnings).
+    remote: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    # -- the older names (run history, benchmarks) --------------------------------------
+    @property
+    def hits(self) -> int:
+        """Requests served from a cache without compiling (hit, remote_hit, waited)."""
+        return sum(self.outcomes.get(k, 0) for k in ("hit", "remote_hit", "waited"))
+
+    @property
+    def failures(self) -> int:
+        return self.outcomes.get("failed", 0)
+
+    @property
+    def lock_wait_seconds(self) -> float:
+        return self.wait_seconds
+
+    # -- counting ---------------------------------------------------------------------------
+    def library(self, digest: str, *, spec: str = "", target: Any = None,
+                worker: str = "") -> dict[str, Any]:
+        """The record of one library (made on first use)."""
+        lib = self.libraries.get(digest)
+        if lib is None:
+            lib = self.libraries[digest] = {
+                "spec": spec, "digest": digest, "target": target, "requests": 0,
+                "outcomes": {}, "compiles": 0, "compile_failed": False, "prefetched": False,
+                "compile_seconds": 0.0, "wait_seconds": 0.0, "size": None, "worker": worker}
+        return lib
+
+    def count(self, outcome: str, *, wait_seconds: float = 0.0,
+              lib: dict[str, Any] | None = None, size: int | None = None) -> None:
+        """Count one request's outcome (and its wait) in the totals and its library."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self.requests += 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.wait_seconds += wait_seconds
+        if lib is not None:
+            lib["requests"] += 1
+            lib["outcomes"][outcome] = lib["outcomes"].get(outcome, 0) + 1
+            lib["wait_seconds"] += wait_seconds
+            if size is not None:
+                lib["size"] = size
+
+    def compiled(self, lib: dict[str, Any], *, seconds: float, ok: bool, background: bool,
+                 worker: str, size: int | None = None) -> None:
+        """Count one compile (``ok``: published; else failed or interrupted)."""
+        self.compile_seconds += seconds
+        lib["compile_seconds"] += seconds
+        lib["worker"] = worker
+        if ok:
+            self.compiles += 1
+            self.prefetched += background
+            self.bytes_compiled += size or 0
+            lib["compiles"] += 1
+            lib["prefetched"] = lib["prefetched"] or background
+            lib["size"] = size
+        else:
+            lib["compile_failed"] = True
+
+    # -- merging and reporting ----------------------------------------------------------
     def merge(self, other: Mapping[str, Any]) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + other.get(field.name, 0))
+        """Add another process's :meth:`to_json`."""
+        for name in ("requests", "compiles", "prefetched", "compile_seconds", "wait_seconds",
+                     "bytes_compiled", "corrupt"):
+            setattr(self, name, getattr(self, name) + other.get(name, 0))
+        for kind, n in (other.get("outcomes") or {}).items():
+            self.outcomes[kind] = self.outcomes.get(kind, 0) + n
+        if other.get("remote"):
+            from .store.tier import merge_remote_stats
+
+            merge_remote_stats(self.remote, other["remote"])
+        for theirs in other.get("libraries") or ():
+            mine = self.libraries.get(theirs["digest"])
+            if mine is None:
+                self.libraries[theirs["digest"]] = {
+                    **theirs, "outcomes": dict(theirs.get("outcomes") or {})}
+                continue
+            for name in ("requests", "compiles", "compile_seconds", "wait_seconds"):
+                mine[name] += theirs.get(name, 0)
+            for kind, n in (theirs.get("outcomes") or {}).items():
+                mine["outcomes"][kind] = mine["outcomes"].get(kind, 0) + n
+            for flag in ("compile_failed", "prefetched"):
+                mine[flag] = bool(mine.get(flag) or theirs.get(flag))
+            if theirs.get("compiles") or (theirs.get("compile_failed") and not mine["compiles"]):
+                mine["worker"] = theirs.get("worker", mine["worker"])
+            if mine.get("size") is None:
+                mine["size"] = theirs.get("size")
+            mine["spec"] = mine["spec"] or theirs.get("spec", "")
+
+    def library_records(self) -> list[dict[str, Any]]:
+        """One record per library, with its ``outcome`` in this run, slowest compile first."""
+        records = [{**lib, "outcome": _library_outcome(lib),
+                    "compile_seconds": round(lib["compile_seconds"], 3),
+                    "wait_seconds": round(lib["wait_seconds"], 3)}
+                   for lib in self.libraries.values()]
+        return sorted(records, key=lambda r: (-r["compile_seconds"], r["spec"], r["digest"]))
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data: what a worker sends its controller, and what the run history keeps
+        (with the older names ``hits``, ``failures`` and ``lock_wait_seconds``)."""
+        data = dataclasses.asdict(self)
+        data["libraries"] = [dict(lib) for lib in self.libraries.values()]
+        data.update(hits=self.hits, failures=self.failures,
+                    lock_wait_seconds=self.lock_wait_seconds)
+        return data
 
 
 def _ran_out_of_space(root: Path, log: Path) -> str | None:
@@ -105,9 +268,13 @@ def _no_space_message(req: BuildRequest, cache: Store, why: str,
             f"{where}. Free space or prune the cache (pytest-mlcjit prune).{tail}")
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+def _tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = 8192) -> str:
+    """The last ``lines`` lines of a log, at most its last ``limit`` bytes (a failure
+    record and its message stay small, however much the compiler printed)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return "(no log)"
     return "\n".join(text.rstrip().splitlines()[-lines:])
@@ -125,11 +292,29 @@ class JIT:
         self._done: dict[tuple[str, Path], CompiledModel] = {}
         self._lock = threading.RLock()
         self._key_locks: dict[str, threading.Lock] = {}
+        #: Compiles of each key this process finished (ended how they may).
+        self._compiles_of: dict[str, int] = {}
+        self._remote: RemoteTier | None = None
         #: ``background``: whether this thread's current ``compile`` call is a prefetch
         #: (set at the top of every ``compile``, read where it counts outcomes).
         self._local = threading.local()
 
     # -- building blocks -------------------------------------------------------------------
+    @property
+    def remote(self) -> RemoteTier | None:
+        """The remote tier (``Settings.remote``), opened on first use; None without one."""
+        if self.settings.remote is None:
+            return None
+        with self._lock:
+            if self._remote is None:
+                from .store.tier import RemoteTier, signing_key_from_env
+
+                self._remote = RemoteTier(
+                    self.settings.remote, mode=self.settings.remote_mode,
+                    required=self.settings.remote_required, signing_key=signing_key_from_env())
+                self.stats.remote = self._remote.stats
+            return self._remote
+
     def presence(self, device: Device) -> Presence:
         """Whether ``device`` is present (probed once, in a subprocess, on first ask)."""
         name = str(device)
@@ -186,8 +371,45 @@ class JIT:
         the request follows it. ``background=True`` is for prefetching: the call is not
         counted as a request (nor its outcome as a hit); a compile it does is counted as
         ``prefetched`` too.
+
+        Each request is counted once in ``stats.outcomes`` (see :data:`OUTCOMES`): a
+        library from the cache is a ``hit``, unless the request waited for another's
+        compile first (``waited``) or a remote tier's lookup sets ``self._local.outcome =
+        "remote_hit"``.
         """
-        self._local.background = background
+        return self._run(spec, device, policy, background=background, wait=True)
+
+    def prefetch(self, spec: Any, device: Device | str | None = "cpu") -> bool:
+        """Compile ``spec`` ahead of time, as ``compile(..., background=True)`` does,
+        unless another thread or process holds its key now (it is compiling it): then
+        return False at once, without waiting, so that the caller moves on to the next
+        library. True once it is compiled or found; a failure raises as ``compile`` does."""
+        try:
+            self._run(spec, device, None, background=True, wait=False)
+        except _KeyBusy:
+            return False
+        return True
+
+    def _run(self, spec: Any, device: Device | str | None, policy: Policy | str | None, *,
+             background: bool, wait: bool) -> CompiledModel:
+        local = self._local
+        local.background, local.req, local.store = background, None, None
+        local.waited, local.waited_for_other, local.outcome = 0.0, False, None
+        local.wait = wait
+        try:
+            model = self._compile(spec, device, policy)
+        except BaseException as exc:
+            if not background:
+                missed = isinstance(exc, CacheMissError | JitDisabledError)
+                self._count("missed" if missed else "failed")
+            raise
+        if not background:
+            self._count("compiled" if not model.hit else local.outcome
+                        or ("waited" if local.waited_for_other else "hit"), model)
+        return model
+
+    def _compile(self, spec: Any, device: Device | str | None,
+                 policy: Policy | str | None) -> CompiledModel:
         pol = self._policy(policy)
         if pol is Policy.OFF:
             raise JitDisabledError(
@@ -197,16 +419,103 @@ class JIT:
         req = self.request(spec, device, pol)
         backend = backend_for(req.spec)
         store = self.store_for(req, pol)
-        paths = backend.locate(req, store.root)
+        self._local.req, self._local.store = req, store
         with self._lock:
-            self.stats.requests += not background
             done = self._done.get((req.digest, store.root))
-        if done is not None and store.is_verified(paths):
-            with self._lock:
-                self.stats.hits += not background
+        if done is not None and self._still_valid(done, backend, req, store):
             return dataclasses.replace(done, hit=True)
-        with self._key_lock(req.digest):
-            return self._compile_or_fetch(req, backend, store, paths, pol)
+        with self._holding_key(req, store):
+            return self._compile_or_fetch(req, backend, store, pol)
+
+    # -- accounting and progress (what a request became; what this process is doing) -------
+    def _library(self, req: BuildRequest) -> dict[str, Any]:
+        """``req``'s record in the stats; call with ``self._lock`` held."""
+        return self.stats.library(req.digest, spec=activity.describe_spec(req.spec, req.describe),
+                                  target=req.target, worker=activity.worker_name())
+
+    def _count(self, outcome: str, model: CompiledModel | None = None) -> None:
+        """Count this thread's request (its outcome, and how long it waited)."""
+        req = self._local.req
+        size = model.manifest.get("size") if model is not None else None
+        with self._lock:
+            lib = self._library(req) if req is not None else None
+            self.stats.count(outcome, wait_seconds=self._local.waited, lib=lib,
+                             size=size if isinstance(size, int) else None)
+
+    @contextlib.contextmanager
+    def _job(self, kind: str, req: BuildRequest, store: Store) -> Iterator[dict[str, Any]]:
+        """Announce a job that can take long (``compile``, ``download``, ``wait``) to the
+        progress display (:mod:`.activity`); a compile's time is counted, ended how it may."""
+        t0 = time.monotonic()
+        with activity.doing(kind, model=activity.describe_spec(req.spec, req.describe),
+                            target=activity.describe_target(req.target), digest=req.digest,
+                            root=str(store.root), background=self._local.background) as job:
+            try:
+                yield job
+            except BaseException:
+                if kind == "compile":  # killed, interrupted: counted as a failed compile
+                    self._compile_done(req, time.monotonic() - t0, ok=False)
+                raise
+            finally:
+                self._local.job_seconds = time.monotonic() - t0
+
+    def _compile_done(self, req: BuildRequest, seconds: float, *, ok: bool,
+                      size: int | None = None) -> None:
+        with self._lock:
+            self._compiles_of[req.digest] = self._compiles_of.get(req.digest, 0) + 1
+            self.stats.compiled(self._library(req), seconds=seconds, ok=ok, size=size,
+                                background=self._local.background,
+                                worker=activity.worker_name())
+
+    @contextlib.contextmanager
+    def _holding_key(self, req: BuildRequest, store: Store) -> Iterator[None]:
+        """Hold this process's lock of the key: a thread that finds another (the prefetch)
+        holding it waits, and that wait is counted and shown."""
+        lock = self._key_lock(req.digest)
+        if not lock.acquire(blocking=False):
+            if not getattr(self._local, "wait", True):
+                raise _KeyBusy(req.digest)
+            t0 = time.monotonic()
+            with self._lock:
+                compiles_before = self._compiles_of.get(req.digest, 0)
+            with self._job("wait", req, store):
+                lock.acquire()
+            self._local.waited += time.monotonic() - t0
+            with self._lock:  # "waited" if the other thread compiled it, not just looked up
+                if self._compiles_of.get(req.digest, 0) > compiles_before:
+                    self._local.waited_for_other = True
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def _locked(self, req: BuildRequest, store: Store) -> Iterator[float]:
+        """Hold the key's lock in the store (:meth:`Store.lock`), the wait for it shown as a
+        job; yields the seconds waited (also counted as this request's wait)."""
+        with contextlib.ExitStack() as stack:
+            if not getattr(self._local, "wait", True):  # prefetch: another holds it
+                try:
+                    waited = stack.enter_context(store.lock(req.digest, 0.0, req.describe))
+                except LockTimeoutError:
+                    raise _KeyBusy(req.digest) from None
+            else:
+                with self._job("wait", req, store):
+                    waited = stack.enter_context(store.lock(
+                        req.digest, self.settings.effective_lock_timeout, req.describe))
+            self._local.waited += waited
+            yield waited
+
+    def _still_valid(self, done: CompiledModel, backend: Backend, req: BuildRequest,
+                     store: Store) -> bool:
+        """Whether a library this process returned before is still the right one: the file
+        is unchanged (one stat) and so are the inputs it was built from (stats)."""
+        if not store.is_verified(EntryPaths(done.digest, done.path)):
+            return False
+        recorded = done.manifest.get("inputs")
+        base = backend.inputs_base(req)
+        return base is None or not isinstance(recorded, dict) or not shared_checker().changes(
+            recorded, base)
 
     def _key_lock(self, digest: str) -> threading.Lock:
         with self._lock:
@@ -214,23 +523,53 @@ class JIT:
 
     def _finish(self, req: BuildRequest, store: Store, paths: EntryPaths,
                 manifest: dict[str, Any], *, hit: bool) -> CompiledModel:
-        store.record_use(req.digest)
+        store.record_use(paths.digest)
         loadable = req.runnable and (req.device.kind == "cpu"
                                      or self.presence(req.device).present)
         model = CompiledModel(
             spec=req.spec, device=req.device, path=paths.library, key=req.key,
-            digest=req.digest, hit=hit, compile_seconds=float(manifest.get("compile_seconds", 0)),
+            digest=paths.digest, hit=hit, compile_seconds=float(manifest.get("compile_seconds", 0)),
             manifest=manifest, loadable=loadable,
         )
         with self._lock:
             self._done[(req.digest, store.root)] = model
-            if hit and not self._local.background:
-                self.stats.hits += 1
         return model
 
-    def _lookup(self, req: BuildRequest, backend: Backend, store: Store, paths: EntryPaths,
-                policy: Policy) -> tuple[dict[str, Any] | None, str]:
-        """``(manifest, "")`` for a usable entry, else ``(None, why it is not usable)``."""
+    def _select(self, req: BuildRequest, backend: Backend, store: Store
+                ) -> tuple[EntryPaths | None, str]:
+        """The entry this request selects: for a backend that records inputs, the newest
+        variant whose recorded inputs are unchanged (one stat per input when nothing
+        changed), else ``(None, why)``; for the others, the key's one entry."""
+        base = backend.inputs_base(req)
+        paths = backend.locate(req, store.root)
+        if base is None:
+            return paths, ""
+        variants = store.read_variants(paths.library.parent, req.digest)
+        first: list[Change] | None = None
+        for variant in variants:
+            try:
+                changes = shared_checker().changes(variant["inputs"], base)
+            except ValueError:  # a malformed record: not this variant
+                continue
+            if not changes:
+                return backend.locate(req, store.root, variant["entry"]), ""
+            first = changes if first is None else first
+        if first is None:
+            return None, "missing"
+        return None, "stale: inputs changed since it was built: " + "; ".join(map(str, first))
+
+    def _lookup(self, req: BuildRequest, backend: Backend, store: Store, policy: Policy
+                ) -> tuple[EntryPaths | None, dict[str, Any] | None, str]:
+        """``(paths, manifest, "")`` for a usable entry, else ``(paths or None, None, why it
+        is not usable)``."""
+        paths, why = self._select(req, backend, store)
+        if paths is None:
+            return None, None, why
+        manifest, why = self._read_entry(req, backend, store, paths, policy)
+        return paths, manifest, why
+
+    def _read_entry(self, req: BuildRequest, backend: Backend, store: Store, paths: EntryPaths,
+                    policy: Policy) -> tuple[dict[str, Any] | None, str]:
         try:
             manifest = store.read_manifest(paths)
             if manifest is None:
@@ -241,7 +580,7 @@ class JIT:
                     return None, "missing"
                 store.write_manifest(paths, adopted)
                 manifest = adopted
-            store.verify(paths, manifest)
+            manifest = store.verify(paths, manifest)
         except CorruptEntryError as exc:
             return None, f"corrupt: {exc}"
         if (why := backend.stale(req, manifest)) is not None:
@@ -250,32 +589,75 @@ class JIT:
             return None, "redo"
         return manifest, ""
 
+    def status(self, spec: Any, device: Device | str | None = "cpu") -> str:
+        """How a READONLY lookup would find ``spec`` now: ``hit``, ``missing``, or
+        ``stale: …`` / ``corrupt: …`` / ``redo`` with why; writes nothing."""
+        req = self.request(spec, device, Policy.READONLY)
+        _, manifest, why = self._lookup(req, backend_for(req.spec),
+                                        self.store_for(req, Policy.READONLY), Policy.READONLY)
+        return "hit" if manifest is not None else why
+
     def _compile_or_fetch(self, req: BuildRequest, backend: Backend, store: Store,
-                          paths: EntryPaths, policy: Policy) -> CompiledModel:
-        manifest, why = self._lookup(req, backend, store, paths, policy)
-        if manifest is not None:
+                          policy: Policy) -> CompiledModel:
+        paths, manifest, why = self._lookup(req, backend, store, policy)
+        if paths is not None and manifest is not None:
             return self._finish(req, store, paths, manifest, hit=True)
         if policy is Policy.READONLY:
+            if self.remote is not None and (pulled := self.remote.pull_private(
+                    req, backend, lambda: self._job("download", req, store))) is not None:
+                self._local.outcome = "remote_hit"
+                return self._finish(req, store, *pulled, hit=True)
             with self._lock:
                 self.stats.corrupt += why.startswith("corrupt")
             raise CacheMissError(self._readonly_message(req, store, why))
-        if (failed := store.read_failure(req.digest, self.settings.run_id)) is not None:
-            raise CompileError(f"{failed}\n(remembered from an earlier attempt in this run)")
-        with store.lock(req.digest, self.settings.effective_lock_timeout,
-                        req.describe) as waited:
-            with self._lock:
-                self.stats.lock_wait_seconds += waited
-            manifest, why = self._lookup(req, backend, store, paths, policy)
-            if manifest is not None:
+        self._check_failure(req, backend, store, policy)
+        with self._locked(req, store):
+            paths, manifest, why = self._lookup(req, backend, store, policy)
+            if paths is not None and manifest is not None:
+                self._local.waited_for_other = True  # it appeared while we waited
                 return self._finish(req, store, paths, manifest, hit=True)
-            if (failed := store.read_failure(req.digest, self.settings.run_id)) is not None:
-                raise CompileError(f"{failed}\n(remembered from an earlier attempt in this run)")
-            if why.startswith("corrupt"):
+            self._check_failure(req, backend, store, policy)
+            if paths is not None and why.startswith("corrupt"):
                 with self._lock:
                     self.stats.corrupt += 1
                 store.quarantine(paths, why)
-            manifest = self._build(req, backend, store, paths)
+            tier = self.remote
+            if tier is not None and policy is Policy.ON and (pulled := tier.pull(
+                    req, backend, store, lambda: self._job("download", req, store))) is not None:
+                self._local.outcome = "remote_hit"
+                return self._finish(req, store, *pulled, hit=True)
+            paths, manifest = self._build(req, backend, store)
+            if tier is not None:
+                tier.upload(req, paths.digest, paths.library, manifest,
+                            replace=policy is Policy.REDO)
         return self._finish(req, store, paths, manifest, hit=False)
+
+    def _check_failure(self, req: BuildRequest, backend: Backend, store: Store,
+                       policy: Policy) -> None:
+        """Raise CompileError for a failure of ``req`` remembered from this run, or for a
+        known failure: one an earlier run recorded when the factory or the compiler raised,
+        for this key, whose recorded inputs are unchanged (and whose files that were
+        missing still are). Known failures are compiled again under REDO, with
+        ``--mlc-jit-retry-failed``, or once anything they depend on changed."""
+        if (failed := store.read_failure(req.digest, self.settings.run_id)) is not None:
+            raise CompileError(f"{failed}\n(remembered from an earlier attempt in this run)")
+        if policy is Policy.REDO or self.settings.retry_failed:
+            return
+        known = store.read_known_failure(req.digest)
+        base = backend.inputs_base(req)
+        if known is None or base is None:
+            return
+        try:
+            if shared_checker().changes(known["inputs"], base):
+                return
+        except ValueError:  # a malformed record: compile
+            return
+        missing = known.get("missing")
+        for path in missing if isinstance(missing, list) else []:
+            if os.path.lexists(os.path.join(base, str(path))):
+                return
+        _, kept_log = store.failure_paths(req.digest)
+        raise CompileError(_known_failure_message(known), log_path=str(kept_log))
 
     def _readonly_message(self, req: BuildRequest, store: Store, why: str) -> str:
         head = {
@@ -288,9 +670,11 @@ class JIT:
             "(pytest --mlc-jit-prepare, or a run with --mlc-jit-policy=ON)"
         )
 
-    def _build(self, req: BuildRequest, backend: Backend, store: Store,
-               paths: EntryPaths) -> dict[str, Any]:
-        """Compile ``req`` in a subprocess and publish it; call with the key's lock held."""
+    def _build(self, req: BuildRequest, backend: Backend, store: Store
+               ) -> tuple[EntryPaths, dict[str, Any]]:
+        """Compile ``req`` in a subprocess and publish it; call with the key's lock held.
+        Returns where it was published (for a backend that records inputs, the entry of
+        this input state) and its manifest."""
         store.clean_staging()
         parent, note = backend.staging_parent(req, store.root)
         if parent is not None:
@@ -307,52 +691,82 @@ class JIT:
             fault_point("staging")
             if note:
                 log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
-            argv, output = backend.command(req, staging)
+            argv, output = backend.command(req, staging, store.root)
             t0 = time.perf_counter()
             fault_point("compile")
-            rc = run_logged(argv, log, timeout=timeout)
+            with self._job("compile", req, store):
+                rc = run_logged(argv, log, timeout=timeout,
+                                warm=self.settings.compile_workers != "off")
             seconds = time.perf_counter() - t0
             fault_point("compiled")
             if rc != 0 and (why := _ran_out_of_space(store.root, log)) is not None:
                 # Not remembered as this config's failure: freeing space fixes it.
                 raise CompileError(_no_space_message(req, store, why, log))
             if rc is None:
-                self._fail(req, store, log, f"timed out after {timeout:g}s (--mlc-jit-timeout)")
+                self._fail(req, store, log, f"timed out after {timeout:g}s (--mlc-jit-timeout)",
+                           seconds=seconds)
             if rc != 0:
-                self._fail(req, store, log, f"the compiler exited with code {rc}")
+                known = backend.failed_compile(req, staging) if rc > 0 else None
+                self._fail(req, store, log, f"the compiler exited with code {rc}", known=known,
+                           seconds=seconds)
             if not output.is_file():
                 self._fail(req, store, log, f"the compiler exited 0 but wrote no library "
                                             f"at {output.name}")
-            manifest = {
-                "format": req.key.get("format"), "backend": req.backend, "key": req.key,
-                "toolchain": dict(req.toolchain), "compile_seconds": round(seconds, 3),
-                "created": time.time(), "run_id": self.settings.run_id,
-                "host": socket.gethostname(), "plugin_version": __version__,
-                **backend.collect(req, staging),
-            }
-            published = store.publish(output, log, paths, manifest)
+            paths, published = self._publish(req, backend, store, staging=staging,
+                                            output=output, seconds=seconds)
         except OSError as exc:
             if is_no_space(exc):
                 raise CompileError(_no_space_message(req, store, "")) from None
             raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        with self._lock:
-            self.stats.compiles += 1
-            self.stats.prefetched += self._local.background
-            self.stats.compile_seconds += seconds
-            self.stats.bytes_compiled += int(published["size"])
-        return published
+            store.remove_staging(staging)
+        record_time(store.root, req, seconds)
+        self._compile_done(req, seconds, ok=True, size=int(published["size"]))
+        return paths, published
 
-    def _fail(self, req: BuildRequest, store: Store, log: Path, why: str) -> None:
+    def _publish(self, req: BuildRequest, backend: Backend, store: Store, *, staging: Path,
+                 output: Path, seconds: float) -> tuple[EntryPaths, dict[str, Any]]:
+        """Publish a compiled library with its manifest. A backend that records inputs
+        gets one entry per input state, named by the key and the inputs' digests, listed
+        first among the key's variants."""
+        manifest = {
+            "format": req.key.get("format"), "backend": req.backend, "key": req.key,
+            "key_digest": req.digest,
+            "toolchain": dict(req.toolchain), "compile_seconds": round(seconds, 3),
+            "created": time.time(), "run_id": self.settings.run_id,
+            "host": socket.gethostname(), "plugin_version": __version__,
+            **backend.collect(req, staging),
+        }
+        paths = backend.locate(req, store.root)
+        recorded = manifest.get("inputs")
+        if backend.inputs_base(req) is not None and isinstance(recorded, dict):
+            entry = sha256_digest({"key": req.digest, "inputs": inputs_digest(recorded)})
+            paths = backend.locate(req, store.root, entry)
+        if paths.digest != req.digest:
+            # Listed before it is published: a crash in between leaves a variant whose
+            # entry is missing (compiled again), never a published entry no lookup finds.
+            store.add_variant(paths.library.parent, req.digest, {
+                "entry": paths.digest, "inputs": recorded, "created": manifest["created"]})
+        published = store.publish(output, staging / "compile.log", paths, manifest)
+        return paths, published
+
+    def _fail(self, req: BuildRequest, store: Store, log: Path, why: str, *,
+              known: dict[str, Any] | None = None, seconds: float | None = None) -> NoReturn:
+        """Remember the failure (for this run; ``known``, the compile's own account of a
+        deterministic failure: for later runs too, see :meth:`_check_failure`) and raise
+        CompileError."""
         _, kept_log = store.failure_paths(req.digest)
         with best_effort(kept_log, "keep the failed compile's log at"):
             shutil.copyfile(log, kept_log)
         message = (f"compiling {req.describe} failed: {why}\n"
-                   f"compile log: {kept_log}\n--- last lines of the log ---\n{_tail(log)}")
-        store.record_failure(req.digest, self.settings.run_id, message)
-        with self._lock:
-            self.stats.failures += 1
+                   f"compile log: {kept_log}{_TAIL_MARK}\n{_tail(log)}")
+        if known is not None:
+            known = {**known, "describe": req.describe, "seconds": seconds,
+                     "spec": activity.describe_spec(req.spec, req.describe)}
+        store.record_failure(req.digest, self.settings.run_id, message, known=known)
+        if seconds is not None:
+            record_time(store.root, req, seconds)
+        self._compile_done(req, getattr(self._local, "job_seconds", 0.0), ok=False)
         raise CompileError(message, log_path=str(kept_log))
 
 

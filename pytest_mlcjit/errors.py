@@ -43,6 +43,11 @@ class CompileError(MlcJitError):
         self.log_path = log_path
 
 
+class InputError(MlcJitError, TypeError):
+    """``CompiledModel.run`` was called with an unknown function, or with inputs that do not
+    match the function's signature (count, names, shapes, dtypes); nothing was run."""
+
+
 class LockTimeoutError(MlcJitError, TimeoutError):
     """Waiting for another process to finish compiling the same key took too long."""
 

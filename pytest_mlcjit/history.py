@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,10 +58,33 @@ def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:
         return []
     runs = []
     for line in reversed(lines):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             data = json.loads(line)
-            if isinstance(data, dict):
+            if valid_run(data):
                 runs.append(data)
         if len(runs) >= limit:
             break
     return runs
+
+
+#: The latest time a run record may hold: the end of the year 9999 (tools print it).
+_MAX_TIME = 253402300799.0
+_COUNTS = ("requests", "hits", "compiles", "failures", "corrupt", "prefetched")
+
+
+def valid_run(data: Any) -> bool:
+    """Whether a line of the history is a run record whose known fields have their types
+    and ranges (a damaged or foreign line is skipped, never shown half-read)."""
+    if not isinstance(data, dict):
+        return False
+    for name in ("time", "compile_seconds"):
+        value = data.get(name, 0)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or not 0 <= value <= _MAX_TIME):
+            return False
+    for name in _COUNTS:
+        value = data.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return False
+    return isinstance(data.get("policy", ""), str) and isinstance(data.get("prepare", False),
+                                                                   bool)

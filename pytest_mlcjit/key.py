@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bumped whenever the cache layout or key fields change meaning.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def canonical_json(obj: Any) -> str:

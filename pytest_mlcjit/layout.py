@@ -7,11 +7,15 @@ cache can be tarred and restored anywhere)::
     <root>/model_lib/<md5>.<suffix>         an MLC library, named as MLC-LLM names it
     <root>/<dir>/<digest>.manifest.json     written last: full key, sha256, size, toolchain…
     <root>/<dir>/<digest>.log               the compile log
+    <root>/tvm/variants/<key>.json          the input states of a key, each naming an entry
     <root>/.mlcjit/locks/<digest>.lock      flock()-based, released by the kernel on death
     <root>/.mlcjit/locks/<digest>.owner     who holds it (pid, host, since), for messages
-    <root>/.mlcjit/staging/…                per-compile scratch dirs on the cache's filesystem
+    <root>/<dir>/.<digest>.manifest.pending.json   the next manifest, while a publish runs
+    <root>/.mlcjit/staging/<d32>.<hex16>/   per-compile scratch dirs on the cache's filesystem
+    <root>/.mlcjit/staging/<d32>.<hex16>.lock   held by the dir's owner for its whole life
     <root>/.mlcjit/failed/<digest>.json     a failure, remembered for the rest of its run
     <root>/.mlcjit/usage/<digest>           last-used time, kept by the cache (not atime)
+    <root>/.mlcjit/timings/<spec digest>    the last compile time of a spec (any toolchain)
     <root>/.mlcjit/quarantine/…             corrupt entries moved aside
     <root>/.mlcjit/mlckeys/<run>/…          MLC key computations shared by one run
     <root>/.mlcjit/runs.jsonl               the run history
@@ -43,7 +47,18 @@ MLC_DIR = "model_lib"
 
 #: Entry digests: hex SHA-256 (TVM) or MD5 (MLC-compatible).
 DIGEST_RE = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
-STAGING_NAME_RE = re.compile(r"[0-9a-f]{32}\.[^/]+\.[0-9]+\.[0-9a-f]{8}")
+#: A staging directory's name: ``<digest[:32]>.<16 hex>``; and the names earlier versions
+#: used, ``<digest[:32]>.<host>.<pid>.<8 hex>`` (still recognized, to clean them up).
+STAGING_NAME_RE = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{16}")
+LEGACY_STAGING_NAME_RE = re.compile(r"[0-9a-f]{32}\.[^/]+\.[0-9]+\.[0-9a-f]{8}")
+STAGING_LOCK_SUFFIX = ".lock"
+PENDING_SUFFIX = ".manifest.pending.json"
+#: Bytes the cache may add below its root (the longest: a quarantined manifest,
+#: ``.mlcjit/quarantine/<64>.<stamp>.<4>/<64>.manifest.json``, or a temporary manifest,
+#: with room for an MLC library suffix); a root too long for them is refused up front.
+PATH_ROOM_WRITE = 256
+#: The same for reading only (``model_lib/<32>.<suffix>``, ``tvm/<64>.manifest.json``).
+PATH_ROOM_READ = 128
 SIMPLE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -113,6 +128,12 @@ class EntryPaths:
     def log(self) -> Path:
         return self.library.parent / (self.library.name.rsplit(".", 1)[0] + LOG_SUFFIX)
 
+    @property
+    def pending(self) -> Path:
+        """The next manifest while a publish replaces the entry: it names the new library
+        from before that library is renamed into place until it becomes the manifest."""
+        return self.library.parent / f".{self.digest}{PENDING_SUFFIX}"
+
 
 def tvm_entry(root: Path, digest: str) -> EntryPaths:
     return EntryPaths(digest, root / TVM_DIR / f"{digest}.{TVM_SUFFIX}")
@@ -120,6 +141,16 @@ def tvm_entry(root: Path, digest: str) -> EntryPaths:
 
 def mlc_entry(root: Path, digest: str, suffix: str) -> EntryPaths:
     return EntryPaths(digest, root / MLC_DIR / f"{digest}.{suffix}")
+
+
+#: How many input states (variants) of one key are remembered, newest first.
+MAX_VARIANTS = 8
+
+
+def variants_file(entry_dir: Path, key_digest: str) -> Path:
+    """``<root>/<dir>/variants/<key digest>.json``: the input states a key was built from,
+    each naming its entry (ccache's manifest); see :meth:`Backend.inputs_base`."""
+    return entry_dir / "variants" / f"{check_digest(key_digest)}.json"
 
 
 def check_entry(root: Path, paths: EntryPaths) -> None:
@@ -164,8 +195,54 @@ def failure_files(root: str | os.PathLike[str], digest: str) -> tuple[Path, Path
     return base.with_suffix(".json"), base.with_suffix(".log")
 
 
+def timing_file(root: str | os.PathLike[str], spec_digest: str) -> Path:
+    """``<root>/.mlcjit/timings/<spec digest>``: how long a spec last took to compile, on
+    whatever toolchain and input state (:mod:`.schedule`)."""
+    return Path(root, CONTROL_DIR, "timings", check_digest(spec_digest))
+
+
 def staging_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root, CONTROL_DIR, "staging")
+
+
+def staging_lock(staging: Path) -> Path:
+    """The lock file of a staging directory, beside it: made and locked before the
+    directory, held by its owner until the directory is gone."""
+    return staging.with_name(staging.name + STAGING_LOCK_SUFFIX)
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether ``name`` is a staging directory's (this version's or an earlier one's)."""
+    return bool(STAGING_NAME_RE.fullmatch(name) or LEGACY_STAGING_NAME_RE.fullmatch(name))
+
+
+def path_max(path: str | os.PathLike[str]) -> int:
+    """The longest path (in bytes, without the final NUL) the filesystem of ``path``, or of
+    its nearest existing parent, accepts."""
+    probe = Path(path)
+    while True:
+        try:
+            return int(os.pathconf(probe, "PC_PATH_MAX")) - 1
+        except (OSError, ValueError):
+            if probe.parent == probe:
+                return 4095
+            probe = probe.parent
+
+
+def check_path_room(root: str | os.PathLike[str], room: int, what: str) -> None:
+    """ConfigError unless paths ``room`` bytes longer than ``root`` fit the system's limit
+    (PATH_MAX): refused before anything is compiled, not at publish."""
+    length = len(os.fsencode(os.fspath(root)))
+    limit = path_max(root)
+    if length + 1 + room > limit:
+        shown = os.fspath(root)
+        shown = shown if len(shown) <= 80 else f"{shown[:40]}…{shown[-36:]}"
+        raise ConfigError(
+            f"{what} {shown} is {length} bytes long, too long for a cache: it writes paths up "
+            f"to {room} bytes longer, and this filesystem accepts at most {limit} (PATH_MAX); "
+            "choose a shorter directory (--mlc-jit-cache-dir, MLC_JIT_CACHE_DIR or "
+            "MLC_TEMP_DIR)"
+        )
 
 
 def quarantine_dir(root: str | os.PathLike[str]) -> Path:

@@ -29,15 +29,32 @@ if TYPE_CHECKING:
 planned_key = pytest.StashKey["tuple[Any, Device, Policy | None] | str"]()
 
 #: Why a test requests no library, by the code :class:`Plan` records.
+#: Each reads after a count, singular or plural ("1 skipped at collection").
 EXCLUDED = {
-    "direct": "call mlc_jit.compile themselves: what they compile is not known before they "
-              "run, so prepare cannot warm it",
-    "plain": "do not use compiled_model",
-    "off": "have policy OFF (mlc_jit_policy marker)",
-    "skipped": "are skipped at collection (an absent device without a target, no mlc_llm, "
+    "direct": "with mlc_jit.compile in the test body: what it compiles is not known before "
+              "the test runs, so prepare cannot warm it",
+    "plain": "without compiled_model",
+    "off": "with policy OFF (mlc_jit_policy marker)",
+    "skipped": "skipped at collection (an absent device without a target, no mlc_llm, "
                "or a skip mark)",
-    "no-device": "have no device",
+    "no-device": "with no device to run on",
 }
+
+MLC_CONFIG_FILE = "mlc-chat-config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoDevice:
+    """The ``mlc_device`` parameter of a test that cannot run as collected: a malformed
+    ``mlc_devices`` marker (``invalid``), or a device that is absent while
+    ``--mlc-jit-require-devices`` is on. The ``mlc_device`` fixture fails the test at
+    setup with ``message``; collection goes on."""
+
+    message: str
+    invalid: bool = False
+
+    def __str__(self) -> str:
+        return "invalid-devices" if self.invalid else "absent-device"
 
 
 def uses_plugin(item: pytest.Item) -> bool:
@@ -53,6 +70,48 @@ def is_mlc(spec: Any) -> bool:
     return getattr(spec, "backend", None) == "mlc" or isinstance(spec, str | os.PathLike)
 
 
+def check_mlc_path(spec: Any, where: str) -> None:
+    """SpecError unless an MLC spec (a path or an MLCModel) names a directory that exists;
+    a ``module:function`` string is a factory given where a TVMModel belongs."""
+    model_dir = getattr(spec, "model_dir", spec)
+    if not isinstance(model_dir, str | os.PathLike):
+        return
+    text = os.fspath(model_dir)
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    from .spec import is_factory_name
+
+    if isinstance(spec, str) and is_factory_name(spec):
+        fix = (f"@pytest.mark.mlc_model(TVMModel({spec!r}))" if where == "mlc_model"
+               else f"TVMModel({spec!r})")
+        raise SpecError(
+            f"{where} {spec!r} names a factory, not an MLC model directory: write {fix} "
+            "(from pytest_mlcjit import TVMModel)")
+    relative = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+    raise SpecError(
+        f"MLC model directory {text!r} does not exist{relative}: {where} expected a "
+        f"TVMModel, an MLCModel or an MLC model directory (one with {MLC_CONFIG_FILE})")
+
+
+def mlc_dir_ready(spec: Any) -> bool:
+    """Whether ``spec`` is an MLC spec whose model directory exists with its
+    ``mlc-chat-config.json``: only such a test is skipped when ``mlc_llm`` is missing (a
+    wrong path fails instead, so that a typo cannot hide a test)."""
+    if not is_mlc(spec) or spec_error(spec) is not None:
+        return False
+    model_dir = getattr(spec, "model_dir", spec)
+    if not isinstance(model_dir, str | os.PathLike):
+        return False
+    return (Path(os.fspath(model_dir)).expanduser() / MLC_CONFIG_FILE).is_file()
+
+
+def spec_error(spec: Any) -> str | None:
+    """The deferred error of a spec made invalid during collection, else None."""
+    error = getattr(spec, "error", None)
+    return error if isinstance(error, str) and getattr(spec, "backend", None) else None
+
+
 def spec_from_marker(marker: pytest.Mark) -> Any:
     """Turn ``mlc_model(...)`` arguments into a spec, or raise SpecError."""
     if len(marker.args) != 1:
@@ -63,6 +122,8 @@ def spec_from_marker(marker: pytest.Mark) -> Any:
     from .spec import TVMModel
 
     spec, options = marker.args[0], dict(marker.kwargs)
+    if (error := spec_error(spec)) is not None:
+        raise SpecError(error)
     if isinstance(spec, TVMModel):
         target = options.pop("target", None)
         if options:
@@ -70,11 +131,12 @@ def spec_from_marker(marker: pytest.Mark) -> Any:
                             "a TVMModel takes only target=")
         if target is not None:
             spec = TVMModel(spec.factory, spec.config, target=target, opt_level=spec.opt_level,
-                            seed=spec.seed, name=spec.name)
+                            seed=spec.seed, name=spec.name, files=spec.files)
         return spec
     if is_mlc(spec):
         from .backends.mlc import MLCModel
 
+        check_mlc_path(spec, "mlc_model")
         return MLCModel.coerce(spec, **options)
     raise SpecError(
         f"invalid model spec {spec!r}: expected a TVMModel, an MLCModel or the path of an MLC "
@@ -97,6 +159,10 @@ def requested_spec(node: pytest.Item, params: Mapping[str, Any]) -> tuple[Any, P
     parametrization) or its ``mlc_model`` marker; SpecError/ConfigError if malformed."""
     if "compiled_model" in params:
         spec = params["compiled_model"]
+        if (error := spec_error(spec)) is not None:
+            raise SpecError(error)
+        if is_mlc(spec):
+            check_mlc_path(spec, "compiled_model parameter")
         if isinstance(spec, str | os.PathLike):
             from .backends.mlc import MLCModel
 
@@ -121,6 +187,10 @@ def requested_device(params: Mapping[str, Any], settings: Settings) -> Device | 
     value = params["mlc_device"]
     if value is None or isinstance(value, Device):
         return value
+    if isinstance(value, NoDevice):
+        if value.invalid:
+            raise SpecError(value.message)
+        return None
     return Device.parse(str(value))
 
 

@@ -2,61 +2,114 @@
 
 Compiling on demand makes xdist workers wait on each other: they all start on the same
 tests, so they all need the same first library, and one compiles while the others wait.
-After collection, every worker computes the same list of distinct libraries (each
-worker collects every test), ordered by first use, and takes a deterministic share:
-library *j* goes to worker *j* mod *W*. A background thread compiles that share in
-order. The key's lock keeps this single-flight: a test that needs a library another
-worker is still compiling waits for it, and never compiles it twice.
+After collection, every worker computes the list of distinct libraries (each worker
+collects every test), longest expected compile first (:mod:`.schedule`: the compile
+times this cache recorded; first-use order where it has none), and a background thread
+walks it: a free worker takes the next library no one holds. A library whose key
+another worker (or this worker's test) holds now is being compiled there: it is skipped
+at once (:meth:`.engine.JIT.prefetch`), never waited for, so no worker idles while a
+library is left. The key's lock keeps this single-flight: a test that needs a library
+another worker is still compiling waits for it, and never compiles it twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .backends import backend_for
 from .engine import JIT
 from .errors import MlcJitError
-from .plan import make_plan
+from .locks import WAITS_CANCELLED
+from .plan import make_plan, planned_key
+from .runner import kill_all, killing_on_sigint
+from .schedule import expected_seconds, longest_first
+
+if TYPE_CHECKING:
+    from .backends import BuildRequest
+
+#: After an interrupt, how long ``stop`` waits for the prefetch thread (it has nothing left
+#: to do but remove its staging directory; a wait for another process's lock is given up).
+INTERRUPTED_JOIN_S = 10.0
 
 
 def my_share(libraries: list[Any], index: int, count: int) -> list[Any]:
-    """Library *j* (in first-use order) belongs to worker *j* mod *count*."""
+    """Library *j* (in first-use order) belongs to worker *j* mod *count*: the static
+    split prefetch used before work stealing (kept for callers of its own)."""
     return [lib for j, lib in enumerate(libraries) if j % count == index]
 
 
 class Prefetcher:
-    """Compiles one worker's share of the run's libraries in a daemon thread."""
+    """Compiles the run's libraries in a daemon thread, longest first, each library no
+    other worker is compiling at the time (``index`` and ``count``: this worker's place
+    among the run's, kept for the record)."""
 
     def __init__(self, engine: JIT, index: int = 0, count: int = 1) -> None:
         self.engine = engine
         self.index, self.count = index, count
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: While the thread runs: a SIGINT stops its compile at once (runner.kill_all).
+        self._sigint = contextlib.ExitStack()
         self.planned = 0
 
     def start(self, items: list[pytest.Item]) -> None:
         plan = make_plan(items, self.engine)
-        jobs = [(req.spec, req.device) for req, _ in plan.libraries.values()]
-        mine = my_share(jobs, self.index, self.count)
-        self.planned = len(mine)
-        if mine:
-            self._thread = threading.Thread(target=self._run, args=(mine,),
+        # Only libraries a test may compile: its own policy (mlc_jit_policy marker) decides,
+        # as it does every write of its request; a READONLY test's library is not built.
+        reqs = [req for req, tests in plan.libraries.values()
+                if any(_writes(item, self.engine) for item in tests)]
+        self.planned = len(reqs)
+        if reqs:
+            self._sigint = contextlib.ExitStack()
+            self._sigint.enter_context(killing_on_sigint())
+            self._thread = threading.Thread(target=self._run, args=(reqs,),
                                             name="mlcjit-prefetch", daemon=True)
             self._thread.start()
 
-    def _run(self, jobs: list[tuple[Any, Any]]) -> None:
-        for spec, device in jobs:
+    def order(self, reqs: list[BuildRequest]) -> list[BuildRequest]:
+        """``reqs`` (in first-use order), longest expected compile first."""
+        policy = self.engine.settings.policy
+        expected = []
+        for req in reqs:
+            try:
+                expected.append(expected_seconds(req, backend_for(req.spec),
+                                                 self.engine.store_for(req, policy)))
+            except MlcJitError:
+                expected.append(None)
+        return longest_first(reqs, expected)
+
+    def _run(self, reqs: list[BuildRequest]) -> None:
+        for req in self.order(reqs):
             if self._stop.is_set():
                 return
-            # A failure is remembered for this run: the test that needs it reports it.
-            with contextlib.suppress(MlcJitError):
-                self.engine.compile(spec, device, background=True)
+            try:
+                self.engine.prefetch(req.spec, req.device)  # False: another compiles it
+            except MlcJitError:
+                pass  # remembered for this run: the test that needs it reports it
+            except KeyboardInterrupt:  # stopped by an interrupt (runner.kill_all)
+                return
 
-    def stop(self) -> None:
-        """Start no further compiles; wait for the one in flight (others may need it)."""
+    def stop(self, *, interrupted: bool = False) -> None:
+        """Start no further compiles, and wait for the one in flight (others may need
+        it); ``interrupted`` (the run was interrupted): stop it instead, its whole process
+        tree, and wait only for its staging directory to be removed."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.engine.settings.compile_timeout + 60)
+        self._sigint.close()
+        if interrupted:
+            kill_all()
+        try:
+            if self._thread is not None:
+                self._thread.join(timeout=INTERRUPTED_JOIN_S if interrupted
+                                  else self.engine.settings.compile_timeout + 60)
+        finally:
+            WAITS_CANCELLED.clear()  # the next run in this process waits as usual
+
+
+def _writes(item: pytest.Item, engine: JIT) -> bool:
+    planned = item.stash.get(planned_key, None)
+    policy = planned[2] if isinstance(planned, tuple) else None
+    return (policy or engine.settings.policy).writes

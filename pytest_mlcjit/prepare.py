@@ -17,10 +17,16 @@ import pytest
 
 from .errors import MlcJitError
 from .plan import EXCLUDED, make_plan, planned_key
-from .session import get_engine
+from .session import get_engine, run_state
 from .units import plural
 
 PROPERTY = "mlcjit_prepared"
+
+
+def in_shard(digest: str, index: int, total: int) -> bool:
+    """Whether the library ``digest`` belongs to shard ``index`` of ``total`` (1-based):
+    stable, by the digest's value, so every job computes the same split."""
+    return int(digest, 16) % total == index - 1
 
 
 class Prepare:
@@ -35,13 +41,20 @@ class Prepare:
     def pytest_collection_modifyitems(self, config: pytest.Config,
                                       items: list[pytest.Item]) -> None:
         plan = make_plan(items, get_engine(config))
-        keep = {id(tests[0]) for _, tests in plan.libraries.values()}
+        libraries = list(plan.libraries.items())
+        shard = run_state(config).options.shard
+        if shard is not None:
+            libraries = [(digest, found) for digest, found in libraries
+                         if in_shard(digest, *shard)]
+        keep = {id(tests[0]) for _, (_, tests) in libraries}
         keep.update(id(item) for item, _ in plan.errors)
         deselected = [item for item in items if id(item) not in keep]
         items[:] = [item for item in items if id(item) in keep]
         if deselected:
             config.hook.pytest_deselected(items=deselected)
         self.counts = plan.counts()
+        if shard is not None:
+            self.counts["shard"] = [*shard, len(libraries)]
         workeroutput = getattr(config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput["mlcjit_prepare"] = self.counts
@@ -120,6 +133,12 @@ class Prepare:
             f"{done['compiled']} compiled, "
             f"{done['cached']} already cached, {done['failed']} failed"
         )
+        if "shard" in counts:
+            index, total, mine = counts["shard"]
+            terminalreporter.write_line(
+                f"shard {index}/{total} (--mlc-jit-shard): "
+                f"{plural(mine, 'library', 'libraries')} of {counts['libraries']} are this "
+                "shard's; the others are left to the other shards")
         if counts["errors"]:
             terminalreporter.write_line(
                 f"{plural(counts['errors'], 'test')} with an invalid model spec (failed)")

@@ -15,9 +15,14 @@ from .settings import DEFAULT_COMPILE_TIMEOUT_S, Settings
 if TYPE_CHECKING:
     from .engine import JIT, Stats
     from .prefetch import Prefetcher
+    from .progress import Progress
 
 #: The run's state (set at configure, unless the plugin is disabled).
 state_key = pytest.StashKey["RunState"]()
+#: A test whose compile failed: its report section (title, the compile log's last lines).
+compile_log_key = pytest.StashKey[tuple[str, str]]()
+#: A test whose compile failed or was interrupted: the first line of its message, for -rE.
+failure_line_key = pytest.StashKey[str]()
 
 
 class RunState:
@@ -29,10 +34,16 @@ class RunState:
     receive the settings ready-made (``settings_json``).
     """
 
-    def __init__(self, options: Options, *, settings_json: Mapping[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, options: Options, *, settings_json: Mapping[str, Any] | None = None,
+                 board: str | None = None) -> None:
         self.options = options
         self._settings_json = settings_json
+        #: The progress board this process's jobs are published on (None: the default).
+        self.board = board
+        #: The live progress display (controller, or without xdist), once started.
+        self.progress: Progress | None = None
+        #: The JSON report written after the run (``--mlc-jit-report``), or why not.
+        self.report_written: str | None = None
         self._settings: Settings | None = None
         self._engine: JIT | None = None
         #: Statistics sent by the workers (controller only), merged with its own.
@@ -45,6 +56,8 @@ class RunState:
         self.pruned: list[Any] = []
         #: When this run started (controller).
         self.started: float | None = None
+        #: This process's name: its xdist worker id (``gw1``, from its config), else main.
+        self.worker = "main"
 
     @property
     def settings(self) -> Settings:
@@ -61,16 +74,21 @@ class RunState:
                     compile_timeout=opts.compile_timeout or DEFAULT_COMPILE_TIMEOUT_S,
                     lock_timeout=opts.lock_timeout, presence=presence,
                     devices=tuple(resolve_auto(list(opts.devices), presence)),
-                    allow_untrusted=opts.allow_untrusted,
+                    allow_untrusted=opts.allow_untrusted, remote=opts.remote,
+                    remote_mode=opts.remote_mode, remote_required=opts.remote_required,
+                    compile_workers=opts.compile_workers, retry_failed=opts.retry_failed,
                 )
         return self._settings
 
     @property
     def engine(self) -> JIT:
         if self._engine is None:
+            from . import activity
             from .engine import JIT
 
             self._engine = JIT(self.settings)
+            activity.configure(run_id=self.settings.run_id, worker=self.worker,
+                               board=self.board)
         return self._engine
 
     @property
@@ -96,7 +114,10 @@ class RunState:
         options, resolved."""
         opts = self.options
         return {"settings": self.settings.to_json(), "device_option": opts.device_option,
-                "prefetch": opts.prefetch, "max_size": opts.max_size}
+                "prefetch": opts.prefetch, "max_size": opts.max_size,
+                "board": self.progress_board(), "progress": opts.progress,
+                "require_devices": opts.require_devices, "device_origin": opts.device_origin,
+                "shard": list(opts.shard) if opts.shard else None}
 
     @classmethod
     def from_worker_input(cls, data: Mapping[str, Any], *, prepare: bool) -> RunState:
@@ -106,8 +127,24 @@ class RunState:
             device_option=data["device_option"], cache_dir=settings.cache_dir,
             compile_timeout=settings.compile_timeout, lock_timeout=settings.lock_timeout,
             allow_untrusted=settings.allow_untrusted, prefetch=data["prefetch"],
-            max_size=data["max_size"], prepare=prepare)
-        return cls(options, settings_json=data["settings"])
+            max_size=data["max_size"], prepare=prepare,
+            require_devices=bool(data.get("require_devices")),
+            device_origin=str(data.get("device_origin") or ""),
+            progress=str(data.get("progress") or "auto"),
+            remote=settings.remote, remote_mode=settings.remote_mode,
+            remote_required=settings.remote_required,
+            compile_workers=settings.compile_workers, retry_failed=settings.retry_failed,
+            shard=(int(data["shard"][0]), int(data["shard"][1])) if data.get("shard") else None)
+        return cls(options, settings_json=data["settings"], board=data.get("board"))
+
+    def progress_board(self) -> str | None:
+        """The board where this run's processes publish their jobs (:mod:`.activity`)."""
+        if self.board is None:
+            from .activity import default_board
+
+            board = default_board()
+            self.board = str(board) if board is not None else None
+        return self.board
 
 
 def run_state(config: pytest.Config) -> RunState:

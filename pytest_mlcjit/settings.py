@@ -33,6 +33,16 @@ class Settings:
     allow_untrusted: bool = False
     #: The devices tests run on (resolved ``--mlc-device``).
     devices: tuple[str, ...] = ("cpu",)
+    #: The remote tier (``s3://bucket/prefix`` or ``file:///path``), None for none; its mode
+    #: (``read`` or ``readwrite``), and whether a remote error fails the run.
+    remote: str | None = None
+    remote_mode: str = "readwrite"
+    remote_required: bool = False
+    #: Pre-warmed compile workers (``--mlc-jit-compile-workers``): ``auto`` and ``on`` use
+    #: them where they can run (Linux), ``off`` starts a fresh process per compile.
+    compile_workers: str = "auto"
+    #: Compile a known failure again although nothing changed (``--mlc-jit-retry-failed``).
+    retry_failed: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
@@ -50,6 +60,9 @@ class Settings:
             "run_id": self.run_id,
             "presence": {k: v.to_json() for k, v in self.presence.items()},
             "devices": list(self.devices), "allow_untrusted": self.allow_untrusted,
+            "remote": self.remote, "remote_mode": self.remote_mode,
+            "remote_required": self.remote_required,
+            "compile_workers": self.compile_workers, "retry_failed": self.retry_failed,
         }
 
     @classmethod
@@ -61,4 +74,8 @@ class Settings:
             run_id=data["run_id"],
             presence={k: Presence.from_json(v) for k, v in data["presence"].items()},
             devices=tuple(data["devices"]), allow_untrusted=data["allow_untrusted"],
+            remote=data.get("remote"), remote_mode=data.get("remote_mode", "readwrite"),
+            remote_required=bool(data.get("remote_required")),
+            compile_workers=str(data.get("compile_workers") or "auto"),
+            retry_failed=bool(data.get("retry_failed")),
         )

@@ -1,24 +1,63 @@
 """Shared fixtures: a pytester project with a tiny real model, and ways to count what the
 cache holds and how many compilations really ran (counted by the model factory itself,
-inside the compile subprocess, not by the plugin)."""
+inside the compile subprocess, not by the plugin).
+
+Two ways to run pytest on a project: :meth:`Project.run`, a real subprocess (for xdist,
+compiles and loads, signals, concurrency, anything where a fresh process is the point), and
+:meth:`Project.run_inprocess` (option parsing, help, markers, collection, headers, errors
+raised before anything is compiled or loaded).
+
+The benchmarks' ``--quick`` modes are marked ``bench`` and deselected unless ``--run-bench``
+is given (``.ci/run`` runs them once, on their own).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# Imported here, before any pytester snapshot of sys.modules: an in-process run that
+# collects a test module importing numpy would otherwise import it anew after pytester
+# forgot it, and numpy's C core cannot be loaded twice in one process.
+import numpy  # noqa: F401
 import pytest
 
+import pytest_mlcjit
+
+
+def _import_the_whole_plugin() -> None:
+    """Import every module of pytest_mlcjit now, before any pytester snapshot of sys.modules.
+
+    The package imports its modules lazily and keeps what it imported (``TVMModel`` in its
+    globals, say). A module first imported inside an in-process run is forgotten by
+    pytester afterwards, and the next run would import a second copy whose classes fail the
+    first copy's ``isinstance`` checks. A module that cannot be imported here (an optional
+    dependency missing) is left to be imported, and forgotten, as before.
+    """
+    for info in pkgutil.walk_packages(pytest_mlcjit.__path__, f"{pytest_mlcjit.__name__}."):
+        if info.name.rpartition(".")[2] == "__main__":
+            continue
+        with contextlib.suppress(ImportError):
+            importlib.import_module(info.name)
+
+
+_import_the_whole_plugin()
+
 ENV_VARS = ("MLC_JIT_POLICY", "MLC_JIT_CACHE_DIR", "MLC_LLM_HOME", "MLC_DSO_SUFFIX",
-            "MLC_TEMP_DIR", "PYTEST_ADDOPTS", "PYTEST_XDIST_AUTO_NUM_WORKERS")
+            "MLC_TEMP_DIR", "PYTEST_ADDOPTS", "PYTEST_XDIST_AUTO_NUM_WORKERS",
+            "TVM_TEST_TARGETS")
 
 #: A real Relax model whose factory records each call (one call = one compilation).
 TINY_MODEL = '''
@@ -83,6 +122,12 @@ class Project:
         extra = [f"--mlc-jit-cache-dir={self.cache}"] if cache else []
         return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *extra, *args)
 
+    def run_inprocess(self, *args: str, cache: bool = True) -> pytest.RunResult:
+        """Run pytest inside this process against this project's cache (:func:`inprocess`):
+        for runs where a fresh process is not the point."""
+        extra = [f"--mlc-jit-cache-dir={self.cache}"] if cache else []
+        return inprocess(self.pytester, "-p", "no:cacheprovider", *extra, *args)
+
     def compiles(self) -> list[str]:
         """One line per real compilation (written by the factory in the compile process)."""
         if not self.counter.exists():
@@ -96,10 +141,99 @@ class Project:
     def libraries(self, backend: str = "tvm", suffix: str = "so") -> list[Path]:
         return sorted((self.cache / backend).glob(f"*.{suffix}"))
 
+    def warm(self, template: Path) -> None:
+        """Start from a copy of :func:`warm_template`'s cache, which holds the tiny model
+        (hidden=4) for cpu: saves a compile where compiling it proves nothing."""
+        model = (self.pytester.path / "tinymodel.py").read_bytes()
+        assert (template / "tinymodel.py").read_bytes() == model, "keys would differ"
+        shutil.copytree(template / "cache", self.cache)
+
     def write_tests(self, configs: Sequence[Mapping[str, object]], per_config: int = 1,
                     name: str = "test_tiny") -> None:
         self.pytester.makepyfile(**{name: TESTS_TEMPLATE.format(configs=configs,
                                                                 per_config=per_config)})
+
+
+def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """``pytester.runpytest_inprocess(*args)``, made safe for this suite.
+
+    For runs where a fresh process is not the point: option parsing, ``--help``, markers,
+    collection and ids, headers, and errors raised before anything is compiled or loaded.
+    Never for ``-n`` (xdist), and never for a run that loads a library: TVM cannot be
+    imported twice in one process, and pytester forgets the modules an in-process run
+    imported (:class:`HeavyImportGuard` fails such a run). Runs that compile stay in
+    subprocesses too, with signals, concurrency and anything that measures start-up.
+
+    The inner run starts from Python's default warning filters, as a subprocess would, not
+    from this suite's ``filterwarnings = error``; its plugin state lives in its own
+    ``Config.stash``, so nothing carries over from one run to the next.
+    """
+    xdist = [a for a in args if a.startswith(("-n", "--numprocesses", "--dist"))]
+    assert not xdist, f"{xdist}: xdist runs need a subprocess (runpytest_subprocess, Project.run)"
+    for path in pytester.path.glob("*.py"):
+        loaded = getattr(sys.modules.get(path.stem), "__file__", None)
+        assert path.stem == "conftest" or loaded in (None, str(path)), \
+            f"{path.name} would collide with the module {loaded} in this process: rename it"
+    guard = HeavyImportGuard()
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        result = pytester.runpytest_inprocess(*args, plugins=[guard])
+    assert not guard.imported, (
+        f"an in-process run imported {guard.imported}; it must run in a subprocess")
+    return result
+
+
+class HeavyImportGuard:
+    """A plugin for in-process runs: which of :data:`HEAVY` the run imported (and pytester
+    is about to forget, after which a second import in this process would fail)."""
+
+    HEAVY = ("tvm", "tvm_ffi")
+
+    def __init__(self) -> None:
+        self.before = {m for m in self.HEAVY if m in sys.modules}
+        self.imported: list[str] = []
+
+    def pytest_unconfigure(self) -> None:
+        self.imported = [m for m in self.HEAVY if m in sys.modules and m not in self.before]
+
+
+# -- opt-in tests: `slow` ones (packaging) run only with --run-slow ----------------------------
+# Hook names of their own (specname), so that other opt-in markers can add hooks beside them.
+@pytest.hookimpl(specname="pytest_addoption")
+def pytest_addoption_run_slow(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (they build and install the wheel "
+                     "and the sdist in fresh virtualenvs); .ci/run runs them once")
+
+
+@pytest.hookimpl(specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_run_slow(config: pytest.Config,
+                                           items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
+# -- opt-in tests: `bench` ones (the benchmarks' --quick modes) run only with --run-bench ----
+@pytest.hookimpl(specname="pytest_addoption")
+def pytest_addoption_run_bench(parser: pytest.Parser) -> None:
+    parser.addoption("--run-bench", action="store_true", default=False,
+                     help="also run the tests marked bench (the benchmarks' --quick modes, "
+                     "minutes of CPU); .ci/run runs them once: pytest -n 2 --run-bench -m bench")
+
+
+@pytest.hookimpl(specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_run_bench(config: pytest.Config,
+                                            items: list[pytest.Item]) -> None:
+    if config.getoption("--run-bench"):
+        return
+    bench = [item for item in items if item.get_closest_marker("bench") is not None]
+    if bench:
+        config.hook.pytest_deselected(items=bench)
+        items[:] = [item for item in items if item.get_closest_marker("bench") is None]
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +344,8 @@ class Engine:
 
     project: Project
     script: Path
+    #: The tiny model's recorded inputs, once :meth:`learn_inputs` has compiled it.
+    inputs: dict[str, Any] | None = None
 
     def popen(self, requests: list[dict[str, Any]], *, env: dict[str, str] | None = None,
               stderr: Any = subprocess.PIPE, umask: int = -1,
@@ -231,16 +367,33 @@ class Engine:
         return outcomes(out)
 
     def warm(self, template: Path) -> None:
-        """Start from a copy of :func:`warm_template`'s cache (saves a compile where that
-        proves nothing)."""
-        model = (self.project.pytester.path / "tinymodel.py").read_bytes()
-        assert (template / "tinymodel.py").read_bytes() == model, "keys would differ"
-        shutil.copytree(template / "cache", self.project.cache)
+        """Start from a copy of :func:`warm_template`'s cache (:meth:`Project.warm`)."""
+        self.project.warm(template)
 
     def paths(self, digest: str) -> tuple[Path, Path]:
-        """(library, manifest) of a TVM entry in this cache."""
-        base = self.project.cache / "tvm" / digest
+        """(library, manifest) of the entry that key ``digest`` has, or will have, in this
+        cache. Each input state of a key is its own entry, named by the key's digest and
+        the recorded inputs' (:mod:`pytest_mlcjit.inputs`); the tiny model's inputs are the
+        same for every config, so any finished entry tells them (see :meth:`learn_inputs`).
+        """
+        from pytest_mlcjit.inputs import inputs_digest
+        from pytest_mlcjit.key import sha256_digest
+
+        entry = digest
+        recorded = self.inputs or next(
+            (m["inputs"] for m in self.project.manifests() if m.get("inputs")), None)
+        if recorded is not None:
+            entry = sha256_digest({"key": digest, "inputs": inputs_digest(recorded)})
+        base = self.project.cache / "tvm" / entry
         return base.with_suffix(".so"), base.with_suffix(".manifest.json")
+
+    def learn_inputs(self) -> None:
+        """Compile one config of the tiny model, so that :meth:`paths` knows the entry of
+        a key before its first compile has finished (for kill tests)."""
+        (result,) = self.run([{"hidden": 1}])
+        assert result["ok"], result
+        (manifest,) = [m for m in self.project.manifests() if m.get("inputs")]
+        self.inputs = manifest["inputs"]
 
     def lock_is_free(self, digest: str) -> bool:
         from filelock import FileLock, Timeout
@@ -284,6 +437,30 @@ def outcomes(stdout: str, *, events: bool = False) -> list[dict[str, Any]]:
     return lines if events else [line for line in lines if "i" in line]
 
 
+#: The summary's words for each outcome, singular and plural.
+_OUTCOME_WORDS = {"hit": "hit", "hits": "hit", "remote hit": "remote_hit",
+                  "remote hits": "remote_hit", "compiled": "compiled", "waited": "waited",
+                  "failed": "failed", "missed": "missed"}
+
+
+def accounting(result: pytest.RunResult) -> dict[str, int]:
+    """The summary line's counts (``requests`` and each outcome shown), checked to add up:
+    ``6 requests: 4 hits, 2 compiled; …`` → ``{"requests": 6, "hit": 4, "compiled": 2}``."""
+    import re
+
+    for line in result.outlines:
+        match = re.fullmatch(r"(\d+) requests?: ([^;]*)(?:; .*)?", line)
+        if match is None:
+            continue
+        counts = {"requests": int(match.group(1))}
+        for part in match.group(2).split(", "):
+            n, _, word = part.partition(" ")
+            counts[_OUTCOME_WORDS[word]] = int(n)
+        assert sum(counts.values()) == 2 * counts["requests"], line
+        return counts
+    raise AssertionError(f"no accounting line in:\n{result.stdout.str()}")
+
+
 @pytest.fixture
 def engine(project: Project) -> Engine:
     script = project.pytester.path / "mlcjit_driver.py"
@@ -293,17 +470,31 @@ def engine(project: Project) -> Engine:
 
 @pytest.fixture(scope="session")
 def warm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dir with ``cache/`` holding the tiny model (hidden=4), compiled once per test
-    process; copy it with :meth:`Engine.warm`. The factory module is written as pytester
-    writes it (byte-identical), so the key is the same."""
-    work = tmp_path_factory.mktemp("warm-template")
-    (work / "tinymodel.py").write_text(TINY_MODEL.strip())
-    (work / "mlcjit_driver.py").write_text(DRIVER)
-    cache = work / "cache"
-    job = json.dumps({"cache": str(cache), "requests": [{"hidden": 4}]})
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS and k != "MLCJIT_TEST_COUNT"}
-    proc = subprocess.run([sys.executable, str(work / "mlcjit_driver.py"), job], cwd=work,
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert outcomes(proc.stdout)[0]["ok"], proc.stdout
+    """A dir with ``cache/`` holding the tiny model (hidden=4) for cpu, compiled once per
+    test session and shared by the xdist workers (the xdist recipe: a lock in the directory
+    shared by all workers' temp dirs); copy it with :meth:`Project.warm`, never change it.
+    The factory module is written as pytester writes it (byte-identical), so the key is the
+    same."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    work = base / "mlcjit-warm-template"
+    with FileLock(f"{work}.lock"):
+        if (work / "ready").exists():
+            return work
+        shutil.rmtree(work, ignore_errors=True)  # a try that failed half-way
+        work.mkdir()
+        (work / "tinymodel.py").write_text(TINY_MODEL.strip())
+        (work / "mlcjit_driver.py").write_text(DRIVER)
+        cache = work / "cache"
+        job = json.dumps({"cache": str(cache), "requests": [{"hidden": 4}]})
+        env = {k: v for k, v in os.environ.items()
+               if k not in ENV_VARS and k != "MLCJIT_TEST_COUNT"}
+        proc = subprocess.run([sys.executable, str(work / "mlcjit_driver.py"), job], cwd=work,
+                              capture_output=True, text=True, timeout=300, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert outcomes(proc.stdout)[0]["ok"], proc.stdout
+        (work / "ready").touch()
     return work

@@ -1,5 +1,8 @@
 """Each benchmark's ``--quick`` mode still runs: tiny models, one repetition, and only
-correctness checked (compile counts, cache hits, prune results), never speed."""
+correctness checked (compile counts, cache hits, prune results), never speed.
+
+They take minutes of CPU, so they are marked ``bench`` and run only with ``--run-bench``
+(``.ci/run`` runs them once, after the main suite: ``pytest -n 2 --run-bench -m bench``)."""
 
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = ["bench_dedup.py", "bench_makespan.py", "bench_warm.py", "bench_import.py",
-           "bench_scale.py"]
+           "bench_scale.py", "bench_coldpath.py", "bench_remote.py"]
 
 
 def test_every_benchmark_is_covered() -> None:
     assert sorted(p.name for p in BENCHMARKS.glob("bench_*.py")) == sorted(SCRIPTS)
 
 
+@pytest.mark.bench
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_mode_passes(script: str, tmp_path: Path) -> None:
     proc = subprocess.run(

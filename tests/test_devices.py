@@ -7,6 +7,8 @@ skipped, since an absent device cannot be shown.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import Project
@@ -54,8 +56,9 @@ def test_only_absent_devices_compile_nothing(project: Project) -> None:
     assert not project.libraries()
 
 
-def test_device_restriction_marker(project: Project) -> None:
+def test_device_restriction_marker(project: Project, warm_template: Path) -> None:
     project.pytester.makepyfile(test_devices=DEVICE_TESTS)
+    project.warm(warm_template)  # the cpu library: compiling it proves nothing here
     result = project.run("--mlc-device=cpu", "-rs", "-v")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines([
@@ -65,8 +68,9 @@ def test_device_restriction_marker(project: Project) -> None:
 
 
 def test_auto_resolves_to_a_present_device(project: Project) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
-    result = project.run("-v")  # default: auto
+    project.pytester.makepyfile(test_auto=DEVICE_TESTS)  # in-process: not this module's name
+    result = project.run_inprocess("--co")  # default: auto; the header says what it chose
+    result.assert_outcomes()  # collected, nothing run, no collection error
     present = "cuda" if probe([Device("cuda")])["cuda"].present else "cpu"
     result.stdout.fnmatch_lines([f"*mlcjit: policy=ON, devices={present} (present)*"])
 
@@ -117,7 +121,7 @@ def test_a_test_that_parametrizes_mlc_device_itself_gets_that_device(project: Pr
     """Indirect parameters of ``mlc_device`` are the device the test runs on (the same
     reading prepare mode makes), not the first ``--mlc-device``; a bad one is an error."""
     project.pytester.makepyfile(test_own=OWN_DEVICE_PARAMS)
-    result = project.run("--mlc-device=cpu")
+    result = project.run_inprocess("--mlc-device=cpu")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*mlc_device: invalid device 'tpu': expected one of auto, *"])
     assert project.compiles() == []

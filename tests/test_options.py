@@ -1,4 +1,7 @@
-"""Options, markers, header and help; the plugin disabled; and its import cost."""
+"""Options, markers, header and help; the plugin disabled; and its import cost.
+
+Help, markers and the header run in-process (:meth:`conftest.Project.run_inprocess`); what
+a fresh process imports, and runs under ``-n``, in a subprocess."""
 
 from __future__ import annotations
 
@@ -7,11 +10,11 @@ import sys
 
 import pytest
 
-from conftest import Project
+from conftest import Project, inprocess
 
 
 def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--help")
+    result = inprocess(pytester, "--help")
     result.stdout.fnmatch_lines([
         "*pytest-mlcjit*",
         "*--mlc-jit-policy={ON,OFF,REDO,READONLY}*",
@@ -27,7 +30,7 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
 
 
 def test_markers_are_registered(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--markers")
+    result = inprocess(pytester, "--markers")
     result.stdout.fnmatch_lines([
         "@pytest.mark.mlc_model(spec, *, target=None, **options)*",
         "@pytest.mark.mlc_devices(*devices)*",
@@ -50,7 +53,7 @@ def test_it(compiled_model):
 
 
 def test_header_line(project: Project) -> None:
-    result = project.run("--mlc-device=cpu", "--mlc-jit-policy=readonly", "--co")
+    result = project.run_inprocess("--mlc-device=cpu", "--mlc-jit-policy=readonly", "--co")
     result.stdout.fnmatch_lines([f"mlcjit: policy=READONLY, devices=cpu (present), "
                                  f"cache={project.cache}"])
 
@@ -60,7 +63,7 @@ def test_disabled_plugin(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:mlcjit", "-n", "2")
     result.assert_outcomes(passed=1)
     assert "mlcjit:" not in result.stdout.str()
-    help_text = pytester.runpytest_subprocess("-p", "no:mlcjit", "--help").stdout.str()
+    help_text = inprocess(pytester, "-p", "no:mlcjit", "--help").stdout.str()
     assert "--mlc-jit-policy" not in help_text
 
 
@@ -72,6 +75,8 @@ import pytest
 def test_plain():
     pass
 ''')
+    # A subprocess: pytest remembers the markers it has seen for the whole process
+    # (pytest.mark's cache), so an in-process run would know mlc_devices from earlier runs.
     result = pytester.runpytest_subprocess("-p", "no:mlcjit", "--strict-markers")
     result.stdout.fnmatch_lines(["*'mlc_devices' not found in `markers`*"])
 

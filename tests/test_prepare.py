@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import Project
+from conftest import Project, inprocess
 
 SUITE_A = '''
 import os
@@ -105,11 +105,11 @@ def test_prepare_compiles_each_distinct_library_once_and_runs_no_test(suite: Pro
         "*pytest-mlcjit prepare*",
         "9 tests request 3 distinct libraries: 3 compiled, 0 already cached, 0 failed",
         "5 tests request no library:",
-        "  1 call mlc_jit.compile themselves: what they compile is not known before they run, "
-        "so prepare cannot warm it",
-        "  1 have policy OFF (mlc_jit_policy marker)",
-        "  1 do not use compiled_model",
-        "  2 are skipped at collection (*",
+        "  1 with mlc_jit.compile in the test body: what it compiles is not known before the "
+        "test runs, so prepare cannot warm it",
+        "  1 with policy OFF (mlc_jit_policy marker)",
+        "  1 without compiled_model",
+        "  2 skipped at collection (*",
     ])
     # The distinct libraries went to both workers, each compiling its share.
     out = result.stdout.str()
@@ -160,7 +160,8 @@ def test_it(compiled_model):
 
 def test_prepare_under_readonly_only_checks(project: Project) -> None:
     project.write_tests([{"hidden": 4}], per_config=2)
-    cold = project.run("--mlc-jit-prepare", "--mlc-jit-policy=READONLY", "--mlc-device=cpu")
+    cold = project.run_inprocess("--mlc-jit-prepare", "--mlc-jit-policy=READONLY",
+                                 "--mlc-device=cpu")
     assert cold.ret == pytest.ExitCode.TESTS_FAILED
     cold.stdout.fnmatch_lines(["*CacheMissError: no cached library for key *"])
     assert project.compiles() == []
@@ -173,12 +174,12 @@ def test_nothing_to_prepare_and_policy_off(project: Project) -> None:
     assert result.ret == 0
     result.stdout.fnmatch_lines([
         "0 tests request 0 distinct libraries: 0 compiled, 0 already cached, 0 failed"])
-    off = project.run("--mlc-jit-prepare", "--mlc-jit-policy=OFF")
+    off = project.run_inprocess("--mlc-jit-prepare", "--mlc-jit-policy=OFF")
     assert off.ret == pytest.ExitCode.USAGE_ERROR
     off.stderr.fnmatch_lines(["*--mlc-jit-prepare compiles libraries, but the policy is OFF*"])
 
 
 def test_prepare_in_help(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--help")
+    result = inprocess(pytester, "--help")
     result.stdout.fnmatch_lines(["*--mlc-jit-prepare*", "*--mlc-jit-max-size=SIZE*"])
     assert "  mlc_jit_max_size " in result.stdout.str()

@@ -70,16 +70,31 @@ class Backend(abc.ABC):
         """Validate ``spec`` for ``device`` and key it (SpecError if it is malformed)."""
 
     @abc.abstractmethod
-    def locate(self, req: BuildRequest, root: Path) -> EntryPaths:
-        """Where ``req``'s entry lives under a cache root."""
+    def locate(self, req: BuildRequest, root: Path, entry: str | None = None) -> EntryPaths:
+        """Where ``req``'s entry lives under a cache root; ``entry``: the digest of one of its
+        variants (see :meth:`inputs_base`), by default the request's own digest."""
 
     @abc.abstractmethod
-    def command(self, req: BuildRequest, staging: Path) -> tuple[list[str], Path]:
-        """The compile command for a scratch dir, and the library it will write there."""
+    def command(self, req: BuildRequest, staging: Path, root: Path) -> tuple[list[str], Path]:
+        """The compile command for a scratch dir (of the cache root ``root``), and the
+        library it will write there."""
+
+    def inputs_base(self, req: BuildRequest) -> Path | None:
+        """Where the compile records its inputs relative to (the ``sys.path`` directory of
+        the factory module), or None if this backend records none. A backend that records
+        inputs writes them as ``inputs`` in its ``meta``; the engine then keeps one entry per
+        input state (a *variant*), named by the key and the inputs' digests."""
+        return None
 
     def collect(self, req: BuildRequest, staging: Path) -> dict[str, Any]:
         """Extra manifest fields, read after a successful compile."""
         return {}
+
+    def failed_compile(self, req: BuildRequest, staging: Path) -> dict[str, Any] | None:
+        """What a compile that exited non-zero said about its failure: ``{"error",
+        "inputs", "missing"}`` when it was the factory's or the compiler's own verdict
+        (deterministic: worth remembering for this key and input state), else None."""
+        return None
 
     def stale(self, req: BuildRequest, manifest: Mapping[str, Any]) -> str | None:
         """Why an existing entry no longer fits ``req`` (its toolchain changed…), or None."""
@@ -89,6 +104,11 @@ class Backend(abc.ABC):
         """A manifest for a library found without one (put there by another tool): raises
         CorruptEntryError unless it proves loadable; None if this backend adopts nothing."""
         return None
+
+    def static_inputs(self, req: BuildRequest) -> list[dict[str, Any]]:
+        """The source files ``req`` is known to depend on before compiling (``[{"path",
+        "sha256"}]``), for a CI cache key; recorded inputs cover the rest after a compile."""
+        return []
 
     def staging_parent(self, req: BuildRequest, root: Path) -> tuple[Path | None, str]:
         """Where to stage compiles (None: the cache's own staging dir), and a note why."""

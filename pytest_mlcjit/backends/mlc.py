@@ -31,6 +31,7 @@ from ..key import canonical_json, file_sha256, sha256_digest, tvm_fingerprint
 from ..layout import EntryPaths
 from ..locks import flocked
 from ..runner import child_env
+from ..spec import deferrable
 from .base import Backend, BuildContext, BuildRequest
 
 #: MLC's override fields, in the order its override string lists them.
@@ -120,8 +121,9 @@ class MLCModel:
     """
 
     backend = "mlc"
-    __slots__ = ("model_dir", "opt", "overrides", "system_lib_prefix", "target")
+    __slots__ = ("_error", "model_dir", "opt", "overrides", "system_lib_prefix", "target")
 
+    @deferrable  # made while pytest collects, a bad spec fails its tests instead
     def __init__(self, model_dir: str | os.PathLike[str], *,
                  overrides: Mapping[str, Any] | None = None, opt: str | None = None,
                  system_lib_prefix: str | None = None, target: str | None = None) -> None:
@@ -149,6 +151,20 @@ class MLCModel:
         self.opt = _validate_opt(opt.strip()) if opt is not None else "O2"
         self.system_lib_prefix = system_lib_prefix
         self.target = target
+        self._error: str | None = None
+
+    def _become_invalid(self, error: str, args: tuple[Any, ...]) -> None:
+        """Made during collection with a bad field: every use raises ``error``."""
+        path = args[0] if args and isinstance(args[0], str | os.PathLike) and str(args[0]) \
+            else "?"
+        self.model_dir = Path(path).expanduser().absolute()
+        self.overrides, self.opt, self.system_lib_prefix, self.target = {}, "O2", None, None
+        self._error = error
+
+    @property
+    def error(self) -> str | None:
+        """Why this spec is invalid (made while pytest collected), else None."""
+        return self._error
 
     @classmethod
     def coerce(cls, spec: Any, **options: Any) -> MLCModel:
@@ -168,10 +184,13 @@ class MLCModel:
 
     def identity(self) -> dict[str, Any]:
         return {"model_dir": str(self.model_dir), "overrides": self.overrides, "opt": self.opt,
-                "system_lib_prefix": self.system_lib_prefix, "target": self.target}
+                "system_lib_prefix": self.system_lib_prefix, "target": self.target,
+                **({"invalid": self._error} if self._error else {})}
 
     @property
     def id(self) -> str:
+        if self._error:
+            return f"{self.model_dir.name}-invalid"
         parts = [self.model_dir.name, *(f"{k}={v}" for k, v in self.overrides.items())]
         if self.opt != "O2":
             parts.append(self.opt)
@@ -188,6 +207,8 @@ class MLCModel:
         return hash(canonical_json(self.identity()))
 
     def read_config(self) -> dict[str, Any]:
+        if self._error:
+            raise SpecError(self._error)
         path = self.model_dir / CONFIG_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -296,10 +317,10 @@ class MLCBackend(Backend):
             extra={"suffix": dso_suffix(device_text), "prefix": prefix},
         )
 
-    def locate(self, req: BuildRequest, root: Path) -> EntryPaths:
+    def locate(self, req: BuildRequest, root: Path, entry: str | None = None) -> EntryPaths:
         return layout.mlc_entry(root, req.digest, req.extra["suffix"])
 
-    def command(self, req: BuildRequest, staging: Path) -> tuple[list[str], Path]:
+    def command(self, req: BuildRequest, staging: Path, root: Path) -> tuple[list[str], Path]:
         spec: MLCModel = req.spec
         output = staging / f"lib.{req.extra['suffix']}"
         argv = [sys.executable, "-m", "mlc_llm", "compile", str(spec.model_dir),

@@ -10,10 +10,11 @@ from __future__ import annotations
 from .entries import Entry, scan
 from .explain import cache_key, entry_status, flatten, key_diff, nearest
 from .info import info
-from .prune import ClearResult, PruneResult, clear, prune
+from .prune import ClearResult, PruneResult, clear, prune, read_failures
 from .verify import VerifyResult, verify
 
 __all__ = [
     "ClearResult", "Entry", "PruneResult", "VerifyResult", "cache_key", "clear",
-    "entry_status", "flatten", "info", "key_diff", "nearest", "prune", "scan", "verify",
+    "entry_status", "flatten", "info", "key_diff", "nearest", "prune", "read_failures",
+    "scan", "verify",
 ]

@@ -10,12 +10,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..layout import BACKEND_DIRS, DIGEST_RE, MANIFEST_SUFFIX, EntryPaths, usage_file
-from ..manifest import read_manifest_file
+from ..layout import (
+    BACKEND_DIRS,
+    CONTROL_DIR,
+    DIGEST_RE,
+    MANIFEST_SUFFIX,
+    EntryPaths,
+    usage_file,
+)
+from ..locks import is_key_locked, try_key_lock
+from ..manifest import MAX_TIME, read_manifest_file
 from ..store import LocalStore
 
 
@@ -66,6 +77,13 @@ class Entry:
     @property
     def manifest_error(self) -> str | None:
         return self.load()[1]
+
+    @property
+    def lock_digest(self) -> str:
+        """The digest whose lock guards this entry: its key's (``key_digest``: one key may
+        have several entries, one per input state), else its own."""
+        key_digest = (self.manifest or {}).get("key_digest")
+        return key_digest if isinstance(key_digest, str) else self.digest
 
     @property
     def paths(self) -> EntryPaths:
@@ -139,6 +157,7 @@ class Entry:
     def to_json(self) -> dict[str, Any]:
         return {
             "root": str(self.root), "backend": self.backend, "digest": self.digest,
+            "key_digest": str((self.manifest or {}).get("key_digest") or self.digest),
             "state": self.state, "model": self.model, "target": self.target,
             "library": str(self.library) if self.library else None,
             "size": self.size, "disk_size": self.disk_size, "created": self.created,
@@ -146,6 +165,15 @@ class Entry:
             "compile_seconds": self.compile_seconds, "toolchain": self.toolchain,
             "adopted": bool((self.manifest or {}).get("adopted")),
         }
+
+
+def variants_size(root: Path) -> int:
+    """The bytes of the input-state records (``<dir>/variants/*.json``) under ``root``."""
+    total = 0
+    for subdir, _ in BACKEND_DIRS:
+        with contextlib.suppress(OSError), os.scandir(root / subdir / "variants") as it:
+            total += sum(_entry_size(d) for d in it)
+    return total
 
 
 def entry_size_of(path: Path) -> int:
@@ -156,17 +184,19 @@ def entry_size_of(path: Path) -> int:
 
 
 def _read_usage(path: str) -> float | None:
-    """A usage record's stamp: when the cache last used that entry (never a file time)."""
+    """A usage record's stamp: when the cache last used that entry (never a file time);
+    None unless it is a time from 1970 to the year 9999."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        return float(os.read(fd, 64))
+        stamp = float(os.read(fd, 64))
     except (OSError, ValueError):
         return None
     finally:
         os.close(fd)
+    return stamp if math.isfinite(stamp) and 0 <= stamp <= MAX_TIME else None
 
 
 def scan(root: str | os.PathLike[str]) -> list[Entry]:
@@ -186,16 +216,22 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
         except OSError:
             continue
         groups: dict[str, list[str]] = {}
+        hidden: dict[str, list[str]] = {}
         for name in sorted(found):
-            stem = name.split(".", 1)[0]
-            if not name.startswith(".") and DIGEST_RE.fullmatch(stem) and "." in name:
+            stem = name.lstrip(".").split(".", 1)[0]
+            if not DIGEST_RE.fullmatch(stem) or "." not in name.lstrip("."):
+                continue
+            if name.startswith("."):  # a pending or temporary manifest: part of the entry
+                hidden.setdefault(stem, []).append(name)
+            else:
                 groups.setdefault(stem, []).append(name)
         for digest, group in groups.items():
             manifest_name = f"{digest}{MANIFEST_SUFFIX}"
+            extra = hidden.get(digest, [])
             entry = Entry(root=base, backend=backend, digest=digest, directory=directory,
-                          names=tuple(group), library_name=None,
+                          names=(*group, *extra), library_name=None,
                           last_used=_read_usage(usage_file(base, digest)),
-                          disk_size=sum(_entry_size(found[n]) for n in group))
+                          disk_size=sum(_entry_size(found[n]) for n in (*group, *extra)))
             candidates = [n for n in group if n not in (manifest_name, f"{digest}.log")]
             if len(candidates) > 1:  # the manifest names it
                 named = (entry.manifest or {}).get("library")
@@ -224,6 +260,86 @@ def delete_entry(entry: Entry) -> None:
             os.unlink(os.path.join(entry.directory, name))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(usage_file(entry.root, entry.digest))
+
+
+@dataclasses.dataclass
+class DiskUsage:
+    """Bytes of every file the cache keeps under a root, by kind (file sizes; directories
+    and other programs' files beside an MLC home's ``model_lib`` are not counted)."""
+
+    #: Entries (libraries, manifests, logs, pending and temporary manifests, variants).
+    entries: int = 0
+    quarantine: int = 0
+    #: Remembered failures, with their compile logs.
+    failed: int = 0
+    staging: int = 0
+    #: Locks, usage records, key memos, the run history.
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.entries + self.quarantine + self.failed + self.staging + self.other
+
+    def to_json(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (or of ``path`` itself), links not
+    followed; what cannot be read counts 0."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def disk_usage(root: Path) -> DiskUsage:
+    """What the cache stores under ``root``, by kind (see :class:`DiskUsage`)."""
+    usage = DiskUsage()
+    for subdir, _ in BACKEND_DIRS:
+        usage.entries += tree_size(root / subdir)
+    control = root / CONTROL_DIR
+    for name in _names(control):
+        size = tree_size(control / name)
+        if name in ("quarantine", "failed", "staging"):
+            setattr(usage, name, getattr(usage, name) + size)
+        else:
+            usage.other += size
+    return usage
+
+
+def _names(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def hold_entry(entry: Entry) -> Iterator[bool]:
+    """Hold, without waiting, the locks that guard ``entry``: its key's (the compile of
+    any of the key's entries holds it) and, if that is another digest, its own; yields
+    whether both are held (if not, the entry is being compiled now)."""
+    with contextlib.ExitStack() as stack:
+        for digest in dict.fromkeys((entry.lock_digest, entry.digest)):
+            if not stack.enter_context(try_key_lock(entry.root, digest)):
+                yield False
+                return
+        yield True
+
+
+def entry_locked(entry: Entry) -> bool:
+    """Whether a live process holds a lock that guards ``entry`` (nothing is created)."""
+    return any(is_key_locked(entry.root, d) for d in {entry.lock_digest, entry.digest})
 
 
 def open_store(root: Path) -> LocalStore:

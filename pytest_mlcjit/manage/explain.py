@@ -16,11 +16,12 @@ from .entries import Entry
 def cache_key(requests: Sequence[Mapping[str, Any]]) -> str:
     """The CI cache key of a test suite: the SHA-256 of the toolchain and of every distinct
     library it requests (each request's digest and toolchain; the digests of TVM entries
-    already cover the toolchain, MLC's MD5 does not)."""
+    already cover the toolchain, MLC's MD5 does not), and of the local source files each
+    is known to depend on (``sources``: a factory's local imports, read not run)."""
     from ..key import CACHE_FORMAT, sha256_digest, tvm_fingerprint
 
-    libraries = sorted({json.dumps([r["digest"], r.get("toolchain")], sort_keys=True)
-                        for r in requests})
+    libraries = sorted({json.dumps([r["digest"], r.get("toolchain"), r.get("sources") or []],
+                                   sort_keys=True) for r in requests})
     return sha256_digest({"format": CACHE_FORMAT, "tvm": tvm_fingerprint(),
                           "libraries": libraries})
 

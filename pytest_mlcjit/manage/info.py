@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..history import read_runs
-from ..layout import CONTROL_DIR
-from .entries import scan
-from .prune import list_dir, quarantined
+from ..layout import CONTROL_DIR, STAGING_LOCK_SUFFIX
+from .entries import disk_usage, scan, variants_size
+from .prune import failure_records, list_dir, quarantined
 
 
 def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
@@ -32,17 +32,25 @@ def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
         backends[entry.backend] = backends.get(entry.backend, 0) + 1
     quarantine = quarantined(root)
     control = root / CONTROL_DIR
+    usage = disk_usage(root)
     return {
         "root": str(root),
         "exists": root.is_dir(),
         "entries": len(entries),
         "backends": backends,
-        "size": sum(e.disk_size for e in entries),
+        "size": sum(e.disk_size for e in entries) + variants_size(root),
         "library_size": sum(e.size for e in entries),
         "unmanaged": sum(e.state == "unmanaged" for e in entries),
         "quarantined": len(quarantine),
         "quarantine_size": sum(size for _, _, size in quarantine),
-        "staging": len(list_dir(control / "staging")),
+        "staging": len([p for p in list_dir(control / "staging")
+                        if not p.name.endswith(STAGING_LOCK_SUFFIX)]),
+        "staging_size": usage.staging,
+        "failed": len(failure_records(root)),
+        "failed_size": usage.failed,
+        "other_size": usage.other,
+        #: Everything the cache stores under the root: what ``prune --max-size`` caps.
+        "total_size": usage.total,
         "toolchains": sorted(toolchains.values(), key=lambda t: -int(t["entries"])),
         "installed_tvm": installed_tvm,
         "runs": read_runs(root, runs),

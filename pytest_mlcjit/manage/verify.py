@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptEntryError
+from ..errors import ConfigError, CorruptEntryError
 from ..layout import usage_file
-from ..locks import try_key_lock
 from ..store import LocalStore
-from .entries import Entry, open_store, scan
+from .entries import Entry, hold_entry, open_store, scan
 
 
 @dataclasses.dataclass
@@ -51,18 +50,19 @@ def verify(root: Path, *, fix: bool = False) -> VerifyResult:
             continue
         try:
             checker.verify(entry.paths, entry.manifest)
-        except CorruptEntryError as exc:
+        except (CorruptEntryError, ConfigError) as exc:  # ConfigError: a path out of layout
             result.corrupt.append((entry, str(exc)))
         else:
             result.ok.append(entry)
     if fix and result.corrupt:
         cache = open_store(root)
         for entry, why in result.corrupt:
-            with try_key_lock(root, entry.digest) as held:
+            with hold_entry(entry) as held:
                 if not held:
                     result.locked.append(entry.digest)
                     continue
-                moved = cache.quarantine(entry.paths, f"pytest-mlcjit verify --fix: {why}")
+                moved = cache.quarantine(entry.paths, f"pytest-mlcjit verify --fix: {why}",
+                                         remove=True)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(usage_file(root, entry.digest))
                 result.quarantined[entry.digest] = str(moved) if moved else ""

@@ -49,6 +49,16 @@ from ..errors import ConfigError, MlcJitError
 
 #: How to install what an S3 remote needs.
 EXTRA_HINT = 'pip install "pytest-mlcjit[remote]"'
+
+
+def require_boto3() -> None:
+    """RemoteConfigError naming the extra unless boto3 is importable (checked without
+    importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("boto3") is None:
+        raise RemoteConfigError(f"an s3:// remote needs boto3, which is not installed: "
+                                f"{EXTRA_HINT}")
 SIGNATURE_FIELD = "signature"
 SIGNATURE_SCHEME = "hmac-sha256:"
 #: A manifest is a few hundred bytes; anything far larger is not one.
@@ -210,11 +220,14 @@ def signature_problem(manifest: Mapping[str, Any], key: bytes) -> str | None:
     return None
 
 
-def _manifest_problem(manifest: Any, key_digest: str | None) -> str | None:
-    """Why ``manifest`` is not a usable manifest (of ``key_digest``, if given), or None.
+def _manifest_problem(manifest: Any, key_digest: str | None,
+                      entry_digest: str | None = None) -> str | None:
+    """Why ``manifest`` is not a usable manifest (of ``key_digest`` and ``entry_digest``,
+    if given), or None.
 
-    The manifest must name its key (``digest``): that binds a signature to the key, so a
-    signed manifest copied under another key is refused."""
+    The manifest must name its key (``key_digest``, else ``digest``) and, with a
+    ``key_digest``, its entry (``digest``): that binds a signature to both, so a signed
+    manifest copied under another key or entry is refused."""
     if not isinstance(manifest, dict):
         return "is not a JSON object"
     sha, size = manifest.get("sha256"), manifest.get("size")
@@ -223,8 +236,11 @@ def _manifest_problem(manifest: Any, key_digest: str | None) -> str | None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         return f"has an invalid size {size!r} (expected a non-negative integer)"
     digest = manifest.get("digest")
-    if key_digest is not None and digest != key_digest:
-        return f"is for key {digest!r}, not {key_digest}"
+    named_key = manifest.get("key_digest", digest)
+    if key_digest is not None and named_key != key_digest:
+        return f"is for key {named_key!r}, not {key_digest}"
+    if entry_digest is not None and "key_digest" in manifest and digest != entry_digest:
+        return f"is for entry {digest!r}, not {entry_digest}"
     return None
 
 
@@ -387,7 +403,7 @@ class Remote(abc.ABC):
 
         _check_digest(key_digest, "cache key digest")
         _check_digest(entry_digest, "entry digest")
-        problem = _manifest_problem(dict(manifest), key_digest)
+        problem = _manifest_problem(dict(manifest), key_digest, entry_digest)
         if problem is not None:
             raise RemoteIntegrityError(f"refusing to upload {library}: its manifest {problem}")
         sha, size = manifest["sha256"], manifest["size"]
@@ -505,7 +521,7 @@ class Remote(abc.ABC):
         except ValueError:
             problem = "is not UTF-8 JSON"
         else:
-            problem = _manifest_problem(manifest, key_digest)
+            problem = _manifest_problem(manifest, key_digest, entry_digest)
             if problem is None and self._signing_key is not None:
                 problem = signature_problem(manifest, self._signing_key)
         return RemoteEntry(key_digest, entry_digest, where,

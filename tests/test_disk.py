@@ -1,4 +1,5 @@
-"""A full disk and an unwritable cache: a clear error, no partial entry, nothing lost.
+"""A full disk and an unwritable cache: a clear error, no partial entry, nothing lost
+(the reliability suite, docs/reliability.md).
 
 The full disk is real where this process may mount a small tmpfs (root, with mount
 rights); the same checks also run everywhere with ENOSPC injected by the engine's
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Engine, Project
+
+pytestmark = pytest.mark.reliability
 
 
 def _can_mount() -> bool:
@@ -103,12 +106,12 @@ def test_injected_enospc_keeps_the_old_entry(engine: Engine, project: Project,
                                              warm_template: Path, point: str) -> None:
     """REDO rebuilds a good entry on a full disk: the rebuild fails, the old entry stays."""
     engine.warm(warm_template)
-    before = {p.name: p.read_bytes() for p in (project.cache / "tvm").iterdir()}
+    before = {p.name: p.read_bytes() for p in (project.cache / "tvm").rglob("*") if p.is_file()}
     (result,) = engine.run([{"hidden": 4}], policy="REDO",
                            env={"MLCJIT_TEST_ENOSPC": point})
     assert not result["ok"], result
     assert "ran out of disk space" in result["message"], result
-    after = {p.name: p.read_bytes() for p in (project.cache / "tvm").iterdir()}
+    after = {p.name: p.read_bytes() for p in (project.cache / "tvm").rglob("*") if p.is_file()}
     assert after == before, "the old entry is untouched"
     (hit,) = engine.run([{"hidden": 4}], policy="READONLY", check=True)
     assert hit["checked"], hit
@@ -156,7 +159,7 @@ def test_unwritable_cache(project: Project, warm_template: Path, tmp_path: Path)
         (project.pytester.path / "tinymodel.py").read_bytes()
     project.write_tests([{"hidden": 4}], per_config=2)
     with _read_only_copy(warm_template / "cache", project.cache, tmp_path):
-        on = project.run("--mlc-device=cpu")
+        on = project.run_inprocess("--mlc-device=cpu")
         on.assert_outcomes(errors=2)
         on.stdout.fnmatch_lines([f"MlcJitError: cache directory {project.cache} is not "
                                  "writable*--mlc-jit-policy=READONLY*"])
@@ -174,7 +177,7 @@ def test_unwritable_parent_of_a_cold_cache(project: Project, tmp_path: Path) -> 
     ctx = (_mounted(parent, "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs") if root
            else _chmod_read_only(parent))
     with ctx:
-        result = project.run("--mlc-device=cpu")
+        result = project.run_inprocess("--mlc-device=cpu")
     result.assert_outcomes(errors=1)
     why = "Read-only file system" if root else "Permission denied"
     result.stdout.fnmatch_lines([f"MlcJitError: cache directory {project.cache} is not "

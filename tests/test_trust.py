@@ -1,7 +1,8 @@
 """Trust is explicit: a cache root (or one of its directories, or an entry file) that
 other users can write is refused unless --mlc-jit-allow-untrusted-cache; subprocesses
 are argument lists, never a shell; and no name, config value or setting can make the cache
-read, write or load anything outside its root."""
+read, write or load anything outside its root (the reliability suite,
+docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from pytest_mlcjit import ConfigError
 from pytest_mlcjit.layout import EntryPaths
 from pytest_mlcjit.store import LocalStore
 
+pytestmark = pytest.mark.reliability
+
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NOBODY = 65534
 
 
 def _refused(project: Project, *args: str) -> pytest.RunResult:
-    result = project.run("--mlc-device=cpu", *args)
+    """A run whose one test errors: the cache is refused before anything is loaded."""
+    result = project.run_inprocess("--mlc-device=cpu", *args)
     result.assert_outcomes(errors=1)
     return result
 
@@ -208,7 +212,8 @@ def test_hostile_values_stay_data(engine: Engine, project: Project, tmp_path: Pa
     # Inside the root, every name is the cache's own, made of digests.
     hexd = r"[0-9a-f]{64}"
     layout = re.compile(
-        rf"tvm/{hexd}\.(so|manifest\.json|log)|\.mlcjit/(locks/{hexd}\.lock|usage/{hexd}"
+        rf"tvm/{hexd}\.(so|manifest\.json|log)|tvm/variants(/{hexd}\.json)?"
+        rf"|\.mlcjit/(locks/{hexd}\.lock|usage/{hexd}|timings(/{hexd})?|runs\.jsonl"
         rf"|failed/{hexd}\.(json|log)|(locks|staging|failed|usage|quarantine))|tvm|\.mlcjit")
     names = [p.relative_to(project.cache).as_posix() for p in project.cache.rglob("*")]
     assert [n for n in names if not layout.fullmatch(n)] == []

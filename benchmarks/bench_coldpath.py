@@ -1,0 +1,486 @@
+"""Benchmark 6, the cold path: per-compile overhead, the compile schedule, known failures.
+
+Three parts, each a ratio of things measured side by side in the same run (the variants
+alternate, their order rotating every repetition), printed as Markdown tables:
+
+(a) ``cold``: a cold ``pytest -n W`` run of M tiny distinct models (N tests each) with the
+    plugin, against the physical limit: compiling the same M libraries in W processes
+    that import TVM once each (the same build, export and ``tvm.compile`` the plugin's
+    compile does), plus the same tests with ``-p no:mlcjit`` loading those prebuilt
+    libraries from known paths. Target: cold / (in-process + plugin-off) <= 1.3.
+(b) ``makespan``: one long and several short compiles (the factory sleeps: 8 s and eight
+    of 1 s by default) on W workers, the long one last in first-use order; the tests wait
+    until every library is published, so that all compiles are the background
+    prefetch's (W compile slots: the schedule under test). Run 1 has
+    no recorded compile times; then a data file the factory reads changes (a new input
+    state of every key), and run 2 compiles all of them again with the times of run 1
+    on record. The makespan of each run (first compile start to last compile end, from
+    the manifests' ``created`` and ``compile_seconds``) against the best schedule of
+    the same compile times over W workers (exact). Target (run 2): <= 1.1.
+(c) ``failures``: a warm run of K good models plus F models whose factory raises (their
+    tests marked xfail), after a first run recorded the failures, against the warm run
+    of the K good models alone. Target: <= 1.05.
+
+    python benchmarks/bench_coldpath.py               # full: every part, 5 reps
+    python benchmarks/bench_coldpath.py --parts b     # one part
+    python benchmarks/bench_coldpath.py --quick       # CI: small sizes, 1 rep, checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _benchlib import (
+    Checks,
+    bench_env,
+    best_makespan,
+    common_args,
+    count_lines,
+    manifests,
+    median,
+    plugin_summary,
+    print_header,
+    pytest_argv,
+    pytest_help,
+    rotate,
+    run_timed,
+    spread,
+    table,
+    work_dir,
+)
+
+COLD_TARGET = 1.3
+MAKESPAN_TARGET = 1.1
+FAILURES_TARGET = 1.05
+
+#: A tiny Relax model (one Linear + relu) that counts its builds, optionally sleeps (a
+#: stand-in for a long compile), reads ``inputs.txt`` (a recorded input: changing it makes
+#: a new input state of every key), and raises when asked to (a model under development).
+MODEL_PY = '''\
+import os
+import time
+
+from tvm.relax.frontend import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Tiny(nn.Module):
+    def __init__(self, hidden):
+        self.fc = nn.Linear(8, hidden)
+
+    def forward(self, x):
+        return nn.relu(self.fc(x))
+
+
+def build(hidden=4, sleep=0.0, broken=False):
+    counter = os.environ.get("MLCJIT_BENCH_COUNT")
+    if counter:
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()} hidden={hidden}\\n")
+    with open(os.path.join(HERE, "inputs.txt")) as f:
+        f.read()
+    if broken:
+        raise NotImplementedError(f"operator not supported yet (hidden={hidden})")
+    time.sleep(sleep)
+    return Tiny(hidden), {"forward": {"x": nn.spec.Tensor((2, 8), "float32")}}
+'''
+
+#: The body of every test, the same in every variant: load the library into a Relax VM and
+#: run ``forward`` once with constant parameters.
+BODY_PY = '''\
+import numpy as np
+import tvm
+from tvm import relax
+
+
+def run_forward(path, params, hidden):
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    args = [tvm.runtime.tensor(np.full((2, 8), 0.5, dtype="float32"), dev)]
+    args += [tvm.runtime.tensor(np.full(p["shape"], 0.01, dtype=p["dtype"]), dev)
+             for p in params]
+    out = vm["forward"](*args)
+    assert tuple(out.numpy().shape) == (2, hidden)
+'''
+
+PLUGIN_TEST_PY = '''\
+import pytest
+
+from benchbody import run_forward
+from pytest_mlcjit import TVMModel
+
+CONFIGS = {configs!r}
+MARKS = {marks!r}
+SPECS = [pytest.param(TVMModel("benchmodel:build", config=c), id=f"h{{c['hidden']}}",
+                      marks=[pytest.mark.xfail(reason="broken model", strict=True)]
+                      if m else []) for c, m in zip(CONFIGS, MARKS)]
+
+
+@pytest.mark.parametrize("i", range({n_tests}))
+@pytest.mark.parametrize("compiled_model", SPECS, indirect=True)
+def test_model(compiled_model, i):
+    run_forward(compiled_model.path, compiled_model.param_specs,
+                compiled_model.spec.config["hidden"])
+'''
+
+#: The plugin-off variant: the same tests, the libraries from a JSON list of known paths.
+PATHS_TEST_PY = '''\
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchbody import run_forward
+
+CONFIGS = {configs!r}
+PATHS = json.loads(Path(os.environ["BENCH_LIB_PATHS"]).read_text())
+
+
+@pytest.fixture
+def lib(request):
+    entry = PATHS[str(request.param["hidden"])]
+    return Path(entry["path"]), entry["params"], request.param["hidden"]
+
+
+@pytest.mark.parametrize("i", range({n_tests}))
+@pytest.mark.parametrize("lib", CONFIGS, indirect=True, ids=lambda c: f"h{{c['hidden']}}")
+def test_model(lib, i):
+    run_forward(*lib)
+'''
+
+#: The in-process limit: ``python inproc.py OUT_DIR W CONFIGS_JSON`` starts W processes,
+#: each importing TVM once and compiling its share (i mod W) of the configs with the same
+#: build, export and tvm.compile as the plugin's compile child, then waits for them.
+INPROC_PY = '''\
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def compile_share(out, index, count, configs):
+    import tvm
+
+    from benchmodel import build
+
+    paths = {}
+    for config in configs[index::count]:
+        module, spec = build(**config)
+        mod, params = module.export_tvm(spec=spec)
+        with tvm.transform.PassContext(opt_level=3):
+            executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
+        lib = out / f"h{config['hidden']}.so"
+        executable.export_library(str(lib))
+        paths[str(config["hidden"])] = {
+            "path": str(lib),
+            "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
+                       for n, p in params]}
+    (out / f"paths{index}.json").write_text(json.dumps(paths))
+
+
+if __name__ == "__main__":
+    out, count, configs = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+    if len(sys.argv) > 4:
+        compile_share(out, int(sys.argv[4]), count, configs)
+        sys.exit(0)
+    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:4], str(i)])
+             for i in range(count)]
+    sys.exit(max(p.wait() for p in procs))
+'''
+
+
+#: (b) Holds every test until the cache holds $BENCH_HOLD manifests, so that every compile
+#: is the background prefetch's (W compile slots, the schedule under test), not a test's
+#: own on-demand compile running beside it.
+HOLD_CONFTEST_PY = '''\
+import os
+import pathlib
+import time
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _hold_until_prefetched():
+    wanted = int(os.environ.get("BENCH_HOLD", "0"))
+    libraries = pathlib.Path(os.environ["BENCH_CACHE"]) / "tvm"
+    deadline = time.monotonic() + 600
+    while len(list(libraries.glob("*.manifest.json"))) < wanted:
+        assert time.monotonic() < deadline, "prefetch did not publish every library"
+        time.sleep(0.05)
+'''
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(parser)
+    parser.add_argument("--parts", default="a,b,c",
+                        help="which parts to run: a (cold), b (makespan), c (failures); "
+                        "default a,b,c")
+    parser.add_argument("--workers", type=int, default=2, help="xdist workers W (default 2)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
+    parser.add_argument("--models", type=int, default=16,
+                        help="(a) tiny distinct models M (default 16)")
+    parser.add_argument("--tests", type=int, default=2,
+                        help="(a), (c) tests per model N (default 2)")
+    parser.add_argument("--long", type=float, default=8.0,
+                        help="(b) the long compile's factory sleep, s (default 8)")
+    parser.add_argument("--short", type=float, default=1.0,
+                        help="(b) each short compile's factory sleep, s (default 1)")
+    parser.add_argument("--shorts", type=int, default=8,
+                        help="(b) how many short compiles (default 8)")
+    parser.add_argument("--good", type=int, default=16, help="(c) good models K (default 16)")
+    parser.add_argument("--broken", type=int, default=4,
+                        help="(c) models whose factory raises F (default 4)")
+    args = parser.parse_args(argv)
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts <= {"a", "b", "c"}:
+        parser.error("--parts takes a comma-separated subset of a,b,c")
+    if args.quick:
+        args.reps, args.models, args.tests = 1, 4, 1
+        args.long, args.short, args.shorts = 1.0, 0.2, 3
+        args.good, args.broken = 3, 2
+    return args
+
+
+def write_suite(root: Path, configs: list[dict[str, Any]], n_tests: int, *,
+                broken: list[bool] | None = None, paths: bool = False) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    (root / "benchmodel.py").write_text(MODEL_PY, encoding="utf-8")
+    (root / "benchbody.py").write_text(BODY_PY, encoding="utf-8")
+    (root / "inproc.py").write_text(INPROC_PY, encoding="utf-8")
+    (root / "inputs.txt").write_text("0\n", encoding="utf-8")
+    (root / "conftest.py").write_text("# no conftest needed\n", encoding="utf-8")
+    marks = broken or [False] * len(configs)
+    text = (PATHS_TEST_PY.format(configs=configs, n_tests=n_tests) if paths else
+            PLUGIN_TEST_PY.format(configs=configs, marks=marks, n_tests=n_tests))
+    (root / "test_bench.py").write_text(text, encoding="utf-8")
+    return root
+
+
+def plugin_run(suite: Path, cache: Path, workers: int, counter: Path, *extra: str,
+               basetemp: Path, hold: int = 0) -> Any:
+    argv = pytest_argv("-n", str(workers), f"--basetemp={basetemp}", "--mlc-device=cpu",
+                       f"--mlc-jit-cache-dir={cache}", *extra)
+    return run_timed(argv, cwd=suite, env=bench_env(MLCJIT_BENCH_COUNT=str(counter),
+                                                    BENCH_HOLD=str(hold),
+                                                    BENCH_CACHE=str(cache)))
+
+
+def verdict(ratio: float, target: float) -> str:
+    return "met" if ratio <= target else f"missed by {ratio / target - 1:.0%}"
+
+
+# -- (a) cold run of many tiny models -----------------------------------------------------------
+def part_cold(args: argparse.Namespace, root: Path, checks: Checks) -> None:
+    m, n, w = args.models, args.tests, args.workers
+    print(f"## (a) cold: M={m} tiny models x N={n} tests, -n {w}, {args.reps} rep(s)\n",
+          flush=True)
+    configs = [{"hidden": 4 + i} for i in range(m)]
+    plugin_suite = write_suite(root / "cold-plugin", configs, n)
+    paths_suite = write_suite(root / "cold-paths", configs, n, paths=True)
+    res: dict[str, list[float]] = {k: [] for k in (
+        "cold", "inproc", "off", "limit", "ratio", "cold_cpu", "limit_cpu", "compile_s")}
+    for rep in range(args.reps):
+        rep_dir = root / f"cold-rep{rep}"
+        rep_dir.mkdir()
+        for variant in rotate(["plugin", "limit"], rep):
+            if variant == "plugin":
+                counter = rep_dir / "compiles.txt"
+                cold = plugin_run(plugin_suite, rep_dir / "cache", w, counter,
+                                  basetemp=rep_dir / "bt")
+                checks.run_ok(cold, f"(a) rep {rep} plugin cold run")
+                checks.expect(count_lines(counter) == m,
+                              f"(a) rep {rep}: {count_lines(counter)} compiles, expected {m}")
+                summary = plugin_summary(cold.output) or {}
+                res["cold"].append(cold.seconds)
+                res["cold_cpu"].append(cold.cpu_seconds)
+                res["compile_s"].append(summary.get("compile_s", float("nan")))
+            else:
+                libs = rep_dir / "libs"
+                libs.mkdir()
+                inproc = run_timed([sys.executable, "inproc.py", str(libs), str(w),
+                                    json.dumps(configs)], cwd=paths_suite, env=bench_env())
+                checks.run_ok(inproc, f"(a) rep {rep} in-process compiles")
+                merged: dict[str, Any] = {}
+                for part in libs.glob("paths*.json"):
+                    merged.update(json.loads(part.read_text()))
+                checks.expect(len(merged) == m, f"(a) rep {rep}: {len(merged)} prebuilt libs")
+                (libs / "paths.json").write_text(json.dumps(merged))
+                off = run_timed(pytest_argv("-n", str(w), "-p", "no:mlcjit",
+                                            f"--basetemp={rep_dir / 'bt-off'}"),
+                                cwd=paths_suite,
+                                env=bench_env(BENCH_LIB_PATHS=str(libs / "paths.json")))
+                checks.run_ok(off, f"(a) rep {rep} plugin-off run")
+                res["inproc"].append(inproc.seconds)
+                res["off"].append(off.seconds)
+                res["limit"].append(inproc.seconds + off.seconds)
+                res["limit_cpu"].append(inproc.cpu_seconds + off.cpu_seconds)
+        ratio = res["cold"][-1] / res["limit"][-1]
+        res["ratio"].append(ratio)
+        print(f"rep {rep}: plugin cold {res['cold'][-1]:.2f}s (CPU {res['cold_cpu'][-1]:.1f}s, "
+              f"compiling {res['compile_s'][-1]:.1f}s); in-process compiles "
+              f"{res['inproc'][-1]:.2f}s + plugin-off run {res['off'][-1]:.2f}s = "
+              f"{res['limit'][-1]:.2f}s (CPU {res['limit_cpu'][-1]:.1f}s); ratio {ratio:.2f}",
+              flush=True)
+    ratio = median(res["ratio"])
+    cpu_ratio = median([c / lim for c, lim in zip(res["cold_cpu"], res["limit_cpu"],
+                                                   strict=True)])
+    print()
+    print(table(["plugin cold s", "in-process compiles s", "plugin-off run s", "limit s",
+                 "cold / limit", "CPU: cold / limit", "plugin's compile seconds (sum)",
+                 f"target <= {COLD_TARGET}"],
+                [[spread(res["cold"]), spread(res["inproc"]), spread(res["off"]),
+                  spread(res["limit"]), f"{ratio:.2f}x", f"{cpu_ratio:.2f}x",
+                  spread(res["compile_s"], "{:.1f}"), verdict(ratio, COLD_TARGET)]]))
+    print(flush=True)
+
+
+# -- (b) makespan of a mix of compile times -----------------------------------------------------
+def _timeline(cache: Path, since: float) -> list[tuple[float, float]]:
+    """(start, end) of each compile published after ``since``, from the manifests (the
+    engine measures ``compile_seconds`` around the compile and stamps ``created`` at the
+    publish right after it); variants' entries included."""
+    out = []
+    for data in manifests(cache):
+        created = float(data.get("created", 0.0))
+        if created >= since:
+            out.append((created - float(data.get("compile_seconds", 0.0)), created))
+    return out
+
+
+def part_makespan(args: argparse.Namespace, root: Path, checks: Checks) -> None:
+    w = args.workers
+    sleeps = [args.short] * args.shorts + [args.long]  # the long one is used last
+    k = len(sleeps)
+    print(f"## (b) makespan: {args.shorts} compiles sleeping {args.short:g}s and one sleeping "
+          f"{args.long:g}s (used last), -n {w}, {args.reps} rep(s)\n", flush=True)
+    configs = [{"hidden": 4 + i, "sleep": s} for i, s in enumerate(sleeps)]
+    suite = write_suite(root / "makespan", configs, 1)
+    (suite / "conftest.py").write_text(HOLD_CONFTEST_PY, encoding="utf-8")
+    res: dict[str, dict[str, list[float]]] = {r: {"span": [], "best": [], "ratio": [],
+                                                  "sum": [], "wall": []}
+                                              for r in ("run 1", "run 2")}
+    for rep in range(args.reps):
+        rep_dir = root / f"makespan-rep{rep}"
+        rep_dir.mkdir()
+        counter, cache = rep_dir / "compiles.txt", rep_dir / "cache"
+        for run in ("run 1", "run 2"):
+            (suite / "inputs.txt").write_text(f"{rep} {run}\n", encoding="utf-8")
+            before = count_lines(counter)
+            since = time.time()
+            result = plugin_run(suite, cache, w, counter, basetemp=rep_dir / f"bt-{run[-1]}",
+                                hold=k * int(run[-1]))
+            checks.run_ok(result, f"(b) rep {rep} {run}")
+            checks.expect(count_lines(counter) - before == k,
+                          f"(b) rep {rep} {run}: {count_lines(counter) - before} compiles, "
+                          f"expected {k}")
+            spans = _timeline(cache, since)
+            checks.expect(len(spans) == k, f"(b) rep {rep} {run}: {len(spans)} new entries")
+            if not spans:
+                continue
+            times = [end - start for start, end in spans]
+            span = max(e for _, e in spans) - min(s for s, _ in spans)
+            best = best_makespan(times, w)
+            r = res[run]
+            r["span"].append(span)
+            r["best"].append(best)
+            r["ratio"].append(span / best)
+            r["sum"].append(sum(times))
+            r["wall"].append(result.seconds)
+            print(f"rep {rep} {run}: makespan {span:.2f}s, best schedule {best:.2f}s, ratio "
+                  f"{span / best:.2f}; compiles {', '.join(f'{t:.2f}' for t in times)}; "
+                  f"wall {result.seconds:.2f}s", flush=True)
+    print()
+    rows = []
+    for run, what in (("run 1", "no compile times on record (first-use order)"),
+                      ("run 2", "run 1's compile times on record (new input state)")):
+        r = res[run]
+        ratio = median(r["ratio"])
+        rows.append([run, what, spread(r["span"]), spread(r["best"]), spread(r["sum"]),
+                     f"{ratio:.2f}x", spread(r["wall"]),
+                     verdict(ratio, MAKESPAN_TARGET) if run == "run 2" else "-"])
+    print(table(["run", "what", "makespan s", f"best schedule on {w} s", "sum of compiles s",
+                 "makespan / best", "pytest wall s", f"target <= {MAKESPAN_TARGET}"], rows))
+    print(flush=True)
+
+
+# -- (c) a warm run with known failures ---------------------------------------------------------
+def part_failures(args: argparse.Namespace, root: Path, checks: Checks) -> None:
+    k, f, n, w = args.good, args.broken, args.tests, args.workers
+    print(f"## (c) known failures: K={k} good models + F={f} broken (xfail), N={n} tests "
+          f"each, warm, -n {w}, {args.reps} rep(s)\n", flush=True)
+    good = [{"hidden": 4 + i} for i in range(k)]
+    bad = [{"hidden": 100 + i, "broken": True} for i in range(f)]
+    with_bad = write_suite(root / "failures-all", good + bad, n,
+                           broken=[False] * k + [True] * f)
+    only_good = write_suite(root / "failures-good", good, n)
+    remembers = "--mlc-jit-retry-failed" in pytest_help(only_good)
+    cache, counter = root / "failures-cache", root / "failures-compiles.txt"
+    for suite in (only_good, with_bad):  # warm the cache, record the failures
+        first = plugin_run(suite, cache, w, counter, basetemp=root / "bt-first")
+        checks.run_ok(first, f"(c) first run in {suite.name}")
+    checks.expect(count_lines(counter) == k + f,
+                  f"(c) the first runs compiled {count_lines(counter)}, expected {k + f}")
+    res: dict[str, list[float]] = {"good": [], "all": [], "ratio": [], "recompiled": []}
+    for rep in range(args.reps):
+        times: dict[str, float] = {}
+        for variant in rotate(["good", "all"], rep):
+            suite = only_good if variant == "good" else with_bad
+            before = count_lines(counter)
+            run = plugin_run(suite, cache, w, counter, basetemp=root / f"bt-{rep}-{variant}")
+            checks.run_ok(run, f"(c) rep {rep} {variant}")
+            recompiled = count_lines(counter) - before
+            if variant == "all":
+                res["recompiled"].append(recompiled)
+                if remembers:
+                    checks.expect(recompiled == 0, f"(c) rep {rep}: a known failure was "
+                                                   f"compiled again ({recompiled} compiles)")
+                checks.expect(f"{f * n} xfailed" in run.output,
+                              f"(c) rep {rep}: expected {f * n} xfailed\n{run.tail()}")
+            else:
+                checks.expect(recompiled == 0, f"(c) rep {rep}: the warm run compiled")
+            times[variant] = run.seconds
+            res[variant].append(run.seconds)
+        res["ratio"].append(times["all"] / times["good"])
+        print(f"rep {rep}: good only {times['good']:.2f}s, with {f} known failures "
+              f"{times['all']:.2f}s ({res['recompiled'][-1]:g} compiled again), ratio "
+              f"{res['ratio'][-1]:.3f}", flush=True)
+    ratio = median(res["ratio"])
+    print()
+    print(table(["K good only s", f"K good + {f} known failures s", "compiled again per run",
+                 "ratio", f"target <= {FAILURES_TARGET}"],
+                [[spread(res["good"]), spread(res["all"]), spread(res["recompiled"], "{:.0f}"),
+                  f"{ratio:.3f}x", verdict(ratio, FAILURES_TARGET)]]))
+    if not remembers:
+        print("(this plugin has no --mlc-jit-retry-failed: failures are compiled again on "
+              "every run)")
+    print(flush=True)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    print_header("bench_coldpath: per-compile overhead, compile schedule, known failures",
+                 f"parts {','.join(sorted(args.parts))}, W={args.workers}, "
+                 f"{args.reps} rep(s){' (quick)' if args.quick else ''}")
+    checks = Checks()
+    with work_dir(args, "coldpath") as root:
+        if "a" in args.parts:
+            part_cold(args, root, checks)
+        if "b" in args.parts:
+            part_makespan(args, root, checks)
+        if "c" in args.parts:
+            part_failures(args, root, checks)
+    return checks.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

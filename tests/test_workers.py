@@ -1,0 +1,447 @@
+"""Pre-warmed compile workers (pytest_mlcjit.workers): every compile is a fork of a worker
+that imported TVM once, and still a process of its own.
+
+Real TVM compiles of the tiny model, real processes and real signals throughout. The
+factory below reports, from inside the compile, what it sees: the state a previous
+compile may have left (a module global, a monkeypatched ``tvm.compile``), the worker it
+was forked from (its launcher's parent), its ``sys.path``, environment, working directory
+and umask. Several tests drive the engine in this test process (``JIT`` with
+``compile_workers``); the kill tests drive it in a separate process (the conftest
+driver) so that it can be killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultmodels import alive
+
+from conftest import Engine, Project, outcomes, wait_until
+from pytest_mlcjit import JIT, CompileError, Settings, TVMModel, workers
+from pytest_mlcjit.key import file_sha256
+
+pytestmark = pytest.mark.skipif(not workers.supported(),
+                                reason="pre-warmed compile workers need Linux")
+
+#: The factory: reports what it sees to ``out`` (JSON), sets a module global of a helper
+#: and monkeypatches ``tvm.compile`` (the next compile must see neither), then misbehaves
+#: on request (``crash``: exit, segv, sleep, raise).
+STATE_MODEL = '''
+import ctypes
+import json
+import os
+import sys
+import time
+
+import tvm
+from tvm.relax.frontend import nn
+
+import statehelper
+
+
+class Tiny(nn.Module):
+    def __init__(self, hidden):
+        self.fc = nn.Linear(8, hidden)
+
+    def forward(self, x):
+        return nn.relu(self.fc(x))
+
+
+def _parent_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+def _cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\\0", b" ").decode(errors="replace")
+
+
+def build(hidden=4, out="", crash=""):
+    counter = os.environ.get("MLCJIT_TEST_COUNT")
+    if counter:
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()} hidden={hidden}\\n")
+    seen = {"global": statehelper.VALUE,
+            "patched": bool(getattr(tvm.compile, "mlcjit_test_patched", False)),
+            "pid": os.getpid(), "worker": _parent_of(os.getppid()), "cwd": os.getcwd(),
+            "worker_cmd": _cmdline(_parent_of(os.getppid())),
+            "path": list(sys.path), "mark": os.environ.get("MLCJIT_TEST_MARK"),
+            "umask": os.umask(0o022), "helper": statehelper.BONUS}
+    os.umask(seen["umask"])
+    statehelper.VALUE = hidden
+    original = tvm.compile
+
+    def patched(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    patched.mlcjit_test_patched = True
+    tvm.compile = patched
+    if out:
+        with open(out, "w") as f:
+            json.dump(seen, f)
+    print(f"factory of hidden={hidden} says hello", flush=True)
+    if crash == "exit":
+        os._exit(3)
+    if crash == "segv":
+        ctypes.string_at(0)
+    if crash == "sleep":
+        time.sleep(600)
+    if crash == "raise":
+        raise RuntimeError(f"factory failed on purpose (hidden={hidden})")
+    return Tiny(hidden + statehelper.BONUS), {
+        "forward": {"x": nn.spec.Tensor((2, 8), "float32")}}
+'''
+STATE_HELPER = "VALUE = None\nBONUS = 0\n"
+
+
+@pytest.fixture
+def fresh_workers() -> Iterator[Callable[[], int]]:
+    """No zygote of an earlier test: this test's start from none, and leave none. Yields
+    how many zygotes this test started so far."""
+    workers.shutdown()
+    before = int(workers.pool_state()["started"])
+    yield lambda: int(workers.pool_state()["started"]) - before
+    workers.shutdown()
+
+
+@pytest.fixture
+def state_project(project: Project, monkeypatch: pytest.MonkeyPatch) -> Project:
+    project.pytester.makepyfile(statemodel=STATE_MODEL, statehelper=STATE_HELPER)
+    monkeypatch.syspath_prepend(str(project.pytester.path))
+    monkeypatch.chdir(project.pytester.path)
+    return project
+
+
+def _spec(hidden: int, out: Path, crash: str = "") -> TVMModel:
+    return TVMModel("statemodel:build", config={"hidden": hidden, "out": str(out),
+                                                "crash": crash})
+
+
+def _seen(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _processes(needle: bytes) -> list[int]:
+    """Live processes whose command line contains ``needle``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "cmdline").read_bytes():
+                with open(proc / "stat", "rb") as f:
+                    if f.read().rpartition(b")")[2].split()[:1] not in ([b"Z"], [b"X"]):
+                        found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _compile_processes(cache: Path) -> list[int]:
+    """Launchers and compiles of this cache (their command lines name its staging)."""
+    return _processes(str(cache / ".mlcjit" / "staging").encode())
+
+
+def _zygotes_of(pid: int) -> list[int]:
+    return _processes(f"(compile worker of {pid})".encode())
+
+
+def test_two_compiles_of_one_worker_share_no_state(state_project: Project, tmp_path: Path,
+                                                   fresh_workers: Callable[[], int]) -> None:
+    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    engine.compile(_spec(3, first), "cpu")
+    engine.compile(_spec(5, second), "cpu")
+    a, b = _seen(first), _seen(second)
+    state = workers.pool_state()
+    assert fresh_workers() == 1, state
+    assert state["pid"] is not None, state
+    assert a["worker"] == b["worker"] == state["pid"], "one warm worker served both"
+    assert a["pid"] != b["pid"], "each compile is a process of its own"
+    assert (a["global"], a["patched"]) == (None, False)
+    assert (b["global"], b["patched"]) == (None, False), \
+        "the second compile saw the first one's module global or its patched tvm.compile"
+    assert len(state_project.compiles()) == 2
+
+
+def test_crashes_fail_only_their_own_test_with_the_log(state_project: Project,
+                                                       tmp_path: Path) -> None:
+    """os._exit, a segfault and a compile that sleeps past the timeout, between two good
+    compiles served by the same worker: each fails only its own tests, with its log; the
+    worker lives on; nothing is left running."""
+    outs = {h: tmp_path / f"{h}.json" for h in (3, 4, 5, 6, 7)}
+    crashes = {3: "", 4: "exit", 5: "segv", 6: "sleep", 7: ""}
+    specs = [f'TVMModel("statemodel:build", config={{"hidden": {h}, "out": {str(outs[h])!r}, '
+             f'"crash": {crashes[h]!r}}})' for h in sorted(outs)]
+    state_project.pytester.makepyfile(test_crashes=f'''
+import pytest
+from pytest_mlcjit import TVMModel
+
+SPECS = [{", ".join(specs)}]
+
+
+@pytest.mark.parametrize("i", range(2))
+@pytest.mark.parametrize("compiled_model", SPECS, indirect=True,
+                         ids=lambda s: s.config["crash"] or "ok")
+def test_model(compiled_model, i):
+    assert compiled_model.path.exists()
+''')
+    result = state_project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-timeout=15",
+                               "--mlc-jit-compile-workers=on")
+    result.assert_outcomes(passed=4, errors=6)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "the compiler exited with code 3 (compiling statemodel-crash=exit-*",
+        "the compiler exited with code -11 (compiling statemodel-crash=segv-*",
+        "timed out after 15s (--mlc-jit-timeout) (compiling statemodel-crash=sleep-*"])
+    assert out.count("factory of hidden=4 says hello") >= 1, "the exit's log is shown"
+    assert out.count("factory of hidden=5 says hello") >= 1, "the segfault's log is shown"
+    assert out.count("factory of hidden=6 says hello") >= 1, "the timeout's log is shown"
+    good = [_seen(outs[3]), _seen(outs[7])]
+    assert good[0]["worker"] == good[1]["worker"], "the worker outlived the crashes"
+    assert all(_seen(outs[h])["worker"] == good[0]["worker"] for h in (4, 5, 6))
+    assert _compile_processes(state_project.cache) == []
+    wait_until(lambda: not alive(good[0]["worker"]),
+               "the worker to exit with its test process", timeout=30)
+
+
+def test_an_edited_factory_is_seen_by_the_next_compile(state_project: Project,
+                                                       tmp_path: Path,
+                                                       fresh_workers: Callable[[], int]) -> None:
+    """Within one process and one worker: a helper module the factory imports is edited
+    (the same key, new recorded inputs: compiled again), then the factory module itself
+    (a new key); each next compile imports the edited code."""
+    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
+    outs = [tmp_path / f"{i}.json" for i in range(3)]
+    engine.compile(_spec(3, outs[0]), "cpu")
+    helper = state_project.pytester.path / "statehelper.py"
+    helper.write_text("VALUE = None\nBONUS = 22  # edited\n")
+    edited = engine.compile(_spec(3, outs[0]), "cpu")
+    assert not edited.hit, "the helper's edit is a new input state"
+    model = state_project.pytester.path / "statemodel.py"
+    model.write_text(model.read_text().replace('"helper": statehelper.BONUS}',
+                                               '"helper": statehelper.BONUS * 2}'))
+    engine.compile(_spec(3, outs[1]), "cpu")
+    assert _seen(outs[0])["helper"] == 22
+    assert _seen(outs[1])["helper"] == 44
+    assert edited.params["fc.weight"].shape == (25, 8), "the library is the edited model's"
+    assert fresh_workers() == 1
+    assert len(state_project.compiles()) == 3
+
+
+def test_the_compile_sees_what_a_fresh_subprocess_sees(state_project: Project,
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        fresh_workers: Callable[[], int]) -> None:
+    """The same spec compiled by a fresh subprocess (workers off) and by a warm worker:
+    the same sys.path, environment, working directory and umask inside the compile, and
+    the same recorded inputs (so the same entry)."""
+    monkeypatch.setenv("MLCJIT_TEST_MARK", "from the test process")
+    seen = {}
+    entries = {}
+    old = os.umask(0o027)
+    try:
+        for mode in ("off", "on"):
+            out = tmp_path / "seen.json"  # the same config, so the same key
+            engine = JIT(Settings(cache_dir=tmp_path / f"cache-{mode}", compile_workers=mode))
+            model = engine.compile(_spec(3, out), "cpu")
+            seen[mode] = _seen(out)
+            inputs = model.manifest["inputs"]
+            entries[mode] = (model.digest, [(m["path"], m["sha256"]) for m in inputs["modules"]],
+                             inputs["files"], inputs["dists"])
+    finally:
+        os.umask(old)
+    off, on = seen["off"], seen["on"]
+    assert on["worker"] == workers.pool_state()["pid"], "the warm worker compiled it"
+    assert off["worker"] == os.getpid(), "workers off: a launcher of this process"
+    assert on["path"] == off["path"], json.dumps({"on": on["path"], "off": off["path"]}, indent=0)
+    assert (on["mark"], on["cwd"], on["umask"]) == (off["mark"], off["cwd"], off["umask"]) == (
+        "from the test process", str(state_project.pytester.path), 0o027)
+    assert entries["on"] == entries["off"], "warm or not, the same recorded inputs"
+
+
+def test_workers_off_start_no_worker(state_project: Project, tmp_path: Path,
+                                     fresh_workers: Callable[[], int]) -> None:
+    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="off"))
+    engine.compile(_spec(3, tmp_path / "out.json"), "cpu")
+    assert fresh_workers() == 0
+
+
+@pytest.mark.parametrize("how", ["option", "env", "ini"])
+def test_workers_can_be_turned_off(state_project: Project, tmp_path: Path, how: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers off (--mlc-jit-compile-workers, MLC_JIT_COMPILE_WORKERS, ini), the
+    compile's launcher is a child of the test process; by default, of a warm worker."""
+    out = tmp_path / "seen.json"
+    state_project.pytester.makepyfile(test_one=f'''
+from pytest_mlcjit import TVMModel
+import pytest
+
+
+@pytest.mark.mlc_model(TVMModel("statemodel:build", config={{"hidden": 3, "out": {str(out)!r}}}))
+def test_one(compiled_model):
+    assert compiled_model.path.exists()
+''')
+    state_project.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=1)
+    assert "pytest_mlcjit.workers" in _seen(out)["worker_cmd"]
+    args = ["-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-policy=REDO"]
+    if how == "option":
+        args.append("--mlc-jit-compile-workers=off")
+    elif how == "env":
+        monkeypatch.setenv("MLC_JIT_COMPILE_WORKERS", "off")
+    else:
+        state_project.pytester.makeini("[pytest]\nmlc_jit_compile_workers = off\n")
+    state_project.run(*args).assert_outcomes(passed=1)
+    assert "pytest_mlcjit.workers" not in _seen(out)["worker_cmd"]
+    assert "pytest" in _seen(out)["worker_cmd"]
+
+
+@pytest.mark.parametrize("value", ["sometimes", "1"])
+def test_a_bad_compile_workers_value_is_a_usage_error(project: Project, value: str) -> None:
+    result = project.run(f"--mlc-jit-compile-workers={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*invalid --mlc-jit-compile-workers '{value}': expected one "
+                                 "of auto, on, off*"])
+
+
+def test_a_worker_that_dies_is_replaced(state_project: Project, tmp_path: Path,
+                                        fresh_workers: Callable[[], int]) -> None:
+    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
+    engine.compile(_spec(3, tmp_path / "a.json"), "cpu")
+    first = workers.pool_state()["pid"]
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: workers.pool_state()["pid"] is None, "the worker to die")
+    engine.compile(_spec(5, tmp_path / "b.json"), "cpu")
+    state = workers.pool_state()
+    assert fresh_workers() == 2, state
+    assert state["pid"] not in (None, first), state
+    assert _seen(tmp_path / "b.json")["worker"] == state["pid"]
+
+
+def test_a_factory_error_is_reported_from_the_warm_worker(state_project: Project,
+                                                          tmp_path: Path,
+                                                          fresh_workers: Callable[[], int]) -> None:
+    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
+    with pytest.raises(CompileError) as info:
+        engine.compile(_spec(3, tmp_path / "a.json", "raise"), "cpu")
+    assert "the compiler exited with code 1" in str(info.value)
+    assert "RuntimeError: factory failed on purpose (hidden=3)" in str(info.value)
+    assert info.value.log_path is not None
+    log = Path(info.value.log_path).read_text()
+    assert "factory of hidden=3 says hello" in log
+    assert "Traceback" in log
+
+
+# -- random kills: the test process, the worker, the launcher, the compile ---------------------
+ROLES = ("test process", "worker", "launcher", "compile")
+ROUNDS = 12
+SAFETY_S = 120.0
+
+
+def _chain(driver: int, cache: Path) -> dict[str, int]:
+    """The live processes of one driver's compile, by role."""
+    found: dict[str, int] = {}
+    zygotes = _zygotes_of(driver)
+    if zygotes:
+        found["worker"] = zygotes[0]
+    running = _compile_processes(cache)
+    for pid in running:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rpartition(b")")[2].split()[1])
+        except OSError:
+            continue
+        found["compile" if parent in running else "launcher"] = pid  # a launcher's child
+    return found
+
+
+def test_random_kills_leave_no_partial_entry_and_no_process(engine: Engine, project: Project,
+                                                            tmp_path: Path) -> None:
+    """The test process, its warm worker, a compile's launcher or the compile itself is
+    SIGKILLed at a random moment (the worker still importing TVM, the compile starting or
+    running): no manifest names a partial library, no process of the tree is left, the
+    lock is free, and the next run compiles the library and loads it. A killed worker
+    takes no compile with it."""
+    seed = int(os.environ.get("MLCJIT_KILL_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    tag = f"(seed {seed}; rerun with MLCJIT_KILL_SEED={seed})"
+    landed: Counter[str] = Counter()
+    drivers: list[int] = []
+    for n in range(ROUNDS):
+        role = ROLES[n % len(ROLES)]
+        hidden = 10 + n
+        # The test process at any moment of its run; the others at a random moment of
+        # their life (the worker: from importing TVM on; the launcher and the compile:
+        # from their start to the compile's end).
+        delay = rng.uniform(0.0, 2.5 if role == "test process" else 0.9)
+        stderr = tmp_path / f"stderr-{n}.txt"
+        with open(stderr, "w") as err:
+            driver = engine.popen([{"hidden": hidden, "sleep": 1.0}], stderr=err)
+        drivers.append(driver.pid)
+        where = f"round {n}: kill the {role} at {delay:.2f}s {tag}"
+        try:
+            if role != "test process":
+                wait_until(lambda d=driver, r=role: r in _chain(d.pid, project.cache)
+                           or d.poll() is not None, f"the {role} to start")
+            time.sleep(delay)
+            chain = _chain(driver.pid, project.cache)
+            victim = driver.pid if role == "test process" else chain.get(role)
+            if victim is not None and driver.poll() is None:
+                os.kill(victim, signal.SIGKILL)
+                landed[role] += 1
+            out, _ = driver.communicate(timeout=SAFETY_S)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.communicate()
+        (event,) = outcomes(out, events=True)[:1]
+        digest = str(event["digest"])
+        library, manifest = engine.paths(digest)
+        if manifest.exists():  # a manifest only ever names a whole library
+            assert file_sha256(library) == json.loads(manifest.read_text())["sha256"], where
+        if role == "worker" and driver.returncode == 0:
+            (result,) = outcomes(out)
+            assert result["ok"], f"a killed worker failed a compile: {result} {where}"
+        wait_until(lambda d=driver.pid: not _chain(d, project.cache),
+                   f"every process of {where} to die", timeout=60)
+        assert engine.lock_is_free(digest), where
+        # The next run compiles what is missing and loads it.
+        (again,) = engine.run([{"hidden": hidden}], check=True)
+        assert again["ok"], (again, where)
+        assert again["checked"], (again, where)
+    assert not any(_zygotes_of(d) for d in drivers), "a worker outlived its test process"
+    assert _compile_processes(project.cache) == []
+    assert sum(landed.values()) >= ROUNDS * 3 // 4, f"too few kills landed: {dict(landed)} {tag}"
+    print(f"\nkills that landed {tag}: {dict(landed)}", file=sys.stderr)
+
+
+def test_killed_test_process_takes_its_worker_and_compile_along(engine: Engine,
+                                                                project: Project) -> None:
+    driver = engine.popen([{"hidden": 4, "sleep": 30.0}])
+    try:
+        wait_until(lambda: "compile" in _chain(driver.pid, project.cache)
+                   or driver.poll() is not None, "the compile to run")
+        chain = _chain(driver.pid, project.cache)
+        assert set(chain) == {"worker", "launcher", "compile"}, chain
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate(timeout=SAFETY_S)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    wait_until(lambda: not any(alive(pid) for pid in chain.values()),
+               "the worker, the launcher and the compile to die with the test process",
+               timeout=60)
