@@ -498,3 +498,28 @@ def warm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert outcomes(proc.stdout)[0]["ok"], proc.stdout
         (work / "ready").touch()
     return work
+
+
+#: Holds every test until the cache holds ``count`` published libraries. Which compiles
+#: prefetch wins is a race when tests may ask first (a test that asks for a library no
+#: one has started compiles it itself, which is right); holding the tests makes "every
+#: library was compiled ahead of time" a fact to assert, and a prefetch that does not
+#: compile them fails the tests instead of hanging them.
+HOLD_TESTS = '''
+import pathlib, time
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _hold_until_prefetched():
+    libraries = pathlib.Path({root!r})
+    deadline = time.monotonic() + 300
+    while len(list(libraries.glob("*.manifest.json"))) < {count}:
+        assert time.monotonic() < deadline, "prefetch did not publish {count} libraries"
+        time.sleep(0.05)
+'''
+
+
+def hold_tests(project: Project, count: int) -> None:
+    project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache / "tvm"),
+                                                    count=count))

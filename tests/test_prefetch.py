@@ -5,35 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Project
+from conftest import Project, hold_tests
 from pytest_mlcjit.prefetch import my_share
 
 FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
-
-#: Holds every test until the cache holds ``count`` published libraries. Which compiles
-#: prefetch wins is a race when tests may ask first (a test that asks for a library no
-#: one has started compiles it itself, which is right); holding the tests makes "every
-#: library was compiled ahead of time" a fact to assert, and a prefetch that does not
-#: compile them fails the tests instead of hanging them.
-HOLD_TESTS = '''
-import pathlib, time
-import pytest
-
-
-@pytest.fixture(autouse=True)
-def _hold_until_prefetched():
-    libraries = pathlib.Path({root!r})
-    deadline = time.monotonic() + 300
-    while len(list(libraries.glob("*.manifest.json"))) < {count}:
-        assert time.monotonic() < deadline, "prefetch did not publish {count} libraries"
-        time.sleep(0.05)
-'''
-
-
-def hold_tests(project: Project, count: int) -> None:
-    project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache / "tvm"),
-                                                    count=count))
-
 
 def test_partition_is_deterministic_and_complete() -> None:
     libs = list(range(7))

@@ -16,27 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project
+from conftest import Project, hold_tests
 from pytest_mlcjit import JIT, Settings, TVMModel
 from pytest_mlcjit.layout import timing_file
 from pytest_mlcjit.schedule import expected_seconds, longest_first, record_time, spec_digest
 from pytest_mlcjit.store import LocalStore
-
-#: Holds every test until the cache holds ``count`` published libraries, so that every
-#: compile is the background prefetch's (the schedule under test), never a test's own.
-HOLD_TESTS = '''
-import pathlib, time
-import pytest
-
-
-@pytest.fixture(autouse=True)
-def _hold_until_prefetched():
-    libraries = pathlib.Path({root!r})
-    deadline = time.monotonic() + 300
-    while len(list(libraries.glob("*.manifest.json"))) < {count}:
-        assert time.monotonic() < deadline, "prefetch did not publish {count} libraries"
-        time.sleep(0.05)
-'''
 
 #: ``waitmodel:build(hidden, wait_for)``: counts its call, then (``wait_for`` > 0) waits
 #: until the counter holds that many lines: a compile that lasts until the others are done.
@@ -126,7 +110,7 @@ def test_prefetch_compiles_longest_first_by_recorded_times(project: Project,
             req = engine.request(TVMModel("tinymodel:build", config={"hidden": hidden}), "cpu")
             record_time(project.cache, req, seconds)
     project.write_tests([{"hidden": h} for h in recorded])
-    project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache / "tvm"), count=4))
+    hold_tests(project, 4)
     result = project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
     result.assert_outcomes(passed=4)
     order = [int(line.split("hidden=")[1]) for line in project.compiles()]
@@ -153,7 +137,7 @@ SPECS = [TVMModel("waitmodel:build", config=c) for c in {configs!r}]
 def test_model(compiled_model):
     assert compiled_model.path.exists()
 ''')
-    project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache / "tvm"), count=5))
+    hold_tests(project, 5)
     report = tmp_path / "report.json"
     result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=on",
                          f"--mlc-jit-report={report}")
