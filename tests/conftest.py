@@ -197,43 +197,29 @@ class HeavyImportGuard:
         self.imported = [m for m in self.HEAVY if m in sys.modules and m not in self.before]
 
 
-# -- opt-in tests: `slow` ones (packaging) run only with --run-slow ----------------------------
-# Hook names of their own (specname), so that other opt-in markers can add hooks beside them.
-@pytest.hookimpl(specname="pytest_addoption")
-def pytest_addoption_run_slow(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run the tests marked slow (they build and install the wheel "
-                     "and the sdist in fresh virtualenvs); .ci/run runs them once")
+# -- opt-in tests: each marker below runs only with its option ----------------------------------
+#: marker → (option, help). .ci/run runs each once: `--run-slow -m slow`, `--run-bench -m bench`.
+OPT_IN = {
+    "slow": ("--run-slow", "also run the tests marked slow (they build and install the wheel "
+             "and the sdist in fresh virtualenvs); .ci/run runs them once"),
+    "bench": ("--run-bench", "also run the tests marked bench (the benchmarks' --quick modes, "
+              "minutes of CPU); .ci/run runs them once: pytest -n 2 --run-bench -m bench"),
+}
 
 
-@pytest.hookimpl(specname="pytest_collection_modifyitems")
-def pytest_collection_modifyitems_run_slow(config: pytest.Config,
-                                           items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow"):
-        return
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+def pytest_addoption(parser: pytest.Parser) -> None:
+    for option, text in OPT_IN.values():
+        parser.addoption(option, action="store_true", default=False, help=text)
 
 
-# -- opt-in tests: `bench` ones (the benchmarks' --quick modes) run only with --run-bench ----
-@pytest.hookimpl(specname="pytest_addoption")
-def pytest_addoption_run_bench(parser: pytest.Parser) -> None:
-    parser.addoption("--run-bench", action="store_true", default=False,
-                     help="also run the tests marked bench (the benchmarks' --quick modes, "
-                     "minutes of CPU); .ci/run runs them once: pytest -n 2 --run-bench -m bench")
-
-
-@pytest.hookimpl(specname="pytest_collection_modifyitems")
-def pytest_collection_modifyitems_run_bench(config: pytest.Config,
-                                            items: list[pytest.Item]) -> None:
-    if config.getoption("--run-bench"):
-        return
-    bench = [item for item in items if item.get_closest_marker("bench") is not None]
-    if bench:
-        config.hook.pytest_deselected(items=bench)
-        items[:] = [item for item in items if item.get_closest_marker("bench") is None]
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    off = [marker for marker, (option, _) in OPT_IN.items() if not config.getoption(option)]
+    deselected = [item for item in items
+                  if any(item.get_closest_marker(marker) is not None for marker in off)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        dropped = {id(item) for item in deselected}
+        items[:] = [item for item in items if id(item) not in dropped]
 
 
 @pytest.fixture(autouse=True)
