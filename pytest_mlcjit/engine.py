@@ -36,7 +36,7 @@ from .errors import (
     LockTimeoutError,
 )
 from .fsutil import best_effort, fault_point, is_no_space
-from .inputs import Change, inputs_digest, shared_checker
+from .inputs import Change, changes_since, inputs_digest
 from .key import sha256_digest
 from .layout import EntryPaths, backend_root
 from .model import CompiledModel
@@ -514,8 +514,8 @@ class JIT:
             return False
         recorded = done.manifest.get("inputs")
         base = backend.inputs_base(req)
-        return base is None or not isinstance(recorded, dict) or not shared_checker().changes(
-            recorded, base)
+        return base is None or not isinstance(recorded, dict) or changes_since(
+            recorded, base) == []
 
     def _key_lock(self, digest: str) -> threading.Lock:
         with self._lock:
@@ -547,9 +547,8 @@ class JIT:
         variants = store.read_variants(paths.library.parent, req.digest)
         first: list[Change] | None = None
         for variant in variants:
-            try:
-                changes = shared_checker().changes(variant["inputs"], base)
-            except ValueError:  # a malformed record: not this variant
+            changes = changes_since(variant["inputs"], base)
+            if changes is None:  # a malformed record: not this variant
                 continue
             if not changes:
                 return backend.locate(req, store.root, variant["entry"]), ""
@@ -647,10 +646,7 @@ class JIT:
         base = backend.inputs_base(req)
         if known is None or base is None:
             return
-        try:
-            if shared_checker().changes(known["inputs"], base):
-                return
-        except ValueError:  # a malformed record: compile
+        if changes_since(known.get("inputs"), base) != []:  # changed, or a malformed record
             return
         missing = known.get("missing")
         for path in missing if isinstance(missing, list) else []:

@@ -58,6 +58,7 @@ __all__ = [
     "Change",
     "InputChecker",
     "InputRecorder",
+    "changes_since",
     "expand_files",
     "explicit_inputs_digest",
     "file_entry",
@@ -938,6 +939,19 @@ class InputChecker:
 def shared_checker() -> InputChecker:
     """The process's one :class:`InputChecker` (its memo lives as long as the process)."""
     return InputChecker()
+
+
+def changes_since(recorded: object, base: PathLike) -> list[Change] | None:
+    """What differs now from an entry's recorded inputs (empty: the entry still fits),
+    checked by the process's one checker; None when ``recorded`` is not a well-formed
+    record, so the entry cannot be judged and fits nothing. The one rule for local
+    variants, entries returned before and remote entries alike."""
+    if not isinstance(recorded, Mapping):
+        return None
+    try:
+        return shared_checker().changes(recorded, base)
+    except ValueError:
+        return None
 
 
 def inputs_digest(recorded: Mapping[str, Any]) -> str:

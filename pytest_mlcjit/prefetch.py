@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
 #: After an interrupt, how long ``stop`` waits for the prefetch thread (it has nothing left
 #: to do but remove its staging directory; a wait for another process's lock is given up).
 INTERRUPTED_JOIN_S = 10.0
-
-
-def my_share(libraries: list[Any], index: int, count: int) -> list[Any]:
-    """Library *j* (in first-use order) belongs to worker *j* mod *count*: the static
-    split prefetch used before work stealing (kept for callers of its own)."""
-    return [lib for j, lib in enumerate(libraries) if j % count == index]
 
 
 class Prefetcher:

@@ -6,15 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import Project, hold_tests
-from pytest_mlcjit.prefetch import my_share
 
 FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
-
-def test_partition_is_deterministic_and_complete() -> None:
-    libs = list(range(7))
-    shares = [my_share(libs, i, 3) for i in range(3)]
-    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
-    assert sorted(lib for share in shares for lib in share) == libs
 
 
 def test_prefetch_compiles_every_library_once_ahead_of_time(project: Project) -> None:

@@ -176,7 +176,7 @@ class RemoteTier:
     def fits(self, req: BuildRequest, backend: Backend) -> Callable[[Mapping[str, Any]], bool]:
         """Whether a remote manifest fits ``req`` here: the recorded-inputs rule exactly as
         for local entries (its inputs are unchanged here), and a current toolchain."""
-        from ..inputs import shared_checker
+        from ..inputs import changes_since
 
         base = backend.inputs_base(req)
 
@@ -185,12 +185,7 @@ class RemoteTier:
                 return False
             if base is None:
                 return manifest.get("digest") == req.digest
-            recorded = manifest.get("inputs")
-            try:
-                return isinstance(recorded, dict) and not shared_checker().changes(
-                    recorded, base)
-            except ValueError:
-                return False
+            return changes_since(manifest.get("inputs"), base) == []
 
         return fits
 
