@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +59,31 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_json_tmp(path: Path, data: Any) -> Path:
-    """Write JSON to a new temp file beside ``path`` and fsync it; returns the temp file."""
+def write_temp(path: Path, chunks: Iterable[bytes]) -> tuple[Path, str]:
+    """Write ``chunks`` to a new temp file beside ``path`` (a name no other writer can
+    take) and fsync it; ``(the temp file, the SHA-256 of what was written)``. Nothing is
+    left behind if writing fails or is interrupted."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    h = hashlib.sha256()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        with open(fd, "wb") as f:
+            for chunk in chunks:
+                h.update(chunk)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    return tmp
+    return tmp, h.hexdigest()
+
+
+def write_json_tmp(path: Path, data: Any) -> Path:
+    """Write JSON to a new temp file beside ``path`` and fsync it; returns the temp file."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    return write_temp(path, [text.encode("utf-8")])[0]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

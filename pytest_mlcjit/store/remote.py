@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ConfigError, MlcJitError
+from ..fsutil import FILE_MODE, write_temp
 
 #: How to install what an S3 remote needs.
 EXTRA_HINT = 'pip install "pytest-mlcjit[remote]"'
@@ -64,8 +65,6 @@ SIGNATURE_SCHEME = "hmac-sha256:"
 #: A manifest is a few hundred bytes; anything far larger is not one.
 MAX_MANIFEST_BYTES = 1 << 20
 _CHUNK = 1 << 20
-#: Files a directory remote writes (umask applies).
-_FILE_MODE = 0o644
 
 #: An object's bytes, in chunks: a generator, closed when the reader stops early.
 Chunks = Generator[bytes, None, None]
@@ -354,7 +353,7 @@ class Remote(abc.ABC):
             )
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         with contextlib.closing(stream):
-            fd = os.open(dest, flags, _FILE_MODE)
+            fd = os.open(dest, flags, FILE_MODE)
             try:
                 h, n = hashlib.sha256(), 0
                 with open(fd, "wb") as f:
@@ -850,29 +849,10 @@ class FileRemote(Remote):
             except FileNotFoundError:
                 return False
 
-    def _temp_for(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
     def _write_temp(self, path: Path, chunks: Iterator[bytes]) -> tuple[Path, str]:
         """Write ``chunks`` to a new fsynced temp file beside ``path``; (temp, sha256)."""
-        import hashlib
-
-        tmp = self._temp_for(path)
-        h = hashlib.sha256()
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-            with open(fd, "wb") as f:
-                for chunk in chunks:
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        return tmp, h.hexdigest()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_temp(path, chunks)
 
     def _put_blob(self, name: str, library: Path, sha256: str, size: int) -> None:
         path = self._path(name)
