@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,29 @@ SAFETY_S = 300.0
 def _compiling(project: Project, hidden: int) -> bool:
     """Whether the factory of ``hidden`` has started (it appends to the counter)."""
     return any(line.endswith(f"hidden={hidden}") for line in project.compiles())
+
+
+def _beside_a_live_compile(project: Project, release: Path, first: subprocess.Popen[str],
+                           during: Callable[[Path], None]) -> dict[str, Any]:
+    """Once ``first`` (a held compile of hidden=5, released by ``release``) is compiling,
+    call ``during`` with its staging directory (which must survive it); then release
+    ``first`` and return its outcome, which must be a success."""
+    try:
+        wait_until(lambda: _compiling(project, 5) or first.poll() is not None,
+                   "the first compile to start")
+        (live,) = staging_dirs(project.cache)
+        during(live)
+        assert live.is_dir(), "the live compile's staging directory was removed"
+        release.touch()
+        out, err = first.communicate(timeout=SAFETY_S)
+    finally:
+        release.touch()
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    (result,) = outcomes(out)
+    assert result["ok"], (result, err)
+    return result
 
 
 # -- 1. two PID namespaces ------------------------------------------------------------------
@@ -83,24 +106,14 @@ def test_two_pid_namespaces_compile_different_keys_at_once(
     add_hold_model(project)
     release = tmp_path / "release"
     first = _in_pid_namespace(engine, [hold_request(5, hold=str(release))], burn=300)
-    try:
-        wait_until(lambda: _compiling(project, 5) or first.poll() is not None,
-                   "the first compile to start")
-        (live,) = staging_dirs(project.cache)
+
+    def compile_in_another_namespace(live: Path) -> None:
         second = _in_pid_namespace(engine, [hold_request(6)], burn=0)
-        out2, err2 = second.communicate(timeout=SAFETY_S)
-        (result2,) = outcomes(out2)
-        assert result2["ok"], (result2, err2)
-        assert live.is_dir(), "the live compile's staging directory was removed"
-        release.touch()
-        out1, err1 = first.communicate(timeout=SAFETY_S)
-    finally:
-        release.touch()
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    (result1,) = outcomes(out1)
-    assert result1["ok"], (result1, err1)
+        out, err = second.communicate(timeout=SAFETY_S)
+        (result,) = outcomes(out)
+        assert result["ok"], (result, err)
+
+    result1 = _beside_a_live_compile(project, release, first, compile_in_another_namespace)
     assert result1["sha256"] == result1["manifest_sha256"]
     assert len(project.compiles()) == 2, "each key compiled once, neither again"
     assert staging_dirs(project.cache) == []
@@ -115,25 +128,15 @@ def test_a_staging_dir_aged_two_days_survives_while_its_compile_lives(
     add_hold_model(project)
     release = tmp_path / "release"
     first = engine.popen([hold_request(5, hold=str(release))])
-    try:
-        wait_until(lambda: _compiling(project, 5) or first.poll() is not None,
-                   "the first compile to start")
-        (live,) = staging_dirs(project.cache)
+
+    def age_it_then_compile(live: Path) -> None:
         then = time.time() - 2 * 86400
         for path in (live, *live.iterdir(), staging_lock(live)):
             os.utime(path, (then, then))
         (second,) = engine.run([hold_request(6)])
         assert second["ok"], second
-        assert live.is_dir(), "the live compile's staging directory was removed"
-        release.touch()
-        out, err = first.communicate(timeout=SAFETY_S)
-    finally:
-        release.touch()
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    (result,) = outcomes(out)
-    assert result["ok"], (result, err)
+
+    _beside_a_live_compile(project, release, first, age_it_then_compile)
     assert len(project.compiles()) == 2
     assert staging_dirs(project.cache) == []
 
