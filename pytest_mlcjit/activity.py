@@ -40,6 +40,9 @@ ENDED_KEPT = 16
 STALE_S = 60.0
 
 _lock = threading.Lock()
+#: Held from reading this process's record to renaming its file into place, so that two
+#: threads' jobs (a prefetch's compile, a test's wait) never leave the older record last.
+_publish_lock = threading.Lock()
 _ids = itertools.count(1)
 _active: dict[int, dict[str, Any]] = {}
 _ended: list[dict[str, Any]] = []
@@ -113,8 +116,9 @@ def _publish() -> None:
     path = board / f"{os.getpid()}.json"
     tmp = board / f".{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        tmp.write_text(json.dumps(record()), encoding="utf-8")
-        os.replace(tmp, path)
+        with _publish_lock:
+            tmp.write_text(json.dumps(record()), encoding="utf-8")
+            os.replace(tmp, path)
     except OSError as exc:
         _board_failed = True
         from .fsutil import warn_write_failed

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import Project, accounting, wait_until
+from pytest_mlcjit import activity
 from pytest_mlcjit.progress import Tracker, holder
 
 HOST = socket.gethostname()
@@ -102,6 +104,56 @@ def test_whose_compile_a_wait_is_for(tmp_path: Path) -> None:
     assert holder(wait, [], "r1") == "locked by pid 9 on far"
     same_run = {"pid": 9, "host": "far", "worker": "gw3", "run_id": "r1", "jobs": []}
     assert holder(wait, [same_run], "r1") == "locked by gw3 (pid 9 on far)"
+
+
+# -- the board: what a process publishes ----------------------------------------------------
+def test_two_threads_starting_jobs_at_once_leave_both_on_the_board(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's prefetch thread starts a compile while its test thread starts a wait:
+    the board must show both. Before, a thread could write its record, read before the
+    other's job began, after the other's: the compile vanished from the board until it
+    ended, and a log got its end line but never its start line (seen in CI). Here the
+    first publisher is held between reading its record and renaming its file while the
+    second publishes."""
+    monkeypatch.setattr(activity, "_config", {"board": str(tmp_path), "run_id": "r",
+                                              "worker": "gw0", "enabled": True})
+    monkeypatch.setattr(activity, "_active", {})
+    monkeypatch.setattr(activity, "_ended", [])
+    held, second_done, first_done = threading.Event(), threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def slow_first_replace(src: Any, dst: Any) -> None:
+        if threading.current_thread().name == "first" and not held.is_set():
+            held.set()
+            second_done.wait(timeout=1.0)  # the second publisher waits for this one now
+            real_replace(src, dst)
+            first_done.set()
+            return
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_first_replace)  # activity renames with it
+    stop = threading.Event()
+
+    def first() -> None:
+        with activity.doing("wait", model="m", target="llvm", digest="d", root="r"):
+            stop.wait(timeout=30)
+
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    try:
+        assert held.wait(timeout=30)
+        with activity.doing("compile", model="m", target="llvm", digest="d", root="r",
+                            background=True):
+            second_done.set()
+            thread_alive = thread.is_alive()
+            assert first_done.wait(timeout=30)
+            (record,) = activity.read_board(tmp_path)
+            kinds = sorted(job["kind"] for job in record["jobs"])
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert thread_alive
+    assert kinds == ["compile", "wait"]
 
 
 # -- a real pseudo-terminal -----------------------------------------------------------------
