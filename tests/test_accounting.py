@@ -217,10 +217,12 @@ def test_absent(compiled_model): pass
     assert sum(lib["requests"] for lib in data["libraries"]) == 7
 
 
-def test_a_wait_for_the_prefetch_is_counted_as_waiting(project: Project,
-                                                        tmp_path: Path) -> None:
+def test_a_wait_for_the_prefetch_is_counted_as_waiting(project: Project, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The test asks while this process's prefetch compiles its library: it waited, and
-    the time is counted as waiting (it used to read "0.00s waiting for locks")."""
+    the time is counted as waiting (it used to read "0.00s waiting for locks"). The
+    compile lasts 2 s, so that the test asks before it ends even on a loaded machine."""
+    monkeypatch.setenv("MLCJIT_TEST_SLEEP", "2")
     project.write_tests(TWO[:1], per_config=1)
     staging = project.cache / ".mlcjit" / "staging"
     project.pytester.makeconftest(f'''
