@@ -49,14 +49,37 @@ def start_moto() -> tuple[ThreadedMotoServer, str]:
     return server, f"http://{host}:{port}"
 
 
+def warm_up(endpoint: str) -> None:
+    """Make the server import, now, every module it would otherwise import on its first S3
+    request or its first moto-api call (about 90: the S3, IAM and STS backends). A module
+    the server thread first imports during a test that uses ``pytester`` is dropped from
+    ``sys.modules`` at that test's end (pytester restores its snapshot), and the next
+    import makes a second copy beside the live one: moto then answers later requests with
+    HTTP 500 (seen when the credentials check ran after a remote-tier test)."""
+    import urllib.request
+
+    client = s3_client(endpoint, aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket = f"mlcjit-warm-up-{secrets.token_hex(6)}"
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="x", Body=b"x", IfNoneMatch="*")
+    client.list_objects_v2(Bucket=bucket)
+    client.delete_object(Bucket=bucket, Key="x")
+    client.delete_bucket(Bucket=bucket)
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", method="POST",
+                                     data=b"inf", headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(request, timeout=30) as answer:  # no credentials check
+        assert answer.status == 200
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """The endpoint URL of a moto S3 server running for the whole session."""
+    """The endpoint URL of a moto S3 server running for the whole session (warmed up)."""
     werkzeug = logging.getLogger("werkzeug")
     level = werkzeug.level
     werkzeug.setLevel(logging.WARNING)  # not one log line per request
     server, endpoint = start_moto()
     try:
+        warm_up(endpoint)
         yield endpoint
     finally:
         server.stop()
@@ -74,12 +97,13 @@ def aws_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return s3_endpoint
 
 
-def s3_client(endpoint: str) -> Any:
-    """A plain boto3 S3 client for ``endpoint`` (to set up or tamper with objects)."""
+def s3_client(endpoint: str, **session: str) -> Any:
+    """A plain boto3 S3 client for ``endpoint`` (to set up or tamper with objects);
+    ``session``: arguments of its ``boto3.session.Session`` (credentials)."""
     import boto3  # type: ignore[import-untyped]
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint,
-                                          region_name="us-east-1")
+    return boto3.session.Session(**session).client("s3", endpoint_url=endpoint,
+                                                   region_name="us-east-1")
 
 
 @pytest.fixture
