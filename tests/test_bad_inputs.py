@@ -24,37 +24,6 @@ from pytest_mlcjit import JIT, ConfigError, Policy, Settings, SpecError, TVMMode
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 reliability = pytest.mark.reliability
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--mlc-jit-policy=SOMETIMES"],
-     "*invalid --mlc-jit-policy 'SOMETIMES': expected one of ON, OFF, REDO, READONLY*"),
-    (["--mlc-device=cpu,tpu"], "*invalid device 'tpu': expected one of auto, cpu, cuda, rocm, "
-                               "metal, vulkan, opencl, webgpu*"),
-    (["--mlc-device=cuda:x"], "*invalid device 'cuda:x': the index after ':' must be*"),
-    (["--mlc-device=cpu,,cuda"], "*invalid device list 'cpu,,cuda'*"),
-    (["--mlc-jit-timeout=soon"], "*invalid --mlc-jit-timeout 'soon': expected a positive*"),
-    (["--mlc-jit-lock-timeout=-1"], "*invalid --mlc-jit-lock-timeout '-1': expected a positive*"),
-])
-def test_bad_options_are_usage_errors(project: Project, args: list[str], message: str) -> None:
-    project.write_tests([{"hidden": 4}])
-    result = project.run_inprocess(*args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
-    assert not project.cache.exists()
-
-
-def test_bad_env_and_ini_values(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
-    project.write_tests([{"hidden": 4}])
-    monkeypatch.setenv("MLC_JIT_POLICY", "maybe")
-    result = project.run_inprocess()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*invalid MLC_JIT_POLICY 'maybe': expected one of ON, OFF*"])
-    monkeypatch.delenv("MLC_JIT_POLICY")
-    project.pytester.makeini("[pytest]\nmlc_device = gpu\nmlc_jit_timeout = 0\n")
-    result = project.run_inprocess()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*invalid device 'gpu'*"])
-
-
 BAD_SPECS = '''
 import pytest
 from pytest_mlcjit import TVMModel
@@ -186,6 +155,9 @@ USAGE = [
          "positive number of seconds", args=("--mlc-jit-lock-timeout=abc",)),
     Case("ini mlc_jit_lock_timeout", "0", "invalid ini mlc_jit_lock_timeout '0': expected a "
          "positive number of seconds", ini="mlc_jit_lock_timeout = 0"),
+    *(Case(f"--mlc-jit-{name}", value, f"invalid --mlc-jit-{name} '{value}': expected one of "
+           "auto, on, off", args=(f"--mlc-jit-{name}={value}",))
+      for name in ("prefetch", "compile-workers") for value in ("sometimes", "1")),
 ]
 
 

@@ -3,8 +3,6 @@ after collection; every library is still compiled exactly once (counted by the f
 
 from __future__ import annotations
 
-import pytest
-
 from conftest import Project, hold_tests
 
 FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
@@ -52,12 +50,6 @@ def test_a_failing_library_is_compiled_once_and_reported_by_its_tests(project: P
     assert result.stdout.str().count("factory failed on purpose (hidden=4)") >= 3
 
 
-@pytest.mark.parametrize("value", ["sometimes", "1"])
-def test_bad_prefetch_value(project: Project, value: str) -> None:
-    result = project.run_inprocess(f"--mlc-jit-prefetch={value}")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*invalid --mlc-jit-prefetch '{value}': expected one of "
-                                 "auto, on, off*"])
 
 
 def test_prefetch_builds_nothing_for_a_test_whose_own_policy_does_not_write(

@@ -308,14 +308,6 @@ def test_one(compiled_model):
     assert "pytest" in _seen(out)["worker_cmd"]
 
 
-@pytest.mark.parametrize("value", ["sometimes", "1"])
-def test_a_bad_compile_workers_value_is_a_usage_error(project: Project, value: str) -> None:
-    result = project.run(f"--mlc-jit-compile-workers={value}")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*invalid --mlc-jit-compile-workers '{value}': expected one "
-                                 "of auto, on, off*"])
-
-
 def test_a_worker_that_dies_is_replaced(state_project: Project, tmp_path: Path,
                                         fresh_workers: Callable[[], int]) -> None:
     engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
