@@ -145,9 +145,10 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption(
         "--mlc-jit-prefetch", dest="mlc_jit_prefetch", metavar="{auto,on,off}", default=None,
         type=argparse_type(lambda t: choice("--mlc-jit-prefetch", t, PREFETCH_MODES)),
-        help="compile, in the background right after collection, each worker's share of the "
-        "libraries the collected tests need, so workers do not wait on each other. auto: "
-        "under xdist with 2+ workers. ini mlc_jit_prefetch; default auto.",
+        help="compile, in the background right after collection, the libraries the "
+        "collected tests need, longest expected compile first, each worker taking the next "
+        "one no other worker is compiling. auto: under xdist with 2+ workers. ini "
+        "mlc_jit_prefetch; default auto.",
     )
     group.addoption(
         "--mlc-jit-max-size", dest="mlc_jit_max_size", metavar="SIZE", default=None,

@@ -117,7 +117,7 @@ def pytest_collection(session: pytest.Session) -> Generator[None, object, object
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start background prefetch of this worker's share of the run's libraries."""
+    """Start background prefetch of the run's libraries (longest first, work stealing)."""
     config = session.config
     if state_key not in config.stash or config.option.collectonly:
         return

@@ -1,5 +1,6 @@
-"""Background prefetch: each xdist worker compiles its share of the run's libraries right
-after collection; every library is still compiled exactly once (counted by the factory)."""
+"""Background prefetch: right after collection, each xdist worker compiles the next of the
+run's libraries no other worker holds; every library is still compiled exactly once
+(counted by the factory)."""
 
 from __future__ import annotations
 
