@@ -95,7 +95,7 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
     import hashlib
 
     from pytest_mlcjit import JIT, Settings
-    from pytest_mlcjit.store import LocalStore
+    from pytest_mlcjit.cache.store import LocalStore
 
     if str(factory_dir) not in sys.path:
         sys.path.insert(0, str(factory_dir))
@@ -140,7 +140,7 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
 # -- probes (each in a fresh interpreter) ---------------------------------------------------
 def lookup_probe(root: Path, n: int, seed: int, sample: int) -> dict[str, Any]:
     from pytest_mlcjit import JIT, Policy, Settings
-    from pytest_mlcjit.store import LocalStore
+    from pytest_mlcjit.cache.store import LocalStore
 
     sys.path.insert(0, str(root.parent))
     keys = random.Random(seed).sample(range(n), min(n, sample + 1))

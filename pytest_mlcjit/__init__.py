@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from pytest_mlcjit.errors import (
     CacheMissError,
     CompileError,
     ConfigError,
@@ -27,28 +27,29 @@ from .errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .device import Device
-    from .engine import JIT, Stats, jit
-    from .layout import default_cache_dir
-    from .model import ArgSpec, CompiledModel, Shape, Signature
-    from .policy import Policy
-    from .settings import Settings
-    from .spec import TVMModel
+    from pytest_mlcjit.device import Device
+    from pytest_mlcjit.engine.jit import JIT, Stats, jit
+    from pytest_mlcjit.cache.layout import default_cache_dir
+    from pytest_mlcjit.engine.model import ArgSpec, CompiledModel, Shape, Signature
+    from pytest_mlcjit.policy import Policy
+    from pytest_mlcjit.engine.settings import Settings
+    from pytest_mlcjit.spec import TVMModel
 
 #: Public name -> the module that defines it, imported when the name is first read.
 _LAZY = {
     "Device": "device",
-    "JIT": "engine",
-    "Settings": "settings",
-    "Stats": "engine",
-    "jit": "engine",
-    "CompiledModel": "model",
-    "ArgSpec": "model",
-    "Shape": "model",
-    "Signature": "model",
+    "JIT": "engine.jit",
+    "Settings": "engine.settings",
+    "Stats": "engine.stats",
+    "jit": "engine.jit",
+    "CompiledModel": "engine.model",
+    "ArgSpec": "engine.model",
+    "Shape": "engine.model",
+    "Signature": "engine.model",
     "Policy": "policy",
     "TVMModel": "spec",
-    "default_cache_dir": "layout",
+    "MLCModel": "build.backends.mlc",
+    "default_cache_dir": "cache.layout",
 }
 
 

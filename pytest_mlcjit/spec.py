@@ -20,9 +20,9 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from .device import TargetJSON, parse_target
-from .errors import ConfigError, SpecError
-from .key import canonical_json
+from pytest_mlcjit.device import TargetJSON, parse_target
+from pytest_mlcjit.errors import ConfigError, SpecError
+from pytest_mlcjit.key import canonical_json
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from .errors import ConfigError
+from pytest_mlcjit.errors import ConfigError
 
 _SIZE_UNITS = {
     "": 1, "b": 1,

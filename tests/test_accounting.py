@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from conftest import Project, accounting, wait_until
-from pytest_mlcjit.engine import OUTCOMES, Stats
-from pytest_mlcjit.report import accounting_line, cause, durations_lines
+from pytest_mlcjit.engine.jit import OUTCOMES, Stats
+from pytest_mlcjit.plugin.report import accounting_line, cause, durations_lines
 
 TWO = [{"hidden": 4}, {"hidden": 6}]
 

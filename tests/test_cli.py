@@ -299,7 +299,7 @@ def test_prune_older_than_reads_the_caches_usage_records(warm: Warm, tmp_path: P
 
 HOLD_LOCK = """
 import sys
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.store import LocalStore
 cache = LocalStore(sys.argv[1], writable=True)
 with cache.lock(sys.argv[2], timeout=10):
     print("locked", flush=True)

@@ -28,11 +28,11 @@ import pytest
 from faultmodels import HOLD_MODEL, add_hold_model, hold_request, staging_dirs
 
 from conftest import DRIVER, Engine, Project, outcomes, wait_until
-from pytest_mlcjit import locks
-from pytest_mlcjit.layout import staging_lock
-from pytest_mlcjit.locks import try_flock
-from pytest_mlcjit.manage import clear, prune
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache import locks
+from pytest_mlcjit.cache.layout import staging_lock
+from pytest_mlcjit.cache.locks import try_flock
+from pytest_mlcjit.cache.manage import clear, prune
+from pytest_mlcjit.cache.store import LocalStore
 
 SAFETY_S = 300.0
 
@@ -144,7 +144,7 @@ def test_a_staging_dir_aged_two_days_survives_while_its_compile_lives(
 # -- the staging protocol itself --------------------------------------------------------------
 HOLD_STAGING = """
 import sys, time
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.store import LocalStore
 store = LocalStore(sys.argv[1], writable=True)
 print(store.new_staging_dir("ab" * 32), flush=True)
 time.sleep(600)
@@ -338,7 +338,7 @@ def test_an_unreadable_lock_file_is_a_clear_error(
 # -- lock files are removed once free -----------------------------------------------------------
 HOLD_KEY_LOCK = """
 import sys
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.store import LocalStore
 with LocalStore(sys.argv[1], writable=True).lock(sys.argv[2], timeout=10):
     print("locked", flush=True)
     sys.stdin.read()
@@ -413,7 +413,7 @@ def test_a_lock_file_removed_between_open_and_flock_is_not_trusted(
     with store.lock(digest, timeout=10):
         assert removed == [os.fspath(path)]
         assert path.exists(), "the lock is on a file the path names"
-        code = ("import sys\nfrom pytest_mlcjit.locks import try_key_lock\n"
+        code = ("import sys\nfrom pytest_mlcjit.cache.locks import try_key_lock\n"
                 "with try_key_lock(sys.argv[1], sys.argv[2]) as held:\n"
                 "    sys.exit(3 if held else 0)\n")
         other = subprocess.run([sys.executable, "-c", code, str(root), digest], timeout=60,

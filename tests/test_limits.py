@@ -12,8 +12,8 @@ import pytest
 from conftest import Engine, Project
 from pytest_mlcjit import SpecError, TVMModel
 from pytest_mlcjit.errors import ConfigError
-from pytest_mlcjit.layout import PATH_ROOM_WRITE
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.layout import PATH_ROOM_WRITE
+from pytest_mlcjit.cache.store import LocalStore
 
 PATH_LENGTH = 4000
 

@@ -4,7 +4,7 @@ Property-based (Hypothesis): a real manifest with any of its fields replaced by 
 value (nested lists and objects, huge and negative numbers, NaN and infinities, strings),
 removed, or joined by unknown fields, is either accepted whole, and then every reader of
 the engine and the tools uses it without an exception, or refused as corrupt by the one
-reader (:func:`pytest_mlcjit.manifest.parse_manifest`), and then the store refuses it,
+reader (:func:`pytest_mlcjit.cache.manifest.parse_manifest`), and then the store refuses it,
 ``verify`` flags it, and ``list``, ``info``, ``verify`` and ``prune`` report it without
 crashing. Valid values of every field are always accepted (a validation too strict would
 make ON rebuild an entry on every run).
@@ -33,11 +33,11 @@ from conftest import Engine, Project
 from pytest_mlcjit.cli import main as cli_main
 from pytest_mlcjit.device import Device
 from pytest_mlcjit.errors import CorruptEntryError, MlcJitError
-from pytest_mlcjit.layout import tvm_entry
-from pytest_mlcjit.manage import info, prune, scan, verify
-from pytest_mlcjit.manifest import FIELDS, MAX_SECONDS, MAX_TIME, parse_manifest
-from pytest_mlcjit.model import CompiledModel
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.layout import tvm_entry
+from pytest_mlcjit.cache.manage import info, prune, scan, verify
+from pytest_mlcjit.cache.manifest import FIELDS, MAX_SECONDS, MAX_TIME, parse_manifest
+from pytest_mlcjit.engine.model import CompiledModel
+from pytest_mlcjit.cache.store import LocalStore
 from pytest_mlcjit.units import format_size, format_time
 
 DIGEST = "d" * 64

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import Project
 from pytest_mlcjit import JIT, CacheMissError, CompileError, JitDisabledError, Settings, SpecError
-from pytest_mlcjit.backends import locate
-from pytest_mlcjit.backends.mlc import MLCModel, override_string
+from pytest_mlcjit.build.backends import locate
+from pytest_mlcjit.build.backends.mlc import MLCModel, override_string
 
 STANDIN = Path(__file__).parent / "mlc_standin"
 O2 = ("flashinfer=1;cublas_gemm=1;faster_transformer=0;cudagraph=1;cutlass=1;"

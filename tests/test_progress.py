@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from conftest import Project, accounting, wait_until
-from pytest_mlcjit import activity
-from pytest_mlcjit.progress import Tracker, holder
+from pytest_mlcjit.engine import activity
+from pytest_mlcjit.plugin.progress import Tracker, holder
 
 HOST = socket.gethostname()
 

@@ -1,4 +1,4 @@
-"""The remote tier (pytest_mlcjit.store.remote) against a real S3 server (moto's, over
+"""The remote tier (pytest_mlcjit.cache.store.remote) against a real S3 server (moto's, over
 HTTP on 127.0.0.1) and a file:// directory: publishing, create-only races, integrity,
 signatures, and how failures of the server surface (refused, stalled, 503, forbidden)."""
 
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pytest_mlcjit.errors import ConfigError, MlcJitError
-from pytest_mlcjit.store.remote import (
+from pytest_mlcjit.cache.store.remote import (
     EXTRA_HINT,
     FileRemote,
     Remote,
@@ -525,7 +525,7 @@ def test_bad_options_are_config_errors(option: str, value: Any, tmp_path: Path) 
 
 
 def test_importing_the_module_does_not_import_boto3() -> None:
-    code = ("import sys, pytest_mlcjit.store.remote as r; "
+    code = ("import sys, pytest_mlcjit.cache.store.remote as r; "
             "r.parse_remote_url('s3://bucket/x'); assert 'boto3' not in sys.modules, 'boto3'; "
             "assert 'botocore' not in sys.modules, 'botocore'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -324,7 +324,7 @@ def test_mlc_entries_are_shared_under_mlc_file_names(tmp_path: Path,
     from make_model_dir import make_model_dir  # type: ignore[import-not-found,unused-ignore]
 
     from pytest_mlcjit import JIT, Settings
-    from pytest_mlcjit.backends.mlc import MLCModel
+    from pytest_mlcjit.build.backends.mlc import MLCModel
 
     model_dir = make_model_dir(tmp_path / "Llama-q4f16_1-MLC")
     shared = tmp_path / "shared"

@@ -27,7 +27,7 @@ from pytest_mlcjit import (
     TVMModel,
     jit,
 )
-from pytest_mlcjit.manifest import parse_manifest
+from pytest_mlcjit.cache.manifest import parse_manifest
 
 #: An nn.Module with a symbolic batch and two functions sharing the parameters.
 NN_MODEL = '''

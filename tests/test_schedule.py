@@ -1,6 +1,6 @@
 """Longest first, no idle worker: prefetch orders the run's libraries by the compile times
-this cache recorded (pytest_mlcjit.schedule), and a free worker takes the next library no
-one holds instead of a fixed share (pytest_mlcjit.prefetch, JIT.prefetch).
+this cache recorded (pytest_mlcjit.engine.schedule), and a free worker takes the next library no
+one holds instead of a fixed share (pytest_mlcjit.plugin.prefetch, JIT.prefetch).
 
 Real compiles of the tiny model; the order is read from the factory's own counter file
 (one line per compile, written in the compile process), the worker of each compile from
@@ -18,9 +18,9 @@ import pytest
 
 from conftest import Project, hold_tests
 from pytest_mlcjit import JIT, Settings, TVMModel
-from pytest_mlcjit.layout import timing_file
-from pytest_mlcjit.schedule import expected_seconds, longest_first, record_time, spec_digest
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.layout import timing_file
+from pytest_mlcjit.engine.schedule import expected_seconds, longest_first, record_time, spec_digest
+from pytest_mlcjit.cache.store import LocalStore
 
 #: ``waitmodel:build(hidden, wait_for)``: counts its call, then (``wait_for`` > 0) waits
 #: until the counter holds that many lines: a compile that lasts until the others are done.
@@ -84,7 +84,7 @@ def test_a_compile_records_its_time_for_the_spec(project: Project,
     model = engine.compile(spec, "cpu")
     req = engine.request(spec, "cpu")
     store = LocalStore(project.cache, writable=True)
-    from pytest_mlcjit.backends import backend_for
+    from pytest_mlcjit.build.backends import backend_for
 
     memo = json.loads(timing_file(project.cache, spec_digest(req)).read_text())
     assert memo["seconds"] == pytest.approx(model.compile_seconds, abs=0.01)

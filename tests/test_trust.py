@@ -19,8 +19,8 @@ import pytest
 import pytest_mlcjit
 from conftest import Engine, Project
 from pytest_mlcjit import ConfigError
-from pytest_mlcjit.layout import EntryPaths
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.layout import EntryPaths
+from pytest_mlcjit.cache.store import LocalStore
 
 pytestmark = pytest.mark.reliability
 

@@ -14,9 +14,9 @@ from pytest_mlcjit import ConfigError, Device, Policy, TVMModel
 from pytest_mlcjit.device import Presence as P
 from pytest_mlcjit.device import parse_device_list, parse_target, resolve_auto, target_for
 from pytest_mlcjit.key import canonical_json, sha256_digest
-from pytest_mlcjit.layout import EntryPaths
+from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.policy import resolve
-from pytest_mlcjit.store import LocalStore
+from pytest_mlcjit.cache.store import LocalStore
 
 
 @pytest.mark.parametrize("text", ["on", "ON", " Redo ", "readonly", "Off"])
@@ -122,7 +122,7 @@ def test_entry_paths() -> None:
 
 
 def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
-    from pytest_mlcjit.history import RUNS_KEPT, read_runs, record_run
+    from pytest_mlcjit.cache.history import RUNS_KEPT, read_runs, record_run
 
     root = tmp_path / "cache"
     LocalStore(root, writable=True)
@@ -136,7 +136,7 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
 
 
 def test_try_flock_sees_the_cache_s_own_lock(tmp_path: Path) -> None:
-    from pytest_mlcjit.locks import try_flock
+    from pytest_mlcjit.cache.locks import try_flock
 
     cache = LocalStore(tmp_path / "cache", writable=True)
     digest = "ab" * 32

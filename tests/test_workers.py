@@ -1,4 +1,4 @@
-"""Pre-warmed compile workers (pytest_mlcjit.workers): every compile is a fork of a worker
+"""Pre-warmed compile workers (pytest_mlcjit.build.warm): every compile is a fork of a worker
 that imported TVM once, and still a process of its own.
 
 Real TVM compiles of the tiny model, real processes and real signals throughout. The
@@ -27,7 +27,8 @@ import pytest
 from faultmodels import alive
 
 from conftest import Engine, Project, outcomes, wait_until
-from pytest_mlcjit import JIT, CompileError, Settings, TVMModel, workers
+from pytest_mlcjit import JIT, CompileError, Settings, TVMModel
+from pytest_mlcjit.build import warm as workers
 from pytest_mlcjit.key import file_sha256
 
 pytestmark = pytest.mark.skipif(not workers.supported(),
@@ -295,7 +296,7 @@ def test_one(compiled_model):
     assert compiled_model.path.exists()
 ''')
     state_project.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=1)
-    assert "pytest_mlcjit.workers" in _seen(out)["worker_cmd"]
+    assert "pytest_mlcjit.build.warm" in _seen(out)["worker_cmd"]
     args = ["-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-policy=REDO"]
     if how == "option":
         args.append("--mlc-jit-compile-workers=off")
@@ -304,7 +305,7 @@ def test_one(compiled_model):
     else:
         state_project.pytester.makeini("[pytest]\nmlc_jit_compile_workers = off\n")
     state_project.run(*args).assert_outcomes(passed=1)
-    assert "pytest_mlcjit.workers" not in _seen(out)["worker_cmd"]
+    assert "pytest_mlcjit.build.warm" not in _seen(out)["worker_cmd"]
     assert "pytest" in _seen(out)["worker_cmd"]
 
 

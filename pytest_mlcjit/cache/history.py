@@ -1,0 +1,90 @@
+"""The run history: one JSON line per run that used the plugin, in
+``<root>/.mlcjit/runs.jsonl`` (read by ``pytest-mlcjit info``).
+
+Kept apart from :mod:`.manage` because every such run appends to it at the end: it
+imports nothing the run has not imported already, and costs one ``flock`` and one append.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_mlcjit._util.fs import warn_write_failed
+from pytest_mlcjit.cache.layout import CONTROL_DIR, RUNS_FILE
+from pytest_mlcjit.cache.locks import flocked
+
+#: Runs kept when the file is cut back (it is cut once it holds twice as many).
+RUNS_KEPT = 100
+
+
+def record_run(root: Path, record: Mapping[str, Any]) -> None:
+    """Append one run's statistics to ``<root>/.mlcjit/runs.jsonl``; once the file passes
+    ``2 * RUNS_KEPT`` lines it is cut back to the last ``RUNS_KEPT``. Cheap, because every
+    run that used the plugin pays it: one ``flock``, one append, and a read only when the
+    file has grown large enough to need cutting."""
+    control = root / CONTROL_DIR
+    path = control / RUNS_FILE
+    line = json.dumps(dict(record), sort_keys=True, separators=(",", ":")) + "\n"
+    try:
+        with flocked(os.path.join(control, "runs.lock"), timeout=10):
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line)
+                size = f.tell()
+            if size < 2 * RUNS_KEPT * len(line):  # surely fewer than 2 * RUNS_KEPT lines
+                return
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if len(lines) < 2 * RUNS_KEPT:
+                return
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(lines[-RUNS_KEPT:]), encoding="utf-8")
+            os.replace(tmp, path)
+    except TimeoutError:
+        return  # another run holds the history for long: skip this record
+    except OSError as exc:  # a convenience: never fail a run over it, but say so
+        warn_write_failed(path, "append the run to the history", exc)
+
+
+def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:
+    """The last ``limit`` runs recorded under ``root``, newest first."""
+    try:
+        lines = (root / CONTROL_DIR / RUNS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    runs = []
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, RecursionError):
+            data = json.loads(line)
+            if valid_run(data):
+                runs.append(data)
+        if len(runs) >= limit:
+            break
+    return runs
+
+
+#: The latest time a run record may hold: the end of the year 9999 (tools print it).
+_MAX_TIME = 253402300799.0
+_COUNTS = ("requests", "hits", "compiles", "failures", "corrupt", "prefetched")
+
+
+def valid_run(data: Any) -> bool:
+    """Whether a line of the history is a run record whose known fields have their types
+    and ranges (a damaged or foreign line is skipped, never shown half-read)."""
+    if not isinstance(data, dict):
+        return False
+    for name in ("time", "compile_seconds"):
+        value = data.get(name, 0)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or not 0 <= value <= _MAX_TIME):
+            return False
+    for name in _COUNTS:
+        value = data.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return False
+    return isinstance(data.get("policy", ""), str) and isinstance(data.get("prepare", False),
+                                                                   bool)

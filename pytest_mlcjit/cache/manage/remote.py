@@ -1,0 +1,61 @@
+"""``pytest-mlcjit remote ls|verify|prune``: the remote tier's entries, their digests and
+signatures checked, the old ones removed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pytest_mlcjit.errors import ConfigError
+from pytest_mlcjit.cache.store.remote import Remote, RemoteEntry, open_remote
+from pytest_mlcjit.cache.store.tiered import ENV_SIGNING_KEY, signing_key_from_env
+
+ENV_REMOTE = "MLC_JIT_REMOTE"
+
+
+def open_for_cli(url: str | None) -> Remote:
+    """The remote named by ``--remote`` or ``$MLC_JIT_REMOTE`` (signed with
+    ``$MLC_JIT_REMOTE_SIGNING_KEY`` when set); ConfigError if neither names one."""
+    import os
+
+    url = url or os.environ.get(ENV_REMOTE)
+    if not url:
+        raise ConfigError(f"no remote: pass --remote s3://bucket/prefix (or file:///path), or "
+                          f"set {ENV_REMOTE}")
+    return open_remote(url, signing_key=signing_key_from_env())
+
+
+def describe_entry(entry: RemoteEntry) -> dict[str, Any]:
+    manifest: Mapping[str, Any] = entry.manifest or {}
+    key = manifest.get("key") if isinstance(manifest.get("key"), Mapping) else {}
+    assert isinstance(key, Mapping)
+    model = key.get("factory") or key.get("model_type") or "?"
+    return {
+        "key_digest": entry.key_digest, "entry_digest": entry.entry_digest,
+        "location": entry.location, "model": str(model),
+        "config": key.get("config", key.get("overrides")),
+        "target": key.get("target") or manifest.get("target"),
+        "size": manifest.get("size"), "created": entry.created,
+        "signed": "signature" in manifest, "problem": entry.problem,
+    }
+
+
+def list_entries(remote: Remote) -> list[dict[str, Any]]:
+    """Every entry, newest first."""
+    entries = [describe_entry(e) for e in remote.iter_entries()]
+    return sorted(entries, key=lambda e: -(e["created"] or 0.0))
+
+
+def verify(remote: Remote) -> dict[str, Any]:
+    """Download every blob and check its digest, and every signature when a signing key
+    is set; the entries with a problem."""
+    bad = [describe_entry(e) for e in remote.verify()]
+    checked = sum(1 for _ in remote.iter_entries())
+    return {"checked": checked, "bad": bad, "signatures_checked": remote.signed,
+            "signing_key_env": ENV_SIGNING_KEY}
+
+
+def prune(remote: Remote, older_than: float) -> dict[str, Any]:
+    removed = remote.prune(older_than)
+    return {"removed": removed, "older_than": older_than, "time": time.time()}

@@ -1,0 +1,65 @@
+"""The controller's work once a run ends: write the JSON report (``--mlc-jit-report``),
+and, when the policy writes, append the run's accounting to each cache root's history
+(``.mlcjit/runs.jsonl``, read by ``pytest-mlcjit info``), then apply
+``--mlc-jit-max-size``, never evicting an entry this run used."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_mlcjit.errors import MlcJitError
+from pytest_mlcjit.cache.history import record_run
+from pytest_mlcjit.cache.layout import CONTROL_DIR, default_roots
+from pytest_mlcjit.plugin.session import RunState
+
+
+def after_run(session: pytest.Session, state: RunState) -> None:
+    config = session.config
+    opts = state.options
+    stats = state.stats()
+    requests = stats.requests if stats is not None else 0
+    if opts.report_path is not None and not config.option.collectonly:
+        from pytest_mlcjit.plugin.report import write_report
+
+        state.report_written = write_report(state, opts.report_path,
+                                            exitstatus=int(session.exitstatus))
+    if not opts.policy.writes or (not requests and opts.max_size is None):
+        return
+    settings = state.settings
+    roots = [r for r in default_roots(settings.cache_dir)
+             if (r / CONTROL_DIR).is_dir() and _trusted(r, settings.allow_untrusted)]
+    started = state.started or time.time()
+    if stats is not None and requests:
+        data = stats.to_json()
+        del data["libraries"], data["lock_wait_seconds"]  # one short line per run: totals
+        data["outcomes"] = {k: n for k, n in data["outcomes"].items() if n}
+        record = {"time": time.time(), "started": started, "run_id": settings.run_id,
+                  "policy": settings.policy.value, "devices": list(settings.devices),
+                  "prepare": opts.prepare, "exitstatus": int(session.exitstatus), **data}
+        for root in roots:
+            record_run(root, record)
+    if opts.max_size is None or config.option.collectonly:
+        return
+    from pytest_mlcjit.cache.manage import prune
+
+    for root in roots:
+        try:
+            state.pruned.append(prune(root, max_size=opts.max_size, protect=state.used,
+                                      protect_used_since=started))
+        except (OSError, MlcJitError) as exc:
+            state.pruned.append(f"pruning {root} failed: {exc}")
+
+
+def _trusted(root: Path, allow_untrusted: bool) -> bool:
+    """Whether the run may write its history into ``root``: never into a root the cache
+    refuses (others can write to it), where the run itself wrote nothing."""
+    from pytest_mlcjit.cache.trust import Trust
+
+    try:
+        Trust(root, allow_untrusted=allow_untrusted).check_tree(root / CONTROL_DIR)
+    except (OSError, MlcJitError):
+        return False
+    return True

@@ -1,0 +1,282 @@
+"""What the plugin prints: one header line with the effective settings; a summary section
+(each request's outcome, the slowest compiles, what the size cap pruned); the JSON report
+(``--mlc-jit-report``); and the messages of a test whose compile failed or was
+interrupted."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_mlcjit.plugin.session import RunState
+from pytest_mlcjit.units import format_size, plural
+
+if TYPE_CHECKING:
+    from pytest_mlcjit.engine.jit import Stats
+
+#: Lines of the compile log a failed test's report section shows.
+LOG_SECTION_LINES = 50
+#: With no --mlc-jit-durations, the slowest compiles are listed when one took this long.
+SLOW_COMPILE_S = 10.0
+DEFAULT_DURATIONS = 5
+#: The format of the JSON report.
+REPORT_VERSION = 1
+
+#: How the summary names each outcome: (singular, plural).
+OUTCOME_WORDS = {
+    "hit": ("hit", "hits"), "remote_hit": ("remote hit", "remote hits"),
+    "compiled": ("compiled", "compiled"), "waited": ("waited", "waited"),
+    "failed": ("failed", "failed"), "missed": ("missed", "missed"),
+}
+
+
+def header_line(state: RunState) -> str:
+    """The policy, the devices as probed, and the cache (probes the devices)."""
+    from pytest_mlcjit.device import Presence
+    from pytest_mlcjit.cache.layout import default_cache_dir, mlc_llm_home
+
+    s = state.settings
+    parts = []
+    for name in s.devices:
+        p = s.presence.get(name, Presence(True))
+        parts.append(f"{name} (present)" if p.present else f"{name} (absent: {p.reason})")
+    if s.cache_dir is not None:
+        where = f"cache={s.cache_dir}"
+    else:
+        where = f"cache={default_cache_dir()} (MLC: {mlc_llm_home()})"
+    return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
+
+
+# -- the summary ------------------------------------------------------------------------------
+def accounting_line(s: Stats) -> str:
+    """``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s
+    compiling, 52.10s waiting``: every non-zero outcome (they add up to the requests),
+    then what the compiles and waits cost."""
+    from pytest_mlcjit.engine.jit import OUTCOMES
+
+    kinds = []
+    for kind in OUTCOMES:
+        n = s.outcomes.get(kind, 0)
+        if n:
+            one, many = OUTCOME_WORDS[kind]
+            kinds.append(f"{n} {one if n == 1 else many}")
+    line = f"{plural(s.requests, 'request')}: {', '.join(kinds)}"
+    extra = []
+    if s.prefetched:
+        extra.append(f"{plural(s.prefetched, 'library', 'libraries')} compiled ahead of time")
+    if s.compile_seconds >= 0.005:
+        extra.append(f"{s.compile_seconds:.2f}s compiling")
+    if s.wait_seconds >= 0.005:
+        extra.append(f"{s.wait_seconds:.2f}s waiting for other compiles")
+    if s.corrupt:
+        extra.append(f"{s.corrupt} corrupt")
+    return line + ("; " + ", ".join(extra) if extra else "")
+
+
+def durations_lines(s: Stats, wanted: int | None) -> list[str]:
+    """The slowest compiles, like ``--durations``: ``wanted`` of them (0: all); by
+    default five, when one took over :data:`SLOW_COMPILE_S`."""
+    compiled = [r for r in s.library_records() if r["compiles"] or r["compile_failed"]]
+    if not compiled:
+        return []
+    if wanted is None:
+        if compiled[0]["compile_seconds"] <= SLOW_COMPILE_S:
+            return []
+        wanted = DEFAULT_DURATIONS
+    shown = compiled if wanted == 0 else compiled[:wanted]
+    head = ("slowest compiles" if len(shown) < len(compiled) else "compiles") + \
+        f" ({len(shown)} of {len(compiled)}):"
+    lines = [head]
+    for r in shown:
+        what = r["spec"] or r["digest"][:12]
+        note = ", failed" if r["outcome"] == "failed" else (
+            ", ahead of time" if r["prefetched"] else "")
+        target = _target_words(r["target"])
+        lines.append(f"  {r['compile_seconds']:8.2f}s  {what} ({target}) on {r['worker']}"
+                     f"{note}  {r['digest'][:12]}")
+    return lines
+
+
+def _target_words(target: Any) -> str:
+    from pytest_mlcjit.engine.activity import describe_target
+
+    return describe_target(target)
+
+
+def remote_lines(remote: Mapping[str, Any], url: str | None) -> list[str]:
+    """The remote tier's line (downloads, uploads, errors) and each of its warnings."""
+    if not url or not remote:
+        return []
+    from pytest_mlcjit.cache.store.remote import redact_url
+
+    parts = []
+    if remote.get("downloads"):
+        parts.append(f"{plural(remote['downloads'], 'download')} "
+                     f"({format_size(remote.get('download_bytes', 0))}, "
+                     f"{remote.get('download_seconds', 0.0):.2f}s)")
+    if remote.get("uploads"):
+        parts.append(f"{plural(remote['uploads'], 'upload')} "
+                     f"({format_size(remote.get('upload_bytes', 0))})")
+    if remote.get("errors"):
+        parts.append(plural(remote["errors"], "error"))
+    lines = [f"remote {redact_url(url)}: {', '.join(parts) or 'nothing transferred'}"]
+    return lines + [f"warning: {w}" for w in remote.get("warnings") or ()]
+
+
+def summary_lines(state: RunState) -> list[str]:
+    s = state.stats()
+    lines = []
+    if s is not None and s.requests:
+        lines.append(accounting_line(s))
+    if s is not None:
+        lines += durations_lines(s, state.options.durations)
+        lines += remote_lines(s.remote, state.options.remote)
+    if state.report_written:
+        lines.append(state.report_written)
+    return lines + _prune_lines(state)
+
+
+def _prune_lines(state: RunState) -> list[str]:
+    cap = state.options.max_size
+    lines = []
+    for result in state.pruned:
+        if isinstance(result, str):
+            lines.append(result)
+            continue
+        line = (f"--mlc-jit-max-size={format_size(cap or 0)}: {result.root} is "
+                f"{format_size(result.total_after)}")
+        if result.evicted or result.quarantine_removed:
+            evicted = plural(len(result.evicted), "least recently used entry",
+                             "least recently used entries")
+            line += f" after evicting {evicted} ({format_size(result.freed)})"
+        if result.over_cap:
+            line += (f"; still over the cap: kept {len(result.kept_in_use)} used by this run "
+                     f"and {len(result.kept_locked)} being compiled")
+        lines.append(line)
+    return lines
+
+
+def write_summary(terminalreporter: Any, state: RunState) -> None:
+    lines = summary_lines(state)
+    if not lines:
+        return
+    terminalreporter.write_sep("-", "pytest-mlcjit")
+    for line in lines:
+        terminalreporter.write_line(line)
+
+
+# -- the JSON report ------------------------------------------------------------------------
+def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
+    """The run's accounting as plain data: ``requests``, ``outcomes`` (every kind, summing
+    to ``requests``) and ``libraries`` (one record per library), merged across workers."""
+    from pytest_mlcjit.engine.jit import OUTCOMES, Stats
+
+    s = state.stats() or Stats()
+    settings = state.settings
+    libraries = [{
+        "spec": r["spec"], "digest": r["digest"], "target": r["target"],
+        "outcome": r["outcome"], "requests": r["requests"],
+        "outcomes": {k: r["outcomes"].get(k, 0) for k in OUTCOMES},
+        "compile_seconds": r["compile_seconds"], "wait_seconds": r["wait_seconds"],
+        "size": r["size"], "worker": r["worker"], "prefetched": r["prefetched"],
+    } for r in s.library_records()]
+    return {
+        "version": REPORT_VERSION, "run_id": settings.run_id, "policy": settings.policy.value,
+        "prepare": state.options.prepare, "exitstatus": exitstatus,
+        "requests": s.requests, "outcomes": {k: s.outcomes.get(k, 0) for k in OUTCOMES},
+        "compiles": s.compiles, "prefetched": s.prefetched,
+        "compile_seconds": round(s.compile_seconds, 3),
+        "wait_seconds": round(s.wait_seconds, 3), "corrupt": s.corrupt,
+        "libraries": libraries,
+    }
+
+
+def write_report(state: RunState, path: Path, *, exitstatus: int) -> str:
+    """Write the JSON report; the summary's line about it (where, or why not)."""
+    from pytest_mlcjit._util.fs import write_json_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, report_data(state, exitstatus=exitstatus))
+    except OSError as exc:
+        return f"--mlc-jit-report: could not write {path}: {exc.strerror or exc}"
+    return f"JSON report: {path}"
+
+
+# -- a test's failure ---------------------------------------------------------------------
+#: The last line of a traceback, or a tool's error line.
+_CAUSE_RE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault|Failure|Timeout)\b.*"
+    r"|(?:error|fatal error|ERROR|FATAL):.*)$")
+_LOG_RE = re.compile(r"^compile log: (.+)$", re.MULTILINE)
+_TAIL_MARK = "\n--- last lines of the log ---"
+_REMEMBERED = "(remembered from an earlier attempt in this run)"
+
+
+def _log_tail(path: str | None, lines: int = LOG_SECTION_LINES) -> list[str] | None:
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return text.rstrip().splitlines()[-lines:]
+
+
+def cause(log_lines: list[str], fallback: str) -> str:
+    """Why a compile failed in one line: the last exception line of its log (the last line
+    of a traceback), else ``fallback``."""
+    for line in reversed(log_lines):
+        if _CAUSE_RE.match(line.strip()):
+            return line.strip()
+    return fallback
+
+
+def compile_failure(exc: BaseException, model: str, target: str
+                    ) -> tuple[str, tuple[str, str] | None]:
+    """A failed compile's message, first line first for ``-rE``: the cause, then the model;
+    and the report section (title, the log's last lines), when the log is there."""
+    text = str(exc)
+    log = getattr(exc, "log_path", None)
+    if not log and (found := _LOG_RE.search(text)):
+        log = found.group(1).strip()
+    head = text.partition(_TAIL_MARK)[0]
+    first = head.splitlines()[0] if head else ""
+    why = first.partition(" failed: ")[2] or first or type(exc).__name__
+    tail = _log_tail(log)
+    lines = [f"{cause(tail or [], why)} (compiling {model} for {target})", head]
+    if _REMEMBERED in text and _REMEMBERED not in head:
+        lines.append(_REMEMBERED)
+    section = None
+    if tail is not None:
+        lines.append(f'(the last {len(tail)} lines of its log are in the section '
+                     f'"mlcjit compile log" below)')
+        section = (f"mlcjit compile log: {log} (last {len(tail)} lines)", "\n".join(tail))
+    return "\n".join(lines), section
+
+
+def interruption(exc: BaseException, info: Mapping[str, Any], run_id: str) -> str:
+    """What a compile (or a wait for one) that pytest-timeout or Ctrl-C interrupted
+    tells the reader: the model, how long it had run, what became of it, and the fix."""
+    seconds = float(info.get("seconds") or 0)
+    what = f"{info.get('model')} ({info.get('target')})"
+    reason = str(exc).strip().rstrip(".")
+    reason = f"{reason}: " if reason else ""  # a KeyboardInterrupt says its own name
+    fix = ("To keep slow compiles out of test timeouts, compile first with "
+           "`pytest --mlc-jit-prepare` (same arguments), or have pytest-timeout time only "
+           "the test function: `timeout_func_only = true` in the ini file, or "
+           "@pytest.mark.timeout(..., func_only=True).")
+    if info.get("kind") == "wait":
+        from pytest_mlcjit.engine import activity
+        from pytest_mlcjit.plugin.progress import holder
+
+        board = activity.board_path()
+        records = [activity.record(), *(activity.read_board(board) if board else [])]
+        who = holder(info, records, run_id)
+        return (f"{reason}interrupted after {seconds:.1f}s waiting for the compile of "
+                f"{what}, which goes on\nIt is {who}; it is cached when it ends.\n{fix}")
+    return (f"{reason}interrupted while compiling {what} after {seconds:.1f}s; nothing was "
+            "cached\nThe compile was killed: the next run compiles it again from the "
+            f"start.\n{fix}")
