@@ -95,12 +95,12 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
     import hashlib
 
     from pytest_mlcjit import JIT, Settings
-    from pytest_mlcjit.cache.store import LocalStore
+    from pytest_mlcjit.cache.store.local import LocalStore
 
     if str(factory_dir) not in sys.path:
         sys.path.insert(0, str(factory_dir))
     t0 = time.perf_counter()
-    store = LocalStore(root, writable=True)  # the root and .mlcjit/ as the plugin makes them
+    store = LocalStore(root).open_for_writing()  # the root and .mlcjit/ as the plugin makes them
     engine = JIT(Settings(cache_dir=root))
     now = time.time()
     params = [{"dtype": "float32", "name": f"blocks.{j}.weight", "shape": [32, 32]}
@@ -140,7 +140,7 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
 # -- probes (each in a fresh interpreter) ---------------------------------------------------
 def lookup_probe(root: Path, n: int, seed: int, sample: int) -> dict[str, Any]:
     from pytest_mlcjit import JIT, Policy, Settings
-    from pytest_mlcjit.cache.store import LocalStore
+    from pytest_mlcjit.cache.store.local import LocalStore
 
     sys.path.insert(0, str(root.parent))
     keys = random.Random(seed).sample(range(n), min(n, sample + 1))
@@ -168,7 +168,7 @@ def lookup_probe(root: Path, n: int, seed: int, sample: int) -> dict[str, Any]:
             repeat.append(time.perf_counter() - t0)
     for spec in specs:
         paths = engine.paths(engine.request(spec, "cpu"))
-        cache = LocalStore(root, writable=False)
+        cache = LocalStore(root)
         t0 = time.perf_counter()
         manifest = cache.read_manifest(paths)
         assert manifest is not None

@@ -27,12 +27,14 @@ from pytest_mlcjit.errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.device import Device
-    from pytest_mlcjit.engine.jit import JIT, Stats, jit
+    from pytest_mlcjit.build.backends.mlc import MLCModel
     from pytest_mlcjit.cache.layout import default_cache_dir
+    from pytest_mlcjit.device import Device
+    from pytest_mlcjit.engine.jit import JIT, jit
     from pytest_mlcjit.engine.model import ArgSpec, CompiledModel, Shape, Signature
-    from pytest_mlcjit.policy import Policy
     from pytest_mlcjit.engine.settings import Settings
+    from pytest_mlcjit.engine.stats import Stats
+    from pytest_mlcjit.policy import Policy
     from pytest_mlcjit.spec import TVMModel
 
 #: Public name -> the module that defines it, imported when the name is first read.
@@ -78,6 +80,7 @@ __all__ = [
     "InputError",
     "JitDisabledError",
     "LockTimeoutError",
+    "MLCModel",
     "MlcJitError",
     "Policy",
     "Settings",

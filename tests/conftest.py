@@ -362,7 +362,7 @@ class Engine:
         the recorded inputs' (:mod:`pytest_mlcjit.inputs`); the tiny model's inputs are the
         same for every config, so any finished entry tells them (see :meth:`learn_inputs`).
         """
-        from pytest_mlcjit.inputs import inputs_digest
+        from pytest_mlcjit.inputs.check import inputs_digest
         from pytest_mlcjit.key import sha256_digest
 
         entry = digest

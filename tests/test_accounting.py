@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import Project, accounting, wait_until
-from pytest_mlcjit.engine.jit import OUTCOMES, Stats
+from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 from pytest_mlcjit.plugin.report import accounting_line, cause, durations_lines
 
 TWO = [{"hidden": 4}, {"hidden": 6}]
@@ -81,9 +81,9 @@ def test_merging_workers_keeps_one_record_per_library() -> None:
     assert total.requests == 3
     assert total.outcomes["waited"] == 1
     (rec,) = total.library_records()
-    assert (rec["requests"], rec["outcome"], rec["worker"], rec["size"]) == (
+    assert (rec.requests, rec.outcome, rec.worker, rec.size) == (
         2, "compiled", "gw0", 10)
-    assert (rec["compile_seconds"], rec["wait_seconds"]) == (11.0, 9.0)
+    assert (rec.compile_seconds, rec.wait_seconds) == (11.0, 9.0)
     assert durations_lines(total, None) == [
         "compiles (1 of 1):",
         f"     11.00s  tiny-hidden=4 (llvm) on gw0, ahead of time  {digest[:12]}"]

@@ -299,8 +299,8 @@ def test_prune_older_than_reads_the_caches_usage_records(warm: Warm, tmp_path: P
 
 HOLD_LOCK = """
 import sys
-from pytest_mlcjit.cache.store import LocalStore
-cache = LocalStore(sys.argv[1], writable=True)
+from pytest_mlcjit.cache.store.local import LocalStore
+cache = LocalStore(sys.argv[1]).open_for_writing()
 with cache.lock(sys.argv[2], timeout=10):
     print("locked", flush=True)
     sys.stdin.read()

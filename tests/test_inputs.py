@@ -27,20 +27,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_mlcjit import inputs
 from pytest_mlcjit.errors import SpecError
-from pytest_mlcjit.inputs import (
-    Change,
-    InputChecker,
-    InputRecorder,
-    expand_files,
-    explicit_inputs_digest,
-    file_entry,
-    import_root,
-    inputs_digest,
-    is_local_path,
-    local_import_closure,
-)
+from pytest_mlcjit.inputs import paths as input_paths
+from pytest_mlcjit.inputs import record as recording
+from pytest_mlcjit.inputs.check import Change, InputChecker, inputs_digest
+from pytest_mlcjit.inputs.closure import import_root, local_import_closure
+from pytest_mlcjit.inputs.explicit import expand_files, explicit_inputs_digest
+from pytest_mlcjit.inputs.paths import file_entry, is_local_path
+from pytest_mlcjit.inputs.record import InputRecorder
 from pytest_mlcjit.key import file_sha256
 
 
@@ -64,7 +58,7 @@ def isolated_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 CHILD = r"""
 import importlib, json, sys
-from pytest_mlcjit.inputs import InputRecorder
+from pytest_mlcjit.inputs.record import InputRecorder
 root, module, exclude, exclude_temp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 sys.path.insert(0, root)
 recorder = InputRecorder.for_module(module, exclude=[exclude], exclude_temp=exclude_temp)
@@ -150,7 +144,7 @@ def test_recorder_in_a_child_records_helpers_data_files_and_dists(factory_projec
     files = {f["path"]: f for f in recorded["files"]}
     assert sorted(files) == sorted(["data/notes.txt", "data/w.npy", outside])
     for entry in [*modules.values(), *files.values()]:
-        path = Path(inputs._resolve(entry["path"], str(proj)))
+        path = Path(input_paths.resolve(entry["path"], str(proj)))
         assert entry["sha256"] == file_sha256(path)
         assert entry["size"] == path.stat().st_size
     assert recorded["dists"]["numpy"] == np.__version__
@@ -166,7 +160,7 @@ def test_recorder_in_a_child_records_helpers_data_files_and_dists(factory_projec
 def test_recorder_exclude_temp_ignores_data_files_under_the_temp_dir(
     factory_project: Path,
 ) -> None:
-    if not inputs._under(str(factory_project), os.path.realpath(tempfile.gettempdir())):
+    if not input_paths.under(str(factory_project), os.path.realpath(tempfile.gettempdir())):
         pytest.skip("tmp_path is not under tempfile.gettempdir() here")
     recorded = run_child(factory_project, exclude_temp=True)
     assert recorded["files"] == []
@@ -265,10 +259,10 @@ def test_audit_hook_never_raises_and_is_inert_when_idle(tmp_path: Path) -> None:
     with recorder:
         for args in [(), (object(),), (3, "r", 0), (b"/x/y", "rb", 0), (tmp_path, None, 1),
                      ("rel", 12, "weird"), (None, None, None)]:
-            inputs._audit_hook("open", args)
-        inputs._audit_hook("exec", (object(),))
+            recording._audit_hook("open", args)
+        recording._audit_hook("exec", (object(),))
     assert recorder.result()["files"] == []
-    inputs._audit_hook("open", (object(),))  # no recorder active
+    recording._audit_hook("open", (object(),))  # no recorder active
 
 
 def test_recorder_sees_other_threads_and_records_once(tmp_path: Path) -> None:
@@ -284,16 +278,16 @@ def test_recorder_sees_other_threads_and_records_once(tmp_path: Path) -> None:
 
 
 def test_intent_of_modes_and_flags() -> None:
-    assert inputs._intent("r", 0) == (True, False)
-    assert inputs._intent("rb", 0) == (True, False)
-    assert inputs._intent("r+b", 0) == (True, False)
-    assert inputs._intent("w", 0) == (False, True)
-    assert inputs._intent("a+", 0) == (True, True)
-    assert inputs._intent("x", 0) == (False, True)
-    assert inputs._intent(None, os.O_RDONLY) == (True, False)
-    assert inputs._intent(None, os.O_RDWR) == (True, False)
-    assert inputs._intent(None, os.O_WRONLY) == (False, True)
-    assert inputs._intent(None, os.O_RDWR | os.O_TRUNC) == (True, True)
+    assert recording._intent("r", 0) == (True, False)
+    assert recording._intent("rb", 0) == (True, False)
+    assert recording._intent("r+b", 0) == (True, False)
+    assert recording._intent("w", 0) == (False, True)
+    assert recording._intent("a+", 0) == (True, True)
+    assert recording._intent("x", 0) == (False, True)
+    assert recording._intent(None, os.O_RDONLY) == (True, False)
+    assert recording._intent(None, os.O_RDWR) == (True, False)
+    assert recording._intent(None, os.O_WRONLY) == (False, True)
+    assert recording._intent(None, os.O_RDWR | os.O_TRUNC) == (True, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +314,7 @@ def test_import_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_locality() -> None:
     assert not is_local_path(os.__file__)
     assert not is_local_path(np.__file__)
-    assert is_local_path(inputs.__file__)  # an editable install is local
+    assert is_local_path(input_paths.__file__)  # an editable install is local
     assert is_local_path(__file__)
 
 
@@ -332,11 +326,11 @@ def test_locality_of_prefixes_around_the_project(
     own = write(proj / "model.py", "")
     beside = write(tmp_path / "usr" / "share" / "x.txt", "")
     # A virtual environment inside the project is not local; the project is.
-    monkeypatch.setattr(inputs, "_system_dirs", lambda: ((), (), (str(proj / ".venv"),)))
+    monkeypatch.setattr(input_paths, "system_dirs", lambda: ((), (), (str(proj / ".venv"),)))
     assert not is_local_path(venv_file, proj)
     assert is_local_path(own, proj)
     # A project inside the interpreter's prefix (Python in /usr, project in /usr/src/app).
-    monkeypatch.setattr(inputs, "_system_dirs", lambda: ((), (), (str(tmp_path / "usr"),)))
+    monkeypatch.setattr(input_paths, "system_dirs", lambda: ((), (), (str(tmp_path / "usr"),)))
     assert is_local_path(own, proj)
     assert not is_local_path(own)
     assert not is_local_path(beside, proj)
@@ -418,7 +412,7 @@ def test_stat_hints_skip_hashing_in_a_new_process_until_the_file_changes(
 ) -> None:
     data = write(tmp_path / "data.txt", "hinted\n")
     assert "mtime_ns" not in file_entry(data, tmp_path)  # too recent to trust
-    monkeypatch.setattr(inputs, "RACY_WINDOW_NS", -1)
+    monkeypatch.setattr(input_paths, "RACY_WINDOW_NS", -1)
     entry = file_entry(data, tmp_path)
     assert {"mtime_ns", "ctime_ns"} <= set(entry)
     recorded = {"modules": [], "files": [entry], "dists": {}}

@@ -32,7 +32,7 @@ from pytest_mlcjit.cache import locks
 from pytest_mlcjit.cache.layout import staging_lock
 from pytest_mlcjit.cache.locks import try_flock
 from pytest_mlcjit.cache.manage import clear, prune
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.cache.store.local import LocalStore
 
 SAFETY_S = 300.0
 
@@ -144,8 +144,8 @@ def test_a_staging_dir_aged_two_days_survives_while_its_compile_lives(
 # -- the staging protocol itself --------------------------------------------------------------
 HOLD_STAGING = """
 import sys, time
-from pytest_mlcjit.cache.store import LocalStore
-store = LocalStore(sys.argv[1], writable=True)
+from pytest_mlcjit.cache.store.local import LocalStore
+store = LocalStore(sys.argv[1]).open_for_writing()
 print(store.new_staging_dir("ab" * 32), flush=True)
 time.sleep(600)
 """
@@ -158,7 +158,7 @@ def test_staging_is_removed_only_once_its_owner_has_died(tmp_path: Path) -> None
     lock files without their directory go too; in a shared ``MLC_TEMP_DIR`` only names
     of this cache's kind are touched."""
     root = tmp_path / "cache"
-    store = LocalStore(root, writable=True)
+    store = LocalStore(root).open_for_writing()
     with subprocess.Popen([sys.executable, "-c", HOLD_STAGING, str(root)],
                           stdout=subprocess.PIPE, text=True) as owner:
         assert owner.stdout is not None
@@ -338,8 +338,8 @@ def test_an_unreadable_lock_file_is_a_clear_error(
 # -- lock files are removed once free -----------------------------------------------------------
 HOLD_KEY_LOCK = """
 import sys
-from pytest_mlcjit.cache.store import LocalStore
-with LocalStore(sys.argv[1], writable=True).lock(sys.argv[2], timeout=10):
+from pytest_mlcjit.cache.store.local import LocalStore
+with LocalStore(sys.argv[1]).open_for_writing().lock(sys.argv[2], timeout=10):
     print("locked", flush=True)
     sys.stdin.read()
 """
@@ -361,7 +361,7 @@ def test_clear_and_prune_remove_free_lock_files(tmp_path: Path) -> None:
     removes every one nobody holds, and keeps the one a live process holds; prune does
     the same for keys without entries. Before, lock files were never removed."""
     root = tmp_path / "cache"
-    LocalStore(root, writable=True)
+    LocalStore(root).open_for_writing()
     locks = root / ".mlcjit" / "locks"
     digests = [f"{i:064x}" for i in range(31)]
     for digest in digests:
@@ -395,7 +395,7 @@ def test_a_lock_file_removed_between_open_and_flock_is_not_trusted(
     a real interleaving cannot be scheduled); the lock it ends up with is checked from
     another process."""
     root = tmp_path / "cache"
-    store = LocalStore(root, writable=True)
+    store = LocalStore(root).open_for_writing()
     digest = "e" * 64
     path = Path(store.lock_path(digest))
     try_flock_close(path)

@@ -13,7 +13,7 @@ from conftest import Engine, Project
 from pytest_mlcjit import SpecError, TVMModel
 from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.cache.layout import PATH_ROOM_WRITE
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.cache.store.local import LocalStore
 
 PATH_LENGTH = 4000
 
@@ -49,11 +49,11 @@ def test_the_longest_cache_path_that_fits_is_accepted(tmp_path: Path) -> None:
     """The limit is the filesystem's (PATH_MAX) less what the cache writes below its root;
     one byte less than the limit works, and so does reading (READONLY) at the limit."""
     fits = _long_path(tmp_path, 4095 - 1 - PATH_ROOM_WRITE)
-    LocalStore(fits, writable=True)
+    LocalStore(fits).open_for_writing()
     assert (fits / ".mlcjit" / "locks").is_dir()
     with pytest.raises(ConfigError, match="too long for a cache"):
-        LocalStore(_long_path(tmp_path, 4096 - 1 - PATH_ROOM_WRITE), writable=True)
-    LocalStore(_long_path(tmp_path, 4096 - 1 - PATH_ROOM_WRITE), writable=False)
+        LocalStore(_long_path(tmp_path, 4096 - 1 - PATH_ROOM_WRITE)).open_for_writing()
+    LocalStore(_long_path(tmp_path, 4096 - 1 - PATH_ROOM_WRITE))
 
 
 @pytest.mark.parametrize("where", [

@@ -37,7 +37,7 @@ from pytest_mlcjit.cache.layout import tvm_entry
 from pytest_mlcjit.cache.manage import info, prune, scan, verify
 from pytest_mlcjit.cache.manifest import FIELDS, MAX_SECONDS, MAX_TIME, parse_manifest
 from pytest_mlcjit.engine.model import CompiledModel
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.units import format_size, format_time
 
 DIGEST = "d" * 64
@@ -158,7 +158,7 @@ def test_a_mutated_manifest_is_accepted_whole_or_refused_everywhere(
             manifest[field] = value
     raw = json.dumps(manifest).encode()  # NaN and Infinity as Python writes them
     with _cache_with(raw) as root:
-        store = LocalStore(root, writable=False, allow_untrusted=True)
+        store = LocalStore(root, allow_untrusted=True)
         paths = tvm_entry(root, DIGEST)
         try:
             parsed = parse_manifest(raw, paths.manifest, DIGEST)

@@ -115,10 +115,7 @@ def test_two_threads_starting_jobs_at_once_leave_both_on_the_board(
     ended, and a log got its end line but never its start line (seen in CI). Here the
     first publisher is held between reading its record and renaming its file while the
     second publishes."""
-    monkeypatch.setattr(activity, "_config", {"board": str(tmp_path), "run_id": "r",
-                                              "worker": "gw0", "enabled": True})
-    monkeypatch.setattr(activity, "_active", {})
-    monkeypatch.setattr(activity, "_ended", [])
+    board = activity.Board(run_id="r", worker="gw0", directory=tmp_path, publish=True)
     held, second_done, first_done = threading.Event(), threading.Event(), threading.Event()
     real_replace = os.replace
 
@@ -135,14 +132,14 @@ def test_two_threads_starting_jobs_at_once_leave_both_on_the_board(
     stop = threading.Event()
 
     def first() -> None:
-        with activity.doing("wait", model="m", target="llvm", digest="d", root="r"):
+        with board.doing("wait", model="m", target="llvm", digest="d", root="r"):
             stop.wait(timeout=30)
 
     thread = threading.Thread(target=first, name="first")
     thread.start()
     try:
         assert held.wait(timeout=30)
-        with activity.doing("compile", model="m", target="llvm", digest="d", root="r",
+        with board.doing("compile", model="m", target="llvm", digest="d", root="r",
                             background=True):
             second_done.set()
             thread_alive = thread.is_alive()

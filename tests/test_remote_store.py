@@ -22,22 +22,19 @@ from typing import Any
 
 import pytest
 
-from pytest_mlcjit.errors import ConfigError, MlcJitError
-from pytest_mlcjit.cache.store.remote import (
-    EXTRA_HINT,
-    FileRemote,
-    Remote,
+from pytest_mlcjit.cache.store.remote import open_remote, parse_remote_url
+from pytest_mlcjit.cache.store.remote.base import Remote, RemoteEntry
+from pytest_mlcjit.cache.store.remote.file import FileRemote
+from pytest_mlcjit.cache.store.remote.s3 import EXTRA_HINT, S3Remote, classify_s3_error
+from pytest_mlcjit.cache.store.remote.signing import manifest_signature
+from pytest_mlcjit.errors import (
+    ConfigError,
+    MlcJitError,
     RemoteAuthError,
     RemoteConfigError,
-    RemoteEntry,
     RemoteError,
     RemoteIntegrityError,
     RemoteUnavailableError,
-    S3Remote,
-    classify_s3_error,
-    manifest_signature,
-    open_remote,
-    parse_remote_url,
 )
 
 pytest_plugins = ["s3server"]

@@ -209,7 +209,7 @@ def test_a_server_stopped_mid_run(project: Project,
     warnings = [line for line in out.splitlines() if line.startswith("warning: remote")]
     assert len(warnings) == 1, out
     assert "s3://spare/ci" in warnings[0], out
-    assert "is not used for the rest of this process" in warnings[0], out
+    assert "is not used for the rest of this run" in warnings[0], out
     assert len(project.compiles()) == 4
 
     ret, out = run(machine(project, "c"), "--mlc-jit-remote-required")

@@ -19,8 +19,8 @@ import pytest
 from conftest import Project, hold_tests
 from pytest_mlcjit import JIT, Settings, TVMModel
 from pytest_mlcjit.cache.layout import timing_file
-from pytest_mlcjit.engine.schedule import expected_seconds, longest_first, record_time, spec_digest
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.engine.schedule import expected_seconds, longest_first, spec_digest
+from pytest_mlcjit.cache.store.local import LocalStore
 
 #: ``waitmodel:build(hidden, wait_for)``: counts its call, then (``wait_for`` > 0) waits
 #: until the counter holds that many lines: a compile that lasts until the others are done.
@@ -83,15 +83,13 @@ def test_a_compile_records_its_time_for_the_spec(project: Project,
     spec = TVMModel("tinymodel:build", config={"hidden": 4})
     model = engine.compile(spec, "cpu")
     req = engine.request(spec, "cpu")
-    store = LocalStore(project.cache, writable=True)
-    from pytest_mlcjit.build.backends import backend_for
-
+    store = LocalStore(project.cache).open_for_writing()
     memo = json.loads(timing_file(project.cache, spec_digest(req)).read_text())
     assert memo["seconds"] == pytest.approx(model.compile_seconds, abs=0.01)
-    assert expected_seconds(req, backend_for(spec), store) == memo["seconds"]
+    assert expected_seconds(engine.query(req), req, store) == memo["seconds"]
     # Without the memo, the key's other input states' manifests still say it.
     timing_file(project.cache, spec_digest(req)).unlink()
-    assert expected_seconds(req, backend_for(spec), store) == pytest.approx(
+    assert expected_seconds(engine.query(req), req, store) == pytest.approx(
         model.compile_seconds, abs=0.01)
 
 
@@ -104,11 +102,11 @@ def test_prefetch_compiles_longest_first_by_recorded_times(project: Project,
     monkeypatch.syspath_prepend(str(project.pytester.path))
     recorded = {3: 1.0, 4: 9.0, 5: None, 6: 4.0}  # first-use order 3, 4, 5, 6
     engine = JIT(Settings(cache_dir=project.cache))
-    LocalStore(project.cache, writable=True)  # makes the cache and its control directory
+    store = LocalStore(project.cache).open_for_writing()  # the cache and its control dir
     for hidden, seconds in recorded.items():
         if seconds is not None:
             req = engine.request(TVMModel("tinymodel:build", config={"hidden": hidden}), "cpu")
-            record_time(project.cache, req, seconds)
+            store.record_time(spec_digest(req), req.digest, seconds)
     project.write_tests([{"hidden": h} for h in recorded])
     hold_tests(project, 4)
     result = project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
@@ -162,7 +160,7 @@ def test_jit_prefetch_skips_a_key_another_holds(project: Project,
     engine = JIT(Settings(cache_dir=project.cache))
     spec = TVMModel("tinymodel:build", config={"hidden": 4})
     req = engine.request(spec, "cpu")
-    store = LocalStore(project.cache, writable=True)
+    store = LocalStore(project.cache).open_for_writing()
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:  # the key's flock, held as another process's compile holds it

@@ -20,7 +20,8 @@ import pytest_mlcjit
 from conftest import Engine, Project
 from pytest_mlcjit import ConfigError
 from pytest_mlcjit.cache.layout import EntryPaths
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.errors import CompileError
 
 pytestmark = pytest.mark.reliability
 
@@ -222,8 +223,8 @@ def test_hostile_values_stay_data(engine: Engine, project: Project, tmp_path: Pa
 def _entry_operations(cache: LocalStore, paths: EntryPaths, staged: Path) -> list[Any]:
     return [
         lambda: cache.read_manifest(paths),
-        lambda: cache.verify(paths, {"sha256": "0" * 64, "size": 4}),
-        lambda: cache.publish(staged, None, paths, {}),
+        lambda: cache.verify(paths, {"digest": paths.digest, "sha256": "0" * 64, "size": 4}),
+        lambda: cache.publish_entry(staged, None, paths, {}),  # type: ignore[typeddict-item]
         lambda: cache.quarantine(paths, "test"),
     ]
 
@@ -232,8 +233,8 @@ def _digest_operations(cache: LocalStore, digest: str) -> list[Any]:
     return [
         lambda: cache.lock_path(digest),
         lambda: cache.new_staging_dir(digest),
-        lambda: cache.failure_paths(digest),
-        lambda: cache.record_failure(digest, "run", "message"),
+        lambda: cache.failure_log(digest),
+        lambda: cache.record_failure(digest, "run", CompileError("message")),
         lambda: cache.record_use(digest),
     ]
 
@@ -242,7 +243,7 @@ def _digest_operations(cache: LocalStore, digest: str) -> list[Any]:
                                     "/etc/passwd", "", "a" * 40])
 def test_a_digest_cannot_name_a_path(tmp_path: Path, digest: str) -> None:
     root = tmp_path / "root"
-    cache = LocalStore(root, writable=True)
+    cache = LocalStore(root).open_for_writing()
     staged = tmp_path / "staged.so"
     staged.write_bytes(b"\x7fELF")
     before = _files(tmp_path, tmp_path / "none")
@@ -261,7 +262,7 @@ def test_a_digest_cannot_name_a_path(tmp_path: Path, digest: str) -> None:
 ])
 def test_an_entry_path_cannot_leave_the_layout(tmp_path: Path, library: str) -> None:
     root = tmp_path / "root"
-    cache = LocalStore(root, writable=True)
+    cache = LocalStore(root).open_for_writing()
     digest = "a" * 64
     staged = tmp_path / "staged.so"
     staged.write_bytes(b"\x7fELF")
@@ -275,4 +276,4 @@ def test_an_entry_path_cannot_leave_the_layout(tmp_path: Path, library: str) -> 
 
 def test_a_nul_in_the_cache_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="it contains a NUL character"):
-        LocalStore(f"{tmp_path}/a\x00b", writable=True)
+        LocalStore(f"{tmp_path}/a\x00b").open_for_writing()

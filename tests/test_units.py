@@ -15,13 +15,23 @@ from pytest_mlcjit.device import Presence as P
 from pytest_mlcjit.device import parse_device_list, parse_target, resolve_auto, target_for
 from pytest_mlcjit.key import canonical_json, sha256_digest
 from pytest_mlcjit.cache.layout import EntryPaths
-from pytest_mlcjit.policy import resolve
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.engine import settings
+from pytest_mlcjit.cache.store.local import LocalStore
 
 
 @pytest.mark.parametrize("text", ["on", "ON", " Redo ", "readonly", "Off"])
 def test_policy_parse_is_case_insensitive(text: str) -> None:
     assert Policy.parse(text).value == text.strip().upper()
+
+
+def resolve(cli: str | None, env: str | None, ini: str | None) -> Policy:
+    """The policy through the option table's resolution (command line > env > ini)."""
+    values, _ = settings.resolve(
+        cli=lambda name, row: (Policy.parse(cli), "cli") if name == "policy" and cli else None,
+        ini=lambda name, row: (ini, "ini mlc_jit_policy") if name == "policy" and ini else None,
+        environ={"MLC_JIT_POLICY": env} if env is not None else {})
+    policy: Policy = values["policy"]
+    return policy
 
 
 def test_policy_precedence() -> None:
@@ -109,10 +119,10 @@ def test_cache_refuses_a_world_writable_root(tmp_path: Path) -> None:
     root.mkdir()
     root.chmod(0o777)
     with pytest.raises(UntrustedCacheError, match="writable by other users"):
-        LocalStore(root, writable=True)
-    LocalStore(root, writable=True, allow_untrusted=True)
+        LocalStore(root).open_for_writing()
+    LocalStore(root, allow_untrusted=True).open_for_writing()
     root.chmod(0o1777)  # sticky, like /tmp: accepted
-    LocalStore(root, writable=True)
+    LocalStore(root).open_for_writing()
 
 
 def test_entry_paths() -> None:
@@ -125,7 +135,7 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
     from pytest_mlcjit.cache.history import RUNS_KEPT, read_runs, record_run
 
     root = tmp_path / "cache"
-    LocalStore(root, writable=True)
+    LocalStore(root).open_for_writing()
     total = 2 * RUNS_KEPT + 10
     for i in range(total):
         record_run(root, {"run": i, "requests": 1})
@@ -138,7 +148,7 @@ def test_run_history_keeps_the_newest_runs(tmp_path: Path) -> None:
 def test_try_flock_sees_the_cache_s_own_lock(tmp_path: Path) -> None:
     from pytest_mlcjit.cache.locks import try_flock
 
-    cache = LocalStore(tmp_path / "cache", writable=True)
+    cache = LocalStore(tmp_path / "cache").open_for_writing()
     digest = "ab" * 32
     with cache.lock(digest, timeout=5):
         assert try_flock(cache.lock_path(digest)) is None, "held: not taken"

@@ -28,7 +28,7 @@ from faultmodels import alive
 
 from conftest import Engine, Project, outcomes, wait_until
 from pytest_mlcjit import JIT, CompileError, Settings, TVMModel
-from pytest_mlcjit.build import warm as workers
+from pytest_mlcjit.build.warm import client as workers
 from pytest_mlcjit.key import file_sha256
 
 pytestmark = pytest.mark.skipif(not workers.supported(),

@@ -1,1 +1,1 @@
-"""_util."""
+"""Small utilities of the standard library's kind: file-system primitives (:mod:`.fs`)."""

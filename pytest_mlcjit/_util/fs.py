@@ -1,5 +1,6 @@
 """File-system primitives the cache is built on: atomic JSON writes, directory fsync,
-best-effort writes that warn instead of failing silently, and test fault injection."""
+best-effort writes that warn instead of failing silently (:class:`WriteWarnings`, one per
+run), and test fault injection. Only the standard library is imported here."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import shutil
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,57 +97,60 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 # -- best-effort writes -----------------------------------------------------------------------
-class WriteFailedWarning(UserWarning):
-    """A write the cache could do without (a usage stamp, a record, a cleanup) failed."""
+Emit = Callable[[str], None]
 
 
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def warn_write_failed(path: str | os.PathLike[str], what: str, exc: OSError) -> None:
-    """Say, once per path per process, that a best-effort write failed: a
-    :class:`pytest.PytestWarning` inside pytest (as pytest's cacheprovider does), else a
-    logged warning. Never raises."""
-    name = os.fspath(path)
-    with _warned_lock:
-        if name in _warned:
-            return
-        _warned.add(name)
-    message = (f"pytest-mlcjit could not {what} {name}: "
-               f"{exc.strerror or exc} (errno {exc.errno}); carrying on without it")
-    if "pytest" in sys.modules:
-        import pytest
-
-        try:
-            warnings.warn(pytest.PytestWarning(message), stacklevel=3)
-        except Warning:
-            # A filter of "error" (the strictest test configs) must not turn a
-            # convenience into a failed test: then the warning is logged instead.
-            log.warning(message)
-        return
+def _log_warning(message: str) -> None:
     log.warning(message)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree the cache no longer needs; a part that cannot be removed
-    is reported by :func:`warn_write_failed` (once per path), the rest goes."""
+class WriteWarnings:
+    """Says, once per path, that a write the cache can do without (a usage stamp, the run
+    history, a cleanup) failed, and carries on.
 
-    def report(_func: Any, failed: str, exc: BaseException) -> None:
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            warn_write_failed(failed, "remove", exc)
+    One belongs to each run (the engine's), so that a second run in the same process
+    warns again. ``emit`` shows a message: the plugin's gives a ``PytestWarning`` (as
+    pytest's cacheprovider does), the default logs it. Thread-safe; never raises.
+    """
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=report)
-    else:
-        shutil.rmtree(path, onerror=lambda f, p, info: report(f, p, info[1]))
+    def __init__(self, emit: Emit | None = None) -> None:
+        self.emit: Emit = emit or _log_warning
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
 
+    def failed(self, path: str | os.PathLike[str], what: str, exc: OSError) -> None:
+        """Report that writing ``path`` (to ``what``) failed with ``exc``, once per path."""
+        name = os.fspath(path)
+        with self._lock:
+            if name in self._warned:
+                return
+            self._warned.add(name)
+        message = (f"pytest-mlcjit could not {what} {name}: "
+                   f"{exc.strerror or exc} (errno {exc.errno}); carrying on without it")
+        try:
+            self.emit(message)
+        except Warning:
+            # A filter of "error" (the strictest test configs) must not turn a convenience
+            # into a failed test: then the warning is logged instead.
+            log.warning(message)
 
-@contextlib.contextmanager
-def best_effort(path: str | os.PathLike[str], what: str) -> Iterator[None]:
-    """Run a write the cache can do without; an OSError is reported by
-    :func:`warn_write_failed`, not raised."""
-    try:
-        yield
-    except OSError as exc:
-        warn_write_failed(path, what, exc)
+    @contextlib.contextmanager
+    def best_effort(self, path: str | os.PathLike[str], what: str) -> Iterator[None]:
+        """Run a write the cache can do without; an OSError is reported, not raised."""
+        try:
+            yield
+        except OSError as exc:
+            self.failed(path, what, exc)
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove a directory tree the cache no longer needs; a part that cannot be removed
+        is reported (once per path), the rest goes."""
+
+        def report(_func: Any, failed: str, exc: BaseException) -> None:
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                self.failed(failed, "remove", exc)
+
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=report)
+        else:
+            shutil.rmtree(path, onerror=lambda f, p, info: report(f, p, info[1]))

@@ -1,4 +1,4 @@
-"""Subprocess launcher: ``python -m pytest_mlcjit._child [options] PARENT_PID -- argv...``.
+"""Subprocess launcher: ``python -m pytest_mlcjit.build._launcher [opts] PARENT -- argv...``.
 
 It stays the parent of the command it runs, so that the command's whole process tree
 dies with it, whatever the tree does:
@@ -28,121 +28,18 @@ import sys
 import time
 from types import FrameType
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-USAGE = ("usage: python -m pytest_mlcjit._child [--log PATH --head BYTES --tail BYTES] "
+from pytest_mlcjit.build.proctree import (
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_PDEATHSIG,
+    BoundedLog,
+    drain,
+    kill_tree,
+    prctl,
+)
+from pytest_mlcjit.errors import LauncherStop
+
+USAGE = ("usage: python -m pytest_mlcjit.build._launcher [--log PATH --head BYTES --tail BYTES] "
          "PARENT_PID -- argv...")
-#: How long the launcher keeps killing and reaping descendants before it gives up.
-REAP_LIMIT_S = 10.0
-
-
-class _Stop(BaseException):
-    """Raised by the signal handler: the launcher must kill everything and exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _prctl(option: int, arg: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(option, arg, 0, 0, 0)) == 0
-
-
-class BoundedLog:
-    """Writes the first ``head`` bytes to ``fd`` as they come, keeps the last ``tail``
-    bytes in memory, and on :meth:`close` writes a line saying how much was cut (if
-    anything) and then the tail."""
-
-    def __init__(self, fd: int, head: int, tail: int) -> None:
-        self.fd, self.head, self.tail = fd, head, tail
-        self.written = 0
-        self.total = 0
-        self.kept = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.head - self.written
-        if room > 0:
-            first = data[:room]
-            _write_all(self.fd, first)
-            self.written += len(first)
-            data = data[room:]
-        if data:
-            self.kept += data
-            if len(self.kept) > self.tail:
-                del self.kept[:len(self.kept) - self.tail]  # O(1) from the front
-
-    def close(self) -> None:
-        cut = self.total - self.written - len(self.kept)
-        if cut > 0:
-            _write_all(self.fd, (
-                f"\n[pytest-mlcjit] ... {cut} bytes of compiler output cut here ({self.total} "
-                f"in all): the log keeps the first {self.written} and the last "
-                f"{len(self.kept)} bytes ...\n").encode())
-        _write_all(self.fd, bytes(self.kept))
-        self.kept.clear()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except OSError:
-            return  # a full disk: the compile itself will say so
-
-
-def descendants(root: int) -> list[int]:
-    """Every live (not zombie) descendant of ``root``, from ``/proc``, parents first."""
-    children: dict[int, list[int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        if len(fields) > 1 and fields[0] not in (b"Z", b"X"):
-            children.setdefault(int(fields[1]), []).append(int(name))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            found.append(pid)
-            todo.append(pid)
-    return found
-
-
-def kill_tree(group: int | None) -> None:
-    """SIGKILL every descendant of this process (and the command's process group), reaping
-    them, until none is left (or :data:`REAP_LIMIT_S` has passed)."""
-    deadline = time.monotonic() + REAP_LIMIT_S
-    linux = os.path.isdir("/proc/self")
-    while True:
-        if group is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(group, signal.SIGKILL)
-        for pid in descendants(os.getpid()) if linux else []:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            return  # no children left, live or zombie
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.005)
 
 
 def _parse(argv: list[str]) -> tuple[int, str | None, int, int, list[str]] | None:
@@ -173,14 +70,14 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     parent, log_path, head, tail, command = parsed
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        raise _Stop(signum)
+        raise LauncherStop(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl took effect
         return 128 + signal.SIGTERM
     out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log_path else 1
@@ -188,7 +85,7 @@ def main(argv: list[str]) -> int:
     read_end, write_end = os.pipe()
     me = os.getpid()
     pid = 0
-    stopped: _Stop | None = None
+    stopped: LauncherStop | None = None
     status = 0
     try:
         pid = os.fork()
@@ -198,7 +95,7 @@ def main(argv: list[str]) -> int:
             os.setpgid(pid, pid)  # also here: no window in which a kill of the group misses
         os.close(write_end)
         status = _pump(read_end, sink, pid)
-    except _Stop as exc:
+    except LauncherStop as exc:
         stopped = exc
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the clean-up below is bounded: let it end
@@ -206,7 +103,7 @@ def main(argv: list[str]) -> int:
     # /proc cannot show descendants: once the command is reaped, its id may be reused).
     reaped = stopped is None and os.path.isdir("/proc/self")
     kill_tree(None if reaped or not pid else pid)
-    _drain(read_end, sink)
+    drain(read_end, sink)
     sink.close()
     if stopped is not None:
         return 128 + stopped.signum
@@ -228,7 +125,7 @@ def _exec(command: list[str], launcher: int, read_end: int, write_end: int) -> N
         os.dup2(write_end, 2)
         os.close(read_end)
         os.close(write_end)
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != launcher:
             os._exit(137)
         os.execv(command[0], command)  # noqa: S606 - exec of an argument list, no shell
@@ -255,19 +152,6 @@ def _pump(fd: int, sink: BoundedLog, pid: int) -> int:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return status
-
-
-def _drain(fd: int, sink: BoundedLog) -> None:
-    """What is left in the pipe once every writer is dead."""
-    with contextlib.suppress(OSError):
-        while True:
-            ready, _, _ = select.select([fd], [], [], 0)
-            if not ready:
-                return
-            data = os.read(fd, 1 << 16)
-            if not data:
-                return
-            sink.write(data)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit._util.fs import warn_write_failed
-from pytest_mlcjit.cache.layout import CONTROL_DIR, RUNS_FILE
+from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.cache.layout import runs_file, runs_lock
 from pytest_mlcjit.cache.locks import flocked
 
 #: Runs kept when the file is cut back (it is cut once it holds twice as many).
 RUNS_KEPT = 100
 
 
-def record_run(root: Path, record: Mapping[str, Any]) -> None:
+def record_run(root: Path, record: Mapping[str, Any],
+               warnings: WriteWarnings | None = None) -> None:
     """Append one run's statistics to ``<root>/.mlcjit/runs.jsonl``; once the file passes
     ``2 * RUNS_KEPT`` lines it is cut back to the last ``RUNS_KEPT``. Cheap, because every
     run that used the plugin pays it: one ``flock``, one append, and a read only when the
     file has grown large enough to need cutting."""
-    control = root / CONTROL_DIR
-    path = control / RUNS_FILE
+    path = runs_file(root)
     line = json.dumps(dict(record), sort_keys=True, separators=(",", ":")) + "\n"
     try:
-        with flocked(os.path.join(control, "runs.lock"), timeout=10):
+        with flocked(runs_lock(root), timeout=10):
             with open(path, "a", encoding="utf-8") as f:
                 f.write(line)
                 size = f.tell()
@@ -47,13 +47,13 @@ def record_run(root: Path, record: Mapping[str, Any]) -> None:
     except TimeoutError:
         return  # another run holds the history for long: skip this record
     except OSError as exc:  # a convenience: never fail a run over it, but say so
-        warn_write_failed(path, "append the run to the history", exc)
+        (warnings or WriteWarnings()).failed(path, "append the run to the history", exc)
 
 
 def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:
     """The last ``limit`` runs recorded under ``root``, newest first."""
     try:
-        lines = (root / CONTROL_DIR / RUNS_FILE).read_text(encoding="utf-8").splitlines()
+        lines = runs_file(root).read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
     runs = []

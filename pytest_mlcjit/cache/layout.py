@@ -18,7 +18,7 @@ cache can be tarred and restored anywhere)::
     <root>/.mlcjit/timings/<spec digest>    the last compile time of a spec (any toolchain)
     <root>/.mlcjit/quarantine/…             corrupt entries moved aside
     <root>/.mlcjit/mlckeys/<run>/…          MLC key computations shared by one run
-    <root>/.mlcjit/runs.jsonl               the run history
+    <root>/.mlcjit/runs.jsonl               the run history (runs.lock: held while written)
 
 Every name derived from a key is built from its hex digest, so no spec, override or config
 value reaches a path. Importing this module imports nothing heavy.
@@ -174,6 +174,24 @@ def control_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root) / CONTROL_DIR
 
 
+def control_subdir(root: str | os.PathLike[str], name: str) -> Path:
+    """``<root>/.mlcjit/<name>``: one of :data:`CONTROL_SUBDIRS`, ``timings`` or
+    ``mlckeys``."""
+    if name not in (*CONTROL_SUBDIRS, "timings", "mlckeys"):
+        raise ValueError(f"no control directory {name!r}")
+    return Path(root, CONTROL_DIR, name)
+
+
+def backend_dir(root: str | os.PathLike[str], subdir: str) -> Path:
+    """``<root>/<subdir>``: where one backend's entries live (see :data:`BACKEND_DIRS`)."""
+    return Path(root, subdir)
+
+
+def variants_dir(root: str | os.PathLike[str], subdir: str) -> Path:
+    """``<root>/<subdir>/variants``: the input-state records of a backend's keys."""
+    return Path(root, subdir, "variants")
+
+
 def lock_file(root: str | os.PathLike[str], digest: str) -> str:
     """``<root>/.mlcjit/locks/<digest>.lock``: the file whose ``flock`` guards a key."""
     return os.path.join(root, CONTROL_DIR, "locks", f"{digest}.lock")
@@ -256,3 +274,8 @@ def mlc_key_memos(root: str | os.PathLike[str], run_id: str | None = None) -> Pa
 
 def runs_file(root: str | os.PathLike[str]) -> Path:
     return Path(root, CONTROL_DIR, RUNS_FILE)
+
+
+def runs_lock(root: str | os.PathLike[str]) -> Path:
+    """``<root>/.mlcjit/runs.lock``: held while the run history is appended to or cut."""
+    return Path(root, CONTROL_DIR, "runs.lock")

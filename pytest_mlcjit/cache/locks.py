@@ -35,25 +35,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pytest_mlcjit.errors import LockTimeoutError, MlcJitError
-from pytest_mlcjit._util.fs import FILE_MODE, best_effort, fault_point, write_json_atomic
+from pytest_mlcjit._util.fs import FILE_MODE, WriteWarnings, fault_point, write_json_atomic
 from pytest_mlcjit.cache.layout import check_digest, lock_file, owner_file
+from pytest_mlcjit.errors import LockTimeoutError, LockWaitCancelled, MlcJitError
 
 #: How often a waiter tries a held lock again.
 POLL_S = 0.05
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 #: ``flock`` errors that mean the filesystem does not support it.
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-#: Set when this process is being interrupted (:func:`.runner.kill_all`): waits for a
-#: key's lock stop at once with :class:`LockWaitCancelled` instead of running out their
-#: timeout.
-WAITS_CANCELLED = threading.Event()
-
-
-class LockWaitCancelled(KeyboardInterrupt):
-    """A wait for a lock was given up because this process is being interrupted."""
-
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists in this PID namespace and has not exited (a zombie
@@ -268,17 +258,19 @@ def release_and_remove(fd: int, path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def key_lock(root: Path, digest: str, timeout: float, what: str = "") -> Iterator[float]:
+def key_lock(root: Path, digest: str, timeout: float, what: str = "", *,
+             cancelled: threading.Event | None = None,
+             warnings: WriteWarnings | None = None) -> Iterator[float]:
     """Hold the key's lock, waiting at most ``timeout`` seconds; yields the seconds spent
     waiting. LockTimeoutError names the holder when the wait runs out; LockWaitCancelled
-    if this process is interrupted (:data:`WAITS_CANCELLED`) while it waits."""
+    once ``cancelled`` is set (the run is being interrupted) while it waits."""
     path = lock_file(root, check_digest(digest))
     owner = owner_file(root, digest)
     start = time.monotonic()
     deadline = start + timeout
     fault_point("lock-wait")
     while (fd := try_flock(path)) is None:
-        if WAITS_CANCELLED.is_set():
+        if cancelled is not None and cancelled.is_set():
             raise LockWaitCancelled(f"gave up waiting for the lock of key {digest}: "
                                     "interrupted")
         left = deadline - time.monotonic()
@@ -287,7 +279,7 @@ def key_lock(root: Path, digest: str, timeout: float, what: str = "") -> Iterato
         time.sleep(min(POLL_S, left))
     waited = time.monotonic() - start
     try:
-        with best_effort(owner, "write the lock owner record"):
+        with (warnings or WriteWarnings()).best_effort(owner, "write the lock owner record"):
             write_json_atomic(owner, {"pid": os.getpid(), "host": socket.gethostname(),
                                       "since": time.time()})
         fault_point("locked")

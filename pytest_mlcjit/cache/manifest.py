@@ -15,10 +15,76 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
-from pytest_mlcjit.errors import CorruptEntryError
 from pytest_mlcjit.cache.layout import LOG_SUFFIX, SIMPLE_NAME_RE
+from pytest_mlcjit.errors import CorruptEntryError
+
+
+class FileRecord(TypedDict, total=False):
+    """One recorded module or file: its path (relative to the import root, POSIX form, or
+    absolute), SHA-256 and size, and stat hints when they can be trusted."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class RecordedInputs(TypedDict):
+    """What a factory really used (:meth:`pytest_mlcjit.inputs.record.InputRecorder.result`)."""
+
+    roots: list[str]
+    modules: list[FileRecord]
+    files: list[FileRecord]
+    dists: dict[str, str]
+
+
+class ParamSpec(TypedDict):
+    """A model parameter: its name, shape and dtype."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+class _Required(TypedDict):
+    digest: str
+    sha256: str
+    size: int
+
+
+class Manifest(_Required, total=False):
+    """The manifest of one entry, as :func:`parse_manifest` returns it (every field present
+    is of its type and range: :data:`FIELDS`). Fields a newer version writes and this one
+    does not know stay in the dict, unchecked and unseen by the type checker."""
+
+    library: str
+    log: str
+    format: int | None
+    backend: str
+    key: dict[str, Any]
+    key_digest: str
+    toolchain: dict[str, Any]
+    compile_seconds: float
+    created: float
+    run_id: str
+    host: str
+    plugin_version: str
+    params: list[ParamSpec]
+    functions: list[str]
+    target_str: str
+    tvm_version: str
+    target: str | dict[str, Any]
+    system_lib_prefix: str | None
+    model_dir: str
+    adopted: bool
+    signatures: dict[str, Any]
+    name: str
+    inputs: RecordedInputs
+    #: Where a downloaded entry came from (the remote manifest's URL).
+    remote: str
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 #: The latest time a manifest may record: the end of the year 9999 (tools print it).
@@ -92,7 +158,7 @@ def _is_signature(value: Any) -> bool:
 
 def _is_inputs(value: Any) -> bool:
     """Recorded inputs (:meth:`.inputs.InputRecorder.result`), as their own reader checks."""
-    from pytest_mlcjit.inputs import inputs_digest
+    from pytest_mlcjit.inputs.check import inputs_digest
 
     try:
         inputs_digest(value)
@@ -144,7 +210,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
-def parse_manifest(raw: bytes, path: Path, digest: str) -> dict[str, Any]:
+def parse_manifest(raw: bytes, path: Path, digest: str) -> Manifest:
     """A manifest's bytes as a dict; CorruptEntryError unless they are UTF-8 JSON with a
     64-hex ``sha256``, a non-negative integer ``size``, ``digest`` equal to ``digest``,
     ``library`` and ``log`` naming this entry's files, and every field of :data:`FIELDS`
@@ -178,10 +244,10 @@ def parse_manifest(raw: bytes, path: Path, digest: str) -> dict[str, Any]:
         if field in data and not valid(data[field]):
             raise CorruptEntryError(f"manifest {path} has an invalid {field} "
                                     f"{_shown(data[field])}: expected {expected}")
-    return data
+    return cast(Manifest, data)
 
 
-def read_manifest_file(path: Path, digest: str) -> tuple[dict[str, Any] | None, str | None]:
+def read_manifest_file(path: Path, digest: str) -> tuple[Manifest | None, str | None]:
     """``(manifest, None)``, ``(None, why it is unusable)``, or ``(None, None)`` if absent."""
     try:
         with open(path, "rb") as f:

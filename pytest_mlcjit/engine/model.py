@@ -8,11 +8,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from pytest_mlcjit.cache.manifest import Manifest, ParamSpec
 from pytest_mlcjit.device import Device
 from pytest_mlcjit.errors import InputError, MlcJitError
 
 
-def init_params(specs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+def init_params(specs: list[ParamSpec], seed: int) -> dict[str, Any]:
     """Deterministic parameters: each one seeded by (``seed``, its name), so adding a
     parameter never changes the others. Floats are uniform in ±1/sqrt(last dim), like
     PyTorch's Linear; integers are zeros."""
@@ -20,11 +21,13 @@ def init_params(specs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for spec in specs:
-        name, shape, dtype = spec["name"], tuple(spec["shape"]), spec["dtype"]
-        if not all(isinstance(d, int) for d in shape):
+        name, dtype = spec["name"], spec["dtype"]
+        shape = tuple(d for d in spec["shape"] if isinstance(d, int))
+        if len(shape) != len(spec["shape"]):
             raise MlcJitError(
-                f"parameter {name!r} has the symbolic shape {list(shape)}, so it gets no "
-                "default value: assign compiled_model.params (numpy arrays by name) yourself")
+                f"parameter {name!r} has the symbolic shape {list(spec['shape'])}, so it gets "
+                "no default value: assign compiled_model.params (numpy arrays by name) "
+                "yourself")
         sub = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
         rng = np.random.default_rng(sub)
         if np.dtype(dtype).kind == "f" or dtype in ("bfloat16", "float16"):
@@ -166,7 +169,7 @@ class CompiledModel:
     digest: str
     hit: bool
     compile_seconds: float
-    manifest: dict[str, Any]
+    manifest: Manifest
     loadable: bool = True
     _vm: Any = dataclasses.field(default=None, repr=False)
     _params: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
@@ -190,7 +193,7 @@ class CompiledModel:
         return str(prefix) if prefix else None
 
     @property
-    def param_specs(self) -> list[dict[str, Any]]:
+    def param_specs(self) -> list[ParamSpec]:
         """``[{"name", "shape", "dtype"}]`` of the model's parameters, in call order."""
         return list(self.manifest.get("params", []))
 

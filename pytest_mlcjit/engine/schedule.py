@@ -22,20 +22,14 @@ all equal); ties keep the order of first use.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pytest_mlcjit._util.fs import FILE_MODE, best_effort
 from pytest_mlcjit.key import sha256_digest
-from pytest_mlcjit.cache.layout import timing_file
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.build.backends import Backend, BuildRequest
-    from pytest_mlcjit.cache.store import Store
+    from pytest_mlcjit.build.backends import BuildRequest
+    from pytest_mlcjit.cache.store.interface import EntryQuery, Store
 
 T = TypeVar("T")
 
@@ -50,52 +44,13 @@ def spec_digest(req: BuildRequest) -> str:
                           **{k: v for k, v in req.key.items() if k not in VOLATILE}})
 
 
-def record_time(root: Path, req: BuildRequest, seconds: float) -> None:
-    """Remember how long ``req`` took to compile (best effort; no fsync: a lost memo only
-    costs a worse order)."""
-    path = timing_file(root, spec_digest(req))
-    with best_effort(path, "record the compile time in"):
-        path.parent.mkdir(mode=0o755, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        # Made 0644 whatever the umask: nothing the cache makes is writable by others.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"seconds": round(float(seconds), 3), "key": req.digest}))
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-
-
-def _seconds(data: Any) -> float | None:
-    value = data.get("seconds", data.get("compile_seconds")) if isinstance(data, dict) else None
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(1 << 16))
-    except (OSError, ValueError):
-        return None
-
-
-def expected_seconds(req: BuildRequest, backend: Backend, store: Store) -> float | None:
+def expected_seconds(query: EntryQuery, req: BuildRequest, store: Store) -> float | None:
     """How long ``req`` is expected to take to compile, from the cache's records; None if
     it holds none."""
-    memo = _seconds(_read_json(timing_file(store.root, spec_digest(req))))
-    if memo is not None:
-        return memo
-    with contextlib.suppress(OSError, ValueError):
-        paths = backend.locate(req, store.root)
-        for variant in store.read_variants(paths.library.parent, req.digest):
-            found = _seconds(_read_json(backend.locate(req, store.root,
-                                                       variant["entry"]).manifest))
-            if found is not None:
-                return found
-        record, _ = store.failure_paths(req.digest)
-        return _seconds(_read_json(record))
-    return None
+    try:
+        return store.recorded_time(query, spec_digest(req))
+    except (OSError, ValueError):
+        return None
 
 
 def longest_first(items: Sequence[T], seconds: Sequence[float | None]) -> list[T]:

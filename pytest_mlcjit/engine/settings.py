@@ -1,15 +1,28 @@
-"""What the engine needs, resolved once: :class:`Settings`, a frozen value that the xdist
-controller sends to its workers as JSON."""
+"""Every setting, declared once: :class:`Settings` *is* the option table.
+
+Each field made with :func:`option` is one row: its command-line flag, ini key and
+environment variable, its parser, default and help. From the rows come the pytest options
+and ini keys (:mod:`pytest_mlcjit.plugin.options`), the resolution "command line >
+environment > ini > default" (:func:`resolve`), the hand-off to xdist workers
+(:meth:`Settings.to_json`, :meth:`Settings.from_json`) and the reference documentation. The
+fields without a row are facts of the run (its id, the devices as probed).
+
+Adding an option is one row here and its line in the documentation; nothing else
+changes. Importing this module is cheap (no pytest, no device probe).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pytest_mlcjit.device import Presence
+from pytest_mlcjit.engine import parsers
+from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.policy import Policy
 
 #: The limit for one compilation, in seconds (``--mlc-jit-timeout``).
@@ -17,65 +30,335 @@ DEFAULT_COMPILE_TIMEOUT_S = 1800.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything the engine needs, resolved once (by the plugin, or by you)."""
+class Option:
+    """One row of the option table (the metadata of a :class:`Settings` field)."""
 
-    policy: Policy = Policy.ON
-    #: The cache root; None means each backend's default (see :mod:`.layout`).
-    cache_dir: Path | None = None
-    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT_S
+    #: ``--mlc-jit-…`` (None: no command-line flag).
+    flag: str | None
+    #: The ini key (None: none); a ``path`` option's ini value is relative to the ini file.
+    ini: str | None
+    #: The environment variable (None: none).
+    env: str | None
+    #: ``(source, text) -> value``; ConfigError naming the source; None: not set there.
+    parse: parsers.Parse
+    help: str
+    #: The ini key's one-line help.
+    ini_help: str = ""
+    metavar: str | None = None
+    #: ``value`` (``--flag VALUE``), ``switch`` (``--flag`` alone: true), ``path``.
+    kind: Literal["value", "switch", "path"] = "value"
+    #: Whether xdist workers receive it (the controller's report options need not).
+    workers: bool = True
+    #: A second environment variable read after ``env`` (TVM's ``TVM_TEST_TARGETS``).
+    env_fallback: tuple[str, parsers.Parse] | None = None
+
+    @property
+    def dest(self) -> str:
+        """The attribute of pytest's ``config.option`` that holds the flag's value."""
+        assert self.flag is not None
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def option(flag: str | None, *, ini: str | None = None, env: str | None = None,
+           parse: parsers.Parse, default: Any, help: str, ini_help: str = "",
+           metavar: str | None = None, kind: Literal["value", "switch", "path"] = "value",
+           workers: bool = True, env_fallback: tuple[str, parsers.Parse] | None = None
+           ) -> Any:
+    """A :class:`Settings` field that is an option (one row of the table)."""
+    row = Option(flag, ini, env, parse, help, ini_help, metavar, kind, workers, env_fallback)
+    return dataclasses.field(default=default, metadata={"option": row})
+
+
+_AUTO_OFF_ON = "auto, on or off"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run is configured with, resolved once (by the plugin, or by you)."""
+
+    # -- the option table -----------------------------------------------------------------
+    policy: Policy = option(
+        "--mlc-jit-policy", ini="mlc_jit_policy", env="MLC_JIT_POLICY", parse=parsers.policy,
+        default=Policy.ON, metavar="{ON,OFF,REDO,READONLY}",
+        ini_help="JIT policy (ON, OFF, REDO, READONLY)",
+        help="JIT policy: ON compiles on a miss, OFF never compiles nor reads, REDO "
+        "recompiles each key once per run, READONLY only reads. Case-insensitive. "
+        "Env MLC_JIT_POLICY; ini mlc_jit_policy; default ON.")
+    #: The devices as named (``auto`` is resolved by the probe: :attr:`devices`).
+    device: str = option(
+        "--mlc-device", ini="mlc_device", parse=parsers.devices, default="auto",
+        metavar="LIST", env_fallback=("TVM_TEST_TARGETS", parsers.tvm_targets),
+        ini_help="comma-separated devices (default auto)",
+        help="comma-separated devices each test runs on: auto, cpu, cuda, cuda:1, rocm, "
+        "metal, vulkan, opencl, webgpu. Absent devices are skipped. Env TVM_TEST_TARGETS "
+        "(';'-separated TVM targets, as tvm.testing reads them: llvm;cuda); ini mlc_device; "
+        "default auto (the first present GPU, else cpu).")
+    require_devices: bool = option(
+        "--mlc-jit-require-devices", ini="mlc_jit_require_devices", parse=parsers.truth,
+        default=False, kind="switch",
+        ini_help="fail the tests of an absent device instead of skipping them (true or false)",
+        help="fail, instead of skipping, the tests of a selected device that is absent (for "
+        "GPU runners: a broken driver fails the run instead of skipping every GPU test). "
+        "ini mlc_jit_require_devices.")
+    cache_dir: Path | None = option(
+        "--mlc-jit-cache-dir", ini="mlc_jit_cache_dir", env="MLC_JIT_CACHE_DIR",
+        parse=parsers.path("a directory path"), default=None, metavar="PATH", kind="path",
+        ini_help="cache directory (relative to the ini file)",
+        help="cache directory. Env MLC_JIT_CACHE_DIR; ini mlc_jit_cache_dir; default "
+        "$XDG_CACHE_HOME/pytest-mlcjit or ~/.cache/pytest-mlcjit (MLC model directories: "
+        "$MLC_LLM_HOME).")
+    compile_timeout: float = option(
+        "--mlc-jit-timeout", ini="mlc_jit_timeout", parse=parsers.seconds,
+        default=DEFAULT_COMPILE_TIMEOUT_S, metavar="SECONDS",
+        ini_help="limit in seconds for one compilation",
+        help=f"limit for one compilation. ini mlc_jit_timeout; default "
+        f"{DEFAULT_COMPILE_TIMEOUT_S:g}.")
     #: How long to wait for another process's compile; None: compile timeout + 5 minutes.
-    lock_timeout: float | None = None
+    lock_timeout: float | None = option(
+        "--mlc-jit-lock-timeout", ini="mlc_jit_lock_timeout", parse=parsers.seconds,
+        default=None, metavar="SECONDS", ini_help="limit in seconds for a lock wait",
+        help="limit for waiting on another process compiling the same library. "
+        "ini mlc_jit_lock_timeout; default: the compile timeout plus 300.")
+    allow_untrusted: bool = option(
+        "--mlc-jit-allow-untrusted-cache", ini="mlc_jit_allow_untrusted_cache",
+        parse=parsers.truth, default=False, kind="switch",
+        ini_help="load from a cache others can write to (true or false)",
+        help="load from a cache directory that other users can write to (refused by default: "
+        "loading a library runs its code). ini mlc_jit_allow_untrusted_cache.")
+    prepare: bool = option(
+        "--mlc-jit-prepare", parse=parsers.truth, default=False, kind="switch",
+        help="warm the cache: collect the tests, compile every distinct library they request "
+        "(in parallel under -n), run no test; exit 0 only if every library compiled. With "
+        "--mlc-jit-policy=READONLY it only checks that every library is cached.")
+    prefetch: str = option(
+        "--mlc-jit-prefetch", ini="mlc_jit_prefetch", parse=parsers.choice("auto", "on", "off"),
+        default="auto", metavar="{auto,on,off}",
+        ini_help="background prefetch: " + _AUTO_OFF_ON,
+        help="compile, in the background right after collection, the libraries the "
+        "collected tests need, longest expected compile first, each worker taking the next "
+        "one no other worker is compiling. auto: under xdist with 2+ workers. ini "
+        "mlc_jit_prefetch; default auto.")
+    max_size: int | None = option(
+        "--mlc-jit-max-size", ini="mlc_jit_max_size", parse=parsers.size, default=None,
+        metavar="SIZE", ini_help="cache size cap applied after each run (10G, 500M)",
+        help="after the run, evict least recently used entries until the cache is at most "
+        "SIZE (10G, 500M, 2GiB), never one this run used. ini mlc_jit_max_size; default: "
+        "no cap.")
+    progress: str = option(
+        "--mlc-jit-progress", ini="mlc_jit_progress", parse=parsers.choice("auto", "on", "off"),
+        default="auto", metavar="{auto,on,off}", ini_help="live progress: " + _AUTO_OFF_ON,
+        help="show what is compiling, downloading or waiting for another's compile once it "
+        "has taken 2s: model, target, worker, seconds. auto: a status line redrawn in place "
+        "on a terminal, plain start/end lines (and a heartbeat every 30s) otherwise; on: the "
+        "redrawn line even where no terminal is detected; off: nothing. ini "
+        "mlc_jit_progress; default auto.")
+    progress_delay: float = option(
+        None, ini="mlc_jit_progress_delay", env="MLC_JIT_PROGRESS_DELAY",
+        parse=parsers.seconds, default=2.0,
+        ini_help="seconds a job runs before live progress shows it (default 2)",
+        help="seconds a compile, download or wait runs before the live progress shows it. "
+        "Env MLC_JIT_PROGRESS_DELAY; ini mlc_jit_progress_delay; default 2.")
+    progress_interval: float = option(
+        None, ini="mlc_jit_progress_interval", env="MLC_JIT_PROGRESS_INTERVAL",
+        parse=parsers.seconds, default=0.5,
+        ini_help="seconds between two looks of the live progress (default 0.5)",
+        help="how often the live progress looks at what the run's processes are doing, in "
+        "seconds. Env MLC_JIT_PROGRESS_INTERVAL; ini mlc_jit_progress_interval; default 0.5.")
+    #: Where to write the JSON accounting (--mlc-jit-report), if anywhere.
+    report_path: Path | None = option(
+        "--mlc-jit-report", ini="mlc_jit_report", parse=parsers.path("a file path"),
+        default=None, metavar="PATH", kind="path", workers=False,
+        ini_help="JSON accounting report path (relative to the ini file)",
+        help="write the run's accounting as JSON to PATH (requests, outcomes, one record per "
+        "library), merged across xdist workers. ini mlc_jit_report (relative to the ini "
+        "file).")
+    #: How many of the slowest compiles the summary lists (0: all; None: 5 when one took
+    #: over 10s).
+    durations: int | None = option(
+        "--mlc-jit-durations", ini="mlc_jit_durations", parse=parsers.count, default=None,
+        metavar="N", workers=False, ini_help="list the N slowest compiles (0: all)",
+        help="list the N slowest compiles in the summary (0: all). ini mlc_jit_durations; "
+        "default 5 when a compile took over 10s, else none.")
+    #: The remote tier (``s3://bucket/prefix`` or ``file:///path``), None for none.
+    remote: str | None = option(
+        "--mlc-jit-remote", ini="mlc_jit_remote", env="MLC_JIT_REMOTE",
+        parse=parsers.remote_url, default=None, metavar="URL",
+        ini_help="remote tier URL (s3://bucket/prefix, file:///path)",
+        help="a second cache tier shared by many machines: s3://bucket/prefix (needs "
+        "pytest-mlcjit[remote]; credentials, region and endpoint from the AWS_* variables) "
+        "or file:///path. Env MLC_JIT_REMOTE; ini mlc_jit_remote; default: none.")
+    remote_mode: str = option(
+        "--mlc-jit-remote-mode", ini="mlc_jit_remote_mode", env="MLC_JIT_REMOTE_MODE",
+        parse=parsers.choice("read", "readwrite"), default="readwrite",
+        metavar="{read,readwrite}", ini_help="remote mode: read or readwrite",
+        help="read: only download from the remote; readwrite: also upload what this run "
+        "compiles. Env MLC_JIT_REMOTE_MODE; ini mlc_jit_remote_mode; default readwrite.")
+    remote_required: bool = option(
+        "--mlc-jit-remote-required", ini="mlc_jit_remote_required", parse=parsers.truth,
+        default=False, kind="switch", ini_help="fail on remote errors (true or false)",
+        help="a remote error (unreachable, timeout, throttled) fails the tests that meet it "
+        "instead of falling back to compiling locally. ini mlc_jit_remote_required.")
+    remote_connect_timeout: float = option(
+        None, env="MLC_JIT_REMOTE_CONNECT_TIMEOUT", parse=parsers.seconds, default=5.0,
+        help="seconds to wait for a connection to the remote. Env "
+        "MLC_JIT_REMOTE_CONNECT_TIMEOUT; default 5.")
+    remote_read_timeout: float = option(
+        None, env="MLC_JIT_REMOTE_READ_TIMEOUT", parse=parsers.seconds, default=60.0,
+        help="seconds to wait for each read from the remote. Env MLC_JIT_REMOTE_READ_TIMEOUT; "
+        "default 60.")
+    #: The prepare shard ``(I, N)`` (--mlc-jit-shard), None for all.
+    shard: tuple[int, int] | None = option(
+        "--mlc-jit-shard", ini="mlc_jit_shard", parse=parsers.shard, default=None,
+        metavar="I/N", ini_help="prepare shard I/N",
+        help="with --mlc-jit-prepare: compile only the libraries whose key falls in shard I "
+        "of N (1 <= I <= N, stable by key digest), so N CI jobs fill a remote together. "
+        "ini mlc_jit_shard.")
+    #: Pre-warmed compile workers: ``auto`` and ``on`` use them where they can run (Linux),
+    #: ``off`` starts a fresh process per compile.
+    compile_workers: str = option(
+        "--mlc-jit-compile-workers", ini="mlc_jit_compile_workers",
+        env="MLC_JIT_COMPILE_WORKERS", parse=parsers.compile_workers, default="auto",
+        metavar="{auto,on,off}", ini_help="pre-warmed compile workers: " + _AUTO_OFF_ON,
+        help="run each compile in a fork of a worker that imported TVM once per test "
+        "process (still one process per compile, killed whole on timeout, dying with the "
+        "test process), instead of a new interpreter that imports TVM each time. auto: "
+        "where it can (Linux); on: the same, an error elsewhere; off: a new interpreter "
+        "per compile. Env MLC_JIT_COMPILE_WORKERS; ini mlc_jit_compile_workers; default auto.")
+    retry_failed: bool = option(
+        "--mlc-jit-retry-failed", ini="mlc_jit_retry_failed", parse=parsers.truth,
+        default=False, kind="switch", ini_help="compile known failures again (true or false)",
+        help="compile again the known failures: a library whose factory or compiler raised "
+        "in an earlier run is otherwise reported at once, without compiling, while its key "
+        "and recorded inputs are unchanged. ini mlc_jit_retry_failed.")
+
+    # -- facts of the run (no row) ----------------------------------------------------------
     #: Identifies one test run across all its xdist workers (REDO and failure memory).
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     #: Probed devices, ``{str(device): Presence}``; others are probed on first use.
     presence: Mapping[str, Presence] = dataclasses.field(default_factory=dict)
-    allow_untrusted: bool = False
-    #: The devices tests run on (resolved ``--mlc-device``).
+    #: The devices tests run on (:attr:`device` with ``auto`` resolved by the probe).
     devices: tuple[str, ...] = ("cpu",)
-    #: The remote tier (``s3://bucket/prefix`` or ``file:///path``), None for none; its mode
-    #: (``read`` or ``readwrite``), and whether a remote error fails the run.
-    remote: str | None = None
-    remote_mode: str = "readwrite"
-    remote_required: bool = False
-    #: Pre-warmed compile workers (``--mlc-jit-compile-workers``): ``auto`` and ``on`` use
-    #: them where they can run (Linux), ``off`` starts a fresh process per compile.
-    compile_workers: str = "auto"
-    #: Compile a known failure again although nothing changed (``--mlc-jit-retry-failed``).
-    retry_failed: bool = False
+    #: Where each option's value came from, for messages: ``{"device": "--mlc-device=cpu"}``.
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
     @property
     def effective_lock_timeout(self) -> float:
         return self.lock_timeout if self.lock_timeout is not None else self.compile_timeout + 300
 
-    def to_json(self) -> dict[str, Any]:
-        """A form that execnet can send to a worker."""
-        return {
-            "policy": self.policy.value,
-            "cache_dir": str(self.cache_dir) if self.cache_dir else None,
-            "compile_timeout": self.compile_timeout, "lock_timeout": self.lock_timeout,
-            "run_id": self.run_id,
-            "presence": {k: v.to_json() for k, v in self.presence.items()},
-            "devices": list(self.devices), "allow_untrusted": self.allow_untrusted,
-            "remote": self.remote, "remote_mode": self.remote_mode,
-            "remote_required": self.remote_required,
-            "compile_workers": self.compile_workers, "retry_failed": self.retry_failed,
-        }
+    @property
+    def device_origin(self) -> str:
+        """Where the devices came from, for messages: ``TVM_TEST_TARGETS=llvm;cuda`` when
+        TVM's variable chose them, else ``--mlc-device=cpu,cuda``."""
+        origin = self.origins.get("device", "")
+        return origin if origin.startswith("TVM_TEST_TARGETS=") else f"--mlc-device={self.device}"
+
+    # -- the hand-off to xdist workers --------------------------------------------------------
+    def to_json(self, *, workers: bool = False) -> dict[str, Any]:
+        """Plain data that execnet can send (``workers``: only what workers need)."""
+        data: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            row = field.metadata.get("option")
+            if workers and row is not None and not row.workers:
+                continue
+            data[field.name] = _plain(getattr(self, field.name))
+        data["presence"] = {k: v.to_json() for k, v in self.presence.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Settings:
-        return cls(
-            policy=Policy.parse(data["policy"]),
-            cache_dir=Path(data["cache_dir"]) if data["cache_dir"] else None,
-            compile_timeout=data["compile_timeout"], lock_timeout=data["lock_timeout"],
-            run_id=data["run_id"],
-            presence={k: Presence.from_json(v) for k, v in data["presence"].items()},
-            devices=tuple(data["devices"]), allow_untrusted=data["allow_untrusted"],
-            remote=data.get("remote"), remote_mode=data.get("remote_mode", "readwrite"),
-            remote_required=bool(data.get("remote_required")),
-            compile_workers=str(data.get("compile_workers") or "auto"),
-            retry_failed=bool(data.get("retry_failed")),
-        )
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                continue
+            value, row = data[field.name], field.metadata.get("option")
+            if field.name == "presence":
+                value = {k: Presence.from_json(v) for k, v in value.items()}
+            elif isinstance(value, list):
+                value = tuple(value)
+            elif row is not None and row.kind == "path" and value is not None:
+                value = Path(value)
+            values[field.name] = value
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Policy):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def rows() -> list[tuple[str, Option]]:
+    """The option table: ``(field name, row)`` in declaration order."""
+    return [(f.name, f.metadata["option"]) for f in dataclasses.fields(Settings)
+            if "option" in f.metadata]
+
+
+def default_of(name: str) -> Any:
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    return field.default
+
+
+#: ``name -> (text or value, where from)``: what a source holds for an option.
+Source = Callable[[str, Option], tuple[Any, str] | None]
+
+
+def resolve(*, cli: Source | None = None, ini: Source | None = None,
+            environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every option's value, command line > environment > ini > default, and where each
+    came from. ``cli`` gives a parsed value (argparse ran the row's parser), ``ini`` its
+    text (parsed here, naming the key); bad values raise ConfigError naming their source.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, row in rows():
+        found = _lookup(name, row, cli, ini, env)
+        if found is None:
+            values[name] = default_of(name)
+            continue
+        values[name], origins[name] = found
+    return values, origins
+
+
+def _lookup(name: str, row: Option, cli: Source | None, ini: Source | None,
+            env: Mapping[str, str]) -> tuple[Any, str] | None:
+    if cli is not None and (given := cli(name, row)) is not None:
+        return given
+    for var, parse in ((row.env, row.parse), row.env_fallback or (None, row.parse)):
+        if var and (text := env.get(var)):
+            value = parse(var, text)
+            if value is not None:
+                return value, f"{var}={text}"
+    if ini is not None and (given := ini(name, row)) is not None:
+        text, source = given
+        value = row.parse(source, text)
+        if value is not None:
+            return value, f"{source}={text}"
+    return None
+
+
+def from_environment(**overrides: Any) -> Settings:
+    """Settings from the environment and defaults alone (plain Python, the CLI)."""
+    values, origins = resolve()
+    values.update(overrides)
+    return Settings(**values, origins=origins)
+
+
+def check_rows() -> None:
+    """ConfigError if two rows share a flag, an ini key or an environment variable."""
+    seen: dict[str, str] = {}
+    for name, row in rows():
+        for key in (row.flag, row.ini, row.env):
+            if key is not None and seen.setdefault(key, name) != name:
+                raise ConfigError(f"options {seen[key]} and {name} both use {key}")

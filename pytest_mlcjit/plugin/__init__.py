@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_mlcjit.errors import CompileError, ConfigError, MlcJitError
 from pytest_mlcjit.plugin import options as opts
 from pytest_mlcjit.plugin import plan
-from pytest_mlcjit.errors import CompileError, ConfigError, MlcJitError
-from pytest_mlcjit.policy import Policy
 from pytest_mlcjit.plugin.session import (
     RunState,
     compile_log_key,
@@ -31,6 +30,7 @@ from pytest_mlcjit.plugin.session import (
     run_state,
     state_key,
 )
+from pytest_mlcjit.policy import Policy
 
 if TYPE_CHECKING:
     from pytest_mlcjit.device import Device
@@ -58,11 +58,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", marker)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "mlcjit" in workerinput:
-        state = RunState.from_worker_input(workerinput["mlcjit"],
-                                           prepare=bool(config.option.mlc_jit_prepare))
+        state = RunState.from_worker_input(workerinput["mlcjit"])
     else:
         try:
-            state = RunState(opts.resolve(config))
+            state = RunState(opts.resolve_settings(config))
         except MlcJitError as exc:
             raise pytest.UsageError(str(exc)) from None
         state.started = time.time()
@@ -149,11 +148,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         state.prefetcher.stop(interrupted=session.exitstatus == pytest.ExitCode.INTERRUPTED)
     if state.progress is not None:
         state.progress.stop()  # and removes this run's records from the board
-    elif state.engine_made and (not hasattr(config, "workeroutput")
-                                or state.options.progress == "off"):
-        from pytest_mlcjit.engine.activity import close
-
-        close()  # no display reads this process's record (a worker's: the controller's)
+    if state.engine_made:  # a worker's record stays for the controller's display to read
+        state.engine.close(keep_record=hasattr(config, "workeroutput")
+                           and state.options.progress != "off")
     if hasattr(config, "workeroutput"):
         if state.engine_made:
             config.workeroutput["mlcjit_stats"] = state.engine.stats.to_json()
@@ -175,8 +172,8 @@ def _start_progress(config: pytest.Config) -> None:
         return
     from pytest_mlcjit.plugin.progress import Progress
 
-    state.progress = Progress(terminalreporter, mode=state.options.progress,
-                              run_id=state.settings.run_id, board=state.progress_board())
+    state.progress = Progress(terminalreporter, state.settings, board=state.progress_board(),
+                              local=lambda: state.engine.board if state.engine_made else None)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -225,8 +222,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     from pytest_mlcjit.device import Device, Presence, device_for_target, parse_target
 
     state = metafunc.config.stash[state_key]
-    settings, option = state.settings, state.options.device_option
-    origin = state.options.device_origin or f"--mlc-device={option}"
+    settings = state.settings
+    origin = settings.device_origin
     target = plan.marker_target(definition)
     if target is not None:
         try:
@@ -364,7 +361,7 @@ def compiled_model(request: pytest.FixtureRequest, mlc_device: Device,
             raise
         from pytest_mlcjit.plugin.report import interruption
 
-        error = interruption(exc, info, mlc_jit.settings.run_id)
+        error = interruption(exc, info, mlc_jit.board)
         if isinstance(exc, KeyboardInterrupt):  # pytest stops the run and shows this line
             exc.args = (error.splitlines()[0],)
             raise

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mlcjit.errors import MlcJitError
 from pytest_mlcjit.cache.history import record_run
-from pytest_mlcjit.cache.layout import CONTROL_DIR, default_roots
+from pytest_mlcjit.cache.layout import control_dir, default_roots
+from pytest_mlcjit.errors import MlcJitError
 from pytest_mlcjit.plugin.session import RunState
 
 
@@ -30,17 +30,19 @@ def after_run(session: pytest.Session, state: RunState) -> None:
         return
     settings = state.settings
     roots = [r for r in default_roots(settings.cache_dir)
-             if (r / CONTROL_DIR).is_dir() and _trusted(r, settings.allow_untrusted)]
+             if control_dir(r).is_dir() and _trusted(r, settings.allow_untrusted)]
     started = state.started or time.time()
     if stats is not None and requests:
         data = stats.to_json()
         del data["libraries"], data["lock_wait_seconds"]  # one short line per run: totals
+        if not settings.remote:
+            del data["remote"]
         data["outcomes"] = {k: n for k, n in data["outcomes"].items() if n}
         record = {"time": time.time(), "started": started, "run_id": settings.run_id,
                   "policy": settings.policy.value, "devices": list(settings.devices),
                   "prepare": opts.prepare, "exitstatus": int(session.exitstatus), **data}
         for root in roots:
-            record_run(root, record)
+            record_run(root, record, state.warnings)
     if opts.max_size is None or config.option.collectonly:
         return
     from pytest_mlcjit.cache.manage import prune
@@ -48,7 +50,7 @@ def after_run(session: pytest.Session, state: RunState) -> None:
     for root in roots:
         try:
             state.pruned.append(prune(root, max_size=opts.max_size, protect=state.used,
-                                      protect_used_since=started))
+                                      protect_used_since=started, warnings=state.warnings))
         except (OSError, MlcJitError) as exc:
             state.pruned.append(f"pruning {root} failed: {exc}")
 
@@ -59,7 +61,7 @@ def _trusted(root: Path, allow_untrusted: bool) -> bool:
     from pytest_mlcjit.cache.trust import Trust
 
     try:
-        Trust(root, allow_untrusted=allow_untrusted).check_tree(root / CONTROL_DIR)
+        Trust(root, allow_untrusted=allow_untrusted).check_tree(control_dir(root))
     except (OSError, MlcJitError):
         return False
     return True

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-OUT_ENV = "PYTEST_MLCJIT_COLLECT_OUT"
-STATUS_ENV = "PYTEST_MLCJIT_COLLECT_STATUS"
+from pytest_mlcjit._util.collect import OUT_ENV, STATUS_ENV
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -20,13 +20,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_mlcjit.build.backends import backend_for
 from pytest_mlcjit.engine.jit import JIT
-from pytest_mlcjit.errors import MlcJitError
-from pytest_mlcjit.cache.locks import WAITS_CANCELLED
-from pytest_mlcjit.plugin.plan import make_plan, planned_key
-from pytest_mlcjit.build.launch import kill_all, killing_on_sigint
 from pytest_mlcjit.engine.schedule import expected_seconds, longest_first
+from pytest_mlcjit.errors import MlcJitError
+from pytest_mlcjit.plugin.plan import make_plan, planned_key
 
 if TYPE_CHECKING:
     from pytest_mlcjit.build.backends import BuildRequest
@@ -59,7 +56,7 @@ class Prefetcher:
         self.planned = len(reqs)
         if reqs:
             self._sigint = contextlib.ExitStack()
-            self._sigint.enter_context(killing_on_sigint())
+            self._sigint.enter_context(self.engine.interrupting_on_sigint())
             self._thread = threading.Thread(target=self._run, args=(reqs,),
                                             name="mlcjit-prefetch", daemon=True)
             self._thread.start()
@@ -70,7 +67,7 @@ class Prefetcher:
         expected = []
         for req in reqs:
             try:
-                expected.append(expected_seconds(req, backend_for(req.spec),
+                expected.append(expected_seconds(self.engine.query(req), req,
                                                  self.engine.store_for(req, policy)))
             except MlcJitError:
                 expected.append(None)
@@ -84,7 +81,7 @@ class Prefetcher:
                 self.engine.prefetch(req.spec, req.device)  # False: another compiles it
             except MlcJitError:
                 pass  # remembered for this run: the test that needs it reports it
-            except KeyboardInterrupt:  # stopped by an interrupt (runner.kill_all)
+            except KeyboardInterrupt:  # stopped by an interrupt (JIT.interrupt)
                 return
 
     def stop(self, *, interrupted: bool = False) -> None:
@@ -94,13 +91,10 @@ class Prefetcher:
         self._stop.set()
         self._sigint.close()
         if interrupted:
-            kill_all()
-        try:
-            if self._thread is not None:
-                self._thread.join(timeout=INTERRUPTED_JOIN_S if interrupted
-                                  else self.engine.settings.compile_timeout + 60)
-        finally:
-            WAITS_CANCELLED.clear()  # the next run in this process waits as usual
+            self.engine.interrupt()
+        if self._thread is not None:
+            self._thread.join(timeout=INTERRUPTED_JOIN_S if interrupted
+                              else self.engine.settings.compile_timeout + 60)
 
 
 def _writes(item: pytest.Item, engine: JIT) -> bool:

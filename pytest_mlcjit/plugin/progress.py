@@ -22,17 +22,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit.engine import activity
+from pytest_mlcjit.engine.activity import Board
+from pytest_mlcjit.engine.settings import Settings
 
-#: A job is shown once it has lasted this long (seconds).
+#: A job is shown once it has lasted this long, in seconds (by default; settable:
+#: ``mlc_jit_progress_delay``).
 LONG_S = 2.0
-#: How often the board is read (the status line shows whole seconds).
+#: How often the board is read (``mlc_jit_progress_interval``).
 POLL_S = 0.5
 #: At most one "still running" line this often, on a non-terminal.
 HEARTBEAT_S = 30.0
@@ -86,10 +90,16 @@ def holder(job: Mapping[str, Any], records: Iterable[Mapping[str, Any]], run_id:
     return f"locked by pid {owner.get('pid')} on {owner.get('host')}"
 
 
-def gather(run_id: str, board: Path | None, now: float) -> list[dict[str, Any]]:
-    """This run's jobs (this process's and, from the board, its workers'), each with a
-    ``key``, a ``label`` and, for a wait that is long, its ``holder``."""
-    own = activity.record()
+def _no_record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "worker": "main", "jobs": []}
+
+
+def gather(run_id: str, board: Path | None, now: float, local: Board | None = None,
+           long_s: float = LONG_S) -> list[dict[str, Any]]:
+    """This run's jobs (this process's, from ``local``, and, from the board, its
+    workers'), each with a ``key``, a ``label`` and, for a wait that is long, its
+    ``holder``."""
+    own = local.record() if local is not None else _no_record()
     records = activity.read_board(board) if board is not None else []
     others = [r for r in records
               if (r.get("pid"), r.get("host")) != (own["pid"], own["host"])]
@@ -101,7 +111,7 @@ def gather(run_id: str, board: Path | None, now: float) -> list[dict[str, Any]]:
             view = {**job, "key": (record.get("host"), record.get("pid"), job.get("id")),
                     "label": _label(record, job)}
             if job.get("kind") == "wait" and "ended" not in job and \
-                    now - job["started"] >= LONG_S:
+                    now - job["started"] >= long_s:
                 view["holder"] = holder(job, [own, *others], run_id)
             views.append(view)
     return views
@@ -328,19 +338,22 @@ def is_live(mode: str, terminalreporter: Any) -> bool:
 class Progress:
     """The display's thread: reads the jobs every :data:`POLL_S` seconds and shows them."""
 
-    def __init__(self, terminalreporter: Any, *, mode: str, run_id: str,
-                 board: str | None) -> None:
-        self.live = is_live(mode, terminalreporter)
-        self.run_id = run_id
+    def __init__(self, terminalreporter: Any, settings: Settings, *, board: str | None,
+                 local: Callable[[], Board | None] = lambda: None) -> None:
+        self.live = is_live(settings.progress, terminalreporter)
+        self.run_id = settings.run_id
         self.board = Path(board) if board else None
-        self.tracker = Tracker()
+        #: This process's own jobs (its engine's board, once it has an engine).
+        self.local = local
+        self.long_s, self.poll_s = settings.progress_delay, settings.progress_interval
+        self.tracker = Tracker(long_s=self.long_s)
         self.screen = Screen(terminalreporter._tw, live=self.live)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlcjit-progress", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
+        while not self._stop.wait(self.poll_s):
             try:
                 self.tick()
             except Exception as exc:  # never break the run over its display
@@ -349,7 +362,7 @@ class Progress:
 
     def tick(self) -> None:
         now = time.time()
-        views = gather(self.run_id, self.board, now)
+        views = gather(self.run_id, self.board, now, self.local(), self.long_s)
         if self.live:
             self.screen.draw(self.tracker.status(views, now))
         else:
@@ -367,7 +380,8 @@ class Progress:
             with contextlib.suppress(Exception):
                 self.tick()
         self.screen.close()
-        activity.close()
+        if (local := self.local()) is not None:
+            local.close()
         if self.board is not None:
             for record in activity.read_board(self.board):
                 if record.get("run_id") == self.run_id:

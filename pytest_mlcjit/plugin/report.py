@@ -10,11 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_mlcjit.errors import REMEMBERED_NOTE, CompileError
 from pytest_mlcjit.plugin.session import RunState
 from pytest_mlcjit.units import format_size, plural
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.engine.jit import Stats
+    from pytest_mlcjit.cache.store.tiered import RemoteStats
+    from pytest_mlcjit.engine.activity import Board
+    from pytest_mlcjit.engine.stats import Stats
 
 #: Lines of the compile log a failed test's report section shows.
 LOG_SECTION_LINES = 50
@@ -34,8 +37,8 @@ OUTCOME_WORDS = {
 
 def header_line(state: RunState) -> str:
     """The policy, the devices as probed, and the cache (probes the devices)."""
-    from pytest_mlcjit.device import Presence
     from pytest_mlcjit.cache.layout import default_cache_dir, mlc_llm_home
+    from pytest_mlcjit.device import Presence
 
     s = state.settings
     parts = []
@@ -54,7 +57,7 @@ def accounting_line(s: Stats) -> str:
     """``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s
     compiling, 52.10s waiting``: every non-zero outcome (they add up to the requests),
     then what the compiles and waits cost."""
-    from pytest_mlcjit.engine.jit import OUTCOMES
+    from pytest_mlcjit.engine.stats import OUTCOMES
 
     kinds = []
     for kind in OUTCOMES:
@@ -78,11 +81,11 @@ def accounting_line(s: Stats) -> str:
 def durations_lines(s: Stats, wanted: int | None) -> list[str]:
     """The slowest compiles, like ``--durations``: ``wanted`` of them (0: all); by
     default five, when one took over :data:`SLOW_COMPILE_S`."""
-    compiled = [r for r in s.library_records() if r["compiles"] or r["compile_failed"]]
+    compiled = [r for r in s.library_records() if r.compiles or r.compile_failed]
     if not compiled:
         return []
     if wanted is None:
-        if compiled[0]["compile_seconds"] <= SLOW_COMPILE_S:
+        if compiled[0].compile_seconds <= SLOW_COMPILE_S:
             return []
         wanted = DEFAULT_DURATIONS
     shown = compiled if wanted == 0 else compiled[:wanted]
@@ -90,12 +93,12 @@ def durations_lines(s: Stats, wanted: int | None) -> list[str]:
         f" ({len(shown)} of {len(compiled)}):"
     lines = [head]
     for r in shown:
-        what = r["spec"] or r["digest"][:12]
-        note = ", failed" if r["outcome"] == "failed" else (
-            ", ahead of time" if r["prefetched"] else "")
-        target = _target_words(r["target"])
-        lines.append(f"  {r['compile_seconds']:8.2f}s  {what} ({target}) on {r['worker']}"
-                     f"{note}  {r['digest'][:12]}")
+        what = r.spec or r.digest[:12]
+        note = ", failed" if r.outcome == "failed" else (
+            ", ahead of time" if r.prefetched else "")
+        target = _target_words(r.target)
+        lines.append(f"  {r.compile_seconds:8.2f}s  {what} ({target}) on {r.worker}"
+                     f"{note}  {r.digest[:12]}")
     return lines
 
 
@@ -105,24 +108,24 @@ def _target_words(target: Any) -> str:
     return describe_target(target)
 
 
-def remote_lines(remote: Mapping[str, Any], url: str | None) -> list[str]:
+def remote_lines(remote: RemoteStats, url: str | None) -> list[str]:
     """The remote tier's line (downloads, uploads, errors) and each of its warnings."""
-    if not url or not remote:
+    if not url:
         return []
     from pytest_mlcjit.cache.store.remote import redact_url
 
     parts = []
-    if remote.get("downloads"):
-        parts.append(f"{plural(remote['downloads'], 'download')} "
-                     f"({format_size(remote.get('download_bytes', 0))}, "
-                     f"{remote.get('download_seconds', 0.0):.2f}s)")
-    if remote.get("uploads"):
-        parts.append(f"{plural(remote['uploads'], 'upload')} "
-                     f"({format_size(remote.get('upload_bytes', 0))})")
-    if remote.get("errors"):
-        parts.append(plural(remote["errors"], "error"))
+    if remote.downloads:
+        parts.append(f"{plural(remote.downloads, 'download')} "
+                     f"({format_size(remote.download_bytes)}, "
+                     f"{remote.download_seconds:.2f}s)")
+    if remote.uploads:
+        parts.append(f"{plural(remote.uploads, 'upload')} "
+                     f"({format_size(remote.upload_bytes)})")
+    if remote.errors:
+        parts.append(plural(remote.errors, "error"))
     lines = [f"remote {redact_url(url)}: {', '.join(parts) or 'nothing transferred'}"]
-    return lines + [f"warning: {w}" for w in remote.get("warnings") or ()]
+    return lines + [f"warning: {w}" for w in remote.warnings]
 
 
 def summary_lines(state: RunState) -> list[str]:
@@ -171,16 +174,17 @@ def write_summary(terminalreporter: Any, state: RunState) -> None:
 def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
     """The run's accounting as plain data: ``requests``, ``outcomes`` (every kind, summing
     to ``requests``) and ``libraries`` (one record per library), merged across workers."""
-    from pytest_mlcjit.engine.jit import OUTCOMES, Stats
+    from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 
     s = state.stats() or Stats()
     settings = state.settings
     libraries = [{
-        "spec": r["spec"], "digest": r["digest"], "target": r["target"],
-        "outcome": r["outcome"], "requests": r["requests"],
-        "outcomes": {k: r["outcomes"].get(k, 0) for k in OUTCOMES},
-        "compile_seconds": r["compile_seconds"], "wait_seconds": r["wait_seconds"],
-        "size": r["size"], "worker": r["worker"], "prefetched": r["prefetched"],
+        "spec": r.spec, "digest": r.digest, "target": r.target,
+        "outcome": r.outcome, "requests": r.requests,
+        "outcomes": {k: r.outcomes.get(k, 0) for k in OUTCOMES},
+        "compile_seconds": round(r.compile_seconds, 3),
+        "wait_seconds": round(r.wait_seconds, 3),
+        "size": r.size, "worker": r.worker, "prefetched": r.prefetched,
     } for r in s.library_records()]
     return {
         "version": REPORT_VERSION, "run_id": settings.run_id, "policy": settings.policy.value,
@@ -210,9 +214,6 @@ def write_report(state: RunState, path: Path, *, exitstatus: int) -> str:
 _CAUSE_RE = re.compile(
     r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault|Failure|Timeout)\b.*"
     r"|(?:error|fatal error|ERROR|FATAL):.*)$")
-_LOG_RE = re.compile(r"^compile log: (.+)$", re.MULTILINE)
-_TAIL_MARK = "\n--- last lines of the log ---"
-_REMEMBERED = "(remembered from an earlier attempt in this run)"
 
 
 def _log_tail(path: str | None, lines: int = LOG_SECTION_LINES) -> list[str] | None:
@@ -234,30 +235,27 @@ def cause(log_lines: list[str], fallback: str) -> str:
     return fallback
 
 
-def compile_failure(exc: BaseException, model: str, target: str
+def compile_failure(exc: CompileError, model: str, target: str
                     ) -> tuple[str, tuple[str, str] | None]:
     """A failed compile's message, first line first for ``-rE``: the cause, then the model;
-    and the report section (title, the log's last lines), when the log is there."""
-    text = str(exc)
-    log = getattr(exc, "log_path", None)
-    if not log and (found := _LOG_RE.search(text)):
-        log = found.group(1).strip()
-    head = text.partition(_TAIL_MARK)[0]
-    first = head.splitlines()[0] if head else ""
-    why = first.partition(" failed: ")[2] or first or type(exc).__name__
-    tail = _log_tail(log)
+    and the report section (title, the log's last lines), when the log is there. Made from
+    the error's fields (its log, its cause, whether it was remembered)."""
+    head = exc.head()
+    why = exc.cause or (head.splitlines()[0] if head else type(exc).__name__)
+    tail = _log_tail(exc.log_path)
     lines = [f"{cause(tail or [], why)} (compiling {model} for {target})", head]
-    if _REMEMBERED in text and _REMEMBERED not in head:
-        lines.append(_REMEMBERED)
+    if exc.remembered:
+        lines.append(REMEMBERED_NOTE)
     section = None
     if tail is not None:
         lines.append(f'(the last {len(tail)} lines of its log are in the section '
                      f'"mlcjit compile log" below)')
-        section = (f"mlcjit compile log: {log} (last {len(tail)} lines)", "\n".join(tail))
+        section = (f"mlcjit compile log: {exc.log_path} (last {len(tail)} lines)",
+                   "\n".join(tail))
     return "\n".join(lines), section
 
 
-def interruption(exc: BaseException, info: Mapping[str, Any], run_id: str) -> str:
+def interruption(exc: BaseException, info: Mapping[str, Any], board: Board) -> str:
     """What a compile (or a wait for one) that pytest-timeout or Ctrl-C interrupted
     tells the reader: the model, how long it had run, what became of it, and the fix."""
     seconds = float(info.get("seconds") or 0)
@@ -269,12 +267,12 @@ def interruption(exc: BaseException, info: Mapping[str, Any], run_id: str) -> st
            "the test function: `timeout_func_only = true` in the ini file, or "
            "@pytest.mark.timeout(..., func_only=True).")
     if info.get("kind") == "wait":
-        from pytest_mlcjit.engine import activity
+        from pytest_mlcjit.engine.activity import read_board
         from pytest_mlcjit.plugin.progress import holder
 
-        board = activity.board_path()
-        records = [activity.record(), *(activity.read_board(board) if board else [])]
-        who = holder(info, records, run_id)
+        directory = board.path
+        records = [board.record(), *(read_board(directory) if directory else [])]
+        who = holder(info, records, str(board.run_id))
         return (f"{reason}interrupted after {seconds:.1f}s waiting for the compile of "
                 f"{what}, which goes on\nIt is {who}; it is cached when it ends.\n{fix}")
     return (f"{reason}interrupted while compiling {what} after {seconds:.1f}s; nothing was "

@@ -1,19 +1,24 @@
-"""This process's state of one pytest run, kept in ``config.stash``: the resolved options,
-then (made on first need) the device probe, the :class:`Settings` and the engine, and the
-statistics the xdist workers sent back."""
+"""This process's state of one pytest run, kept in ``config.stash``: the resolved settings,
+then (made on first need) the device probe and the engine, and what the xdist workers sent
+back. Everything a run sets lives here, so a second run in the same process (pytester)
+starts from nothing of the first.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_mlcjit.plugin.options import AUTO, Options
-from pytest_mlcjit.engine.settings import DEFAULT_COMPILE_TIMEOUT_S, Settings
+from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.engine.settings import Settings
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.engine.jit import JIT, Stats
+    from pytest_mlcjit.engine.jit import JIT
+    from pytest_mlcjit.engine.stats import Stats
     from pytest_mlcjit.plugin.prefetch import Prefetcher
     from pytest_mlcjit.plugin.progress import Progress
 
@@ -25,26 +30,34 @@ compile_log_key = pytest.StashKey[tuple[str, str]]()
 failure_line_key = pytest.StashKey[str]()
 
 
+def _pytest_warning(message: str) -> None:
+    """A write the cache can do without failed: a PytestWarning, as pytest's own
+    cacheprovider warns (shown in the warnings summary)."""
+    warnings.warn(pytest.PytestWarning(message), stacklevel=3)
+
+
 class RunState:
     """This process's view of the run.
 
     On the controller (or without xdist) the options are resolved at configure; the
-    device probe, the settings and the engine are made on first need: by a test that asks
-    for a model or a device, by the report header, or when the workers are started, which
-    receive the settings ready-made (``settings_json``).
+    device probe and the engine are made on first need: by a test that asks for a model
+    or a device, by the report header, or when the workers are started, which receive the
+    settings ready-made, probe included (``probed``).
     """
 
-    def __init__(self, options: Options, *, settings_json: Mapping[str, Any] | None = None,
+    def __init__(self, options: Settings, *, probed: bool = False,
                  board: str | None = None) -> None:
+        #: The resolved options (without the probe, unless ``probed``).
         self.options = options
-        self._settings_json = settings_json
-        #: The progress board this process's jobs are published on (None: the default).
+        self._settings: Settings | None = options if probed else None
+        #: The progress board this run's processes publish their jobs on (None: default).
         self.board = board
+        #: Writes the cache can do without that failed, said once per path in this run.
+        self.warnings = WriteWarnings(_pytest_warning)
         #: The live progress display (controller, or without xdist), once started.
         self.progress: Progress | None = None
         #: The JSON report written after the run (``--mlc-jit-report``), or why not.
         self.report_written: str | None = None
-        self._settings: Settings | None = None
         self._engine: JIT | None = None
         #: Statistics sent by the workers (controller only), merged with its own.
         self.worker_stats: list[Mapping[str, Any]] = []
@@ -61,34 +74,28 @@ class RunState:
 
     @property
     def settings(self) -> Settings:
+        """The settings, the devices probed (once)."""
         if self._settings is None:
-            if self._settings_json is not None:
-                self._settings = Settings.from_json(self._settings_json)
-            else:
-                from pytest_mlcjit.device import devices_to_probe, probe, resolve_auto
+            from pytest_mlcjit.device import devices_to_probe, probe, resolve_auto
 
-                opts = self.options
-                presence = probe(devices_to_probe(list(opts.devices)))
-                self._settings = Settings(
-                    policy=opts.policy, cache_dir=opts.cache_dir,
-                    compile_timeout=opts.compile_timeout or DEFAULT_COMPILE_TIMEOUT_S,
-                    lock_timeout=opts.lock_timeout, presence=presence,
-                    devices=tuple(resolve_auto(list(opts.devices), presence)),
-                    allow_untrusted=opts.allow_untrusted, remote=opts.remote,
-                    remote_mode=opts.remote_mode, remote_required=opts.remote_required,
-                    compile_workers=opts.compile_workers, retry_failed=opts.retry_failed,
-                )
+            names = ["auto"] if self.options.device == "auto" else \
+                self.options.device.split(",")
+            presence = probe(devices_to_probe(names))
+            self._settings = dataclasses.replace(
+                self.options, presence=presence, devices=tuple(resolve_auto(names, presence)))
         return self._settings
 
     @property
     def engine(self) -> JIT:
         if self._engine is None:
-            from pytest_mlcjit.engine import activity
+            from pytest_mlcjit.engine.activity import Board
             from pytest_mlcjit.engine.jit import JIT
 
-            self._engine = JIT(self.settings)
-            activity.configure(run_id=self.settings.run_id, worker=self.worker,
-                               board=self.board)
+            settings = self.settings
+            board = Board(run_id=settings.run_id, worker=self.worker,
+                          directory=self.progress_board(), publish=True,
+                          warnings=self.warnings)
+            self._engine = JIT(settings, board=board, warnings=self.warnings)
         return self._engine
 
     @property
@@ -99,7 +106,7 @@ class RunState:
         """This process's statistics merged with the workers'; None if none were kept."""
         if self._engine is None and not self.worker_stats:
             return None
-        from pytest_mlcjit.engine.jit import Stats
+        from pytest_mlcjit.engine.stats import Stats
 
         total = Stats()
         if self._engine is not None:
@@ -110,35 +117,16 @@ class RunState:
 
     # -- the xdist hand-off ---------------------------------------------------------------
     def worker_input(self) -> dict[str, Any]:
-        """What a worker needs: the settings (probing the devices once, here) and the
-        options, resolved."""
-        opts = self.options
-        return {"settings": self.settings.to_json(), "device_option": opts.device_option,
-                "prefetch": opts.prefetch, "max_size": opts.max_size,
-                "board": self.progress_board(), "progress": opts.progress,
-                "require_devices": opts.require_devices, "device_origin": opts.device_origin,
-                "shard": list(opts.shard) if opts.shard else None}
+        """What a worker needs: the settings (probing the devices once, here) and where the
+        run's jobs are published."""
+        return {"settings": self.settings.to_json(workers=True), "board": self.progress_board()}
 
     @classmethod
-    def from_worker_input(cls, data: Mapping[str, Any], *, prepare: bool) -> RunState:
-        settings = Settings.from_json(data["settings"])
-        options = Options(
-            policy=settings.policy, devices=settings.devices or (AUTO,),
-            device_option=data["device_option"], cache_dir=settings.cache_dir,
-            compile_timeout=settings.compile_timeout, lock_timeout=settings.lock_timeout,
-            allow_untrusted=settings.allow_untrusted, prefetch=data["prefetch"],
-            max_size=data["max_size"], prepare=prepare,
-            require_devices=bool(data.get("require_devices")),
-            device_origin=str(data.get("device_origin") or ""),
-            progress=str(data.get("progress") or "auto"),
-            remote=settings.remote, remote_mode=settings.remote_mode,
-            remote_required=settings.remote_required,
-            compile_workers=settings.compile_workers, retry_failed=settings.retry_failed,
-            shard=(int(data["shard"][0]), int(data["shard"][1])) if data.get("shard") else None)
-        return cls(options, settings_json=data["settings"], board=data.get("board"))
+    def from_worker_input(cls, data: Mapping[str, Any]) -> RunState:
+        return cls(Settings.from_json(data["settings"]), probed=True, board=data.get("board"))
 
     def progress_board(self) -> str | None:
-        """The board where this run's processes publish their jobs (:mod:`.activity`)."""
+        """The board where this run's processes publish their jobs (:mod:`..engine.activity`)."""
         if self.board is None:
             from pytest_mlcjit.engine.activity import default_board
 

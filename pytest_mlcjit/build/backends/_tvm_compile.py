@@ -1,6 +1,6 @@
-"""Subprocess entry point: ``python -m pytest_mlcjit.backends._tvm_compile request.json``.
+"""Child entry point: ``python -m pytest_mlcjit.build.backends._tvm_compile request.json``.
 
-Imports the factory (recording what it uses: :mod:`pytest_mlcjit.inputs`), builds the
+Imports the factory (recording what it uses: :mod:`pytest_mlcjit.inputs.record`), builds the
 Relax module, compiles it with ``tvm.compile`` and exports
 the library to the requested path, then writes ``meta.json`` (parameters, functions, the
 canonical target) beside it. Everything it prints goes to the entry's compile log.
@@ -172,7 +172,7 @@ def _compile(job: dict[str, Any], state: dict[str, Any]) -> int:
     import tvm
     from tvm import relax
 
-    from pytest_mlcjit.inputs import InputRecorder
+    from pytest_mlcjit.inputs.record import InputRecorder
 
     # What the factory really uses, from importing its module to returning the model
     # (the harness's own imports above are not the factory's).

@@ -11,9 +11,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.cache.layout import EntryPaths
+from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.device import Device, Presence, TargetJSON
 from pytest_mlcjit.errors import SpecError
-from pytest_mlcjit.cache.layout import EntryPaths
+from pytest_mlcjit.inputs.check import InputChecker
 
 #: Backend name (a spec's ``backend`` attribute) → ``module:class`` that implements it,
 #: imported on first use.
@@ -56,6 +59,10 @@ class BuildContext:
     writes: bool
     #: Whether a device is present (probed once per run).
     presence: Callable[[Device], Presence]
+    #: The run's input checker (hashes explicit input files once per run and stat).
+    checker: InputChecker = dataclasses.field(default_factory=InputChecker)
+    #: The run's write warnings (a key memo that cannot be kept is said once).
+    warnings: WriteWarnings = dataclasses.field(default_factory=WriteWarnings)
 
 
 class Backend(abc.ABC):
@@ -100,7 +107,7 @@ class Backend(abc.ABC):
         """Why an existing entry no longer fits ``req`` (its toolchain changed…), or None."""
         return None
 
-    def adopt(self, req: BuildRequest, paths: EntryPaths) -> dict[str, Any] | None:
+    def adopt(self, req: BuildRequest, paths: EntryPaths) -> Manifest | None:
         """A manifest for a library found without one (put there by another tool): raises
         CorruptEntryError unless it proves loadable; None if this backend adopts nothing."""
         return None

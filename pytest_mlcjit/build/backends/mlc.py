@@ -23,16 +23,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit._util.fs import WriteWarnings, write_json_atomic
+from pytest_mlcjit.build.backends.base import Backend, BuildContext, BuildRequest
+from pytest_mlcjit.build.launch import child_env
+from pytest_mlcjit.build.toolchain import tvm_fingerprint
 from pytest_mlcjit.cache import layout
-from pytest_mlcjit.device import Device
-from pytest_mlcjit.errors import CorruptEntryError, SpecError
-from pytest_mlcjit._util.fs import best_effort, remove_tree, write_json_atomic
-from pytest_mlcjit.key import canonical_json, file_sha256, sha256_digest, tvm_fingerprint
 from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.locks import flocked
-from pytest_mlcjit.build.launch import child_env
+from pytest_mlcjit.cache.manifest import Manifest
+from pytest_mlcjit.device import Device
+from pytest_mlcjit.errors import CorruptEntryError, SpecError
+from pytest_mlcjit.key import canonical_json, file_sha256, sha256_digest
 from pytest_mlcjit.spec import deferrable
-from pytest_mlcjit.build.backends.base import Backend, BuildContext, BuildRequest
 
 #: MLC's override fields, in the order its override string lists them.
 OVERRIDE_FIELDS = ("context_window_size", "sliding_window_size", "prefill_chunk_size",
@@ -223,32 +225,34 @@ class MLCModel:
         return data
 
 
-def _normalize(job: dict[str, Any], memo_dir: Path | None) -> dict[str, Any]:
+def _normalize(job: dict[str, Any], memo_dir: Path | None, warnings: WriteWarnings
+               ) -> dict[str, Any]:
     """Run :mod:`._mlc_key` for ``job``, memoized on disk (per run) under ``memo_dir``."""
     digest = sha256_digest(job)
     if memo_dir is None:
         return _run_key_script(job)
     memo = memo_dir / f"{digest}.json"
     if not memo_dir.is_dir():
-        _forget_old_runs(memo_dir.parent)
+        _forget_old_runs(memo_dir.parent, warnings)
         memo_dir.mkdir(parents=True, exist_ok=True)
     with flocked(memo_dir / f"{digest}.lock", timeout=KEY_SCRIPT_TIMEOUT_S + 60):
         with contextlib.suppress(OSError, ValueError):
             cached: dict[str, Any] = json.loads(memo.read_text(encoding="utf-8"))
             return cached
         result = _run_key_script(job)
-        with best_effort(memo, "keep the MLC key memo"):
+        with warnings.best_effort(memo, "keep the MLC key memo"):
             write_json_atomic(memo, result)
     return result
 
 
-def _forget_old_runs(memos: Path, max_age: float = 24 * 3600.0) -> None:
+def _forget_old_runs(memos: Path, warnings: WriteWarnings, max_age: float = 24 * 3600.0
+                     ) -> None:
     """Remove the key memos of runs that ended long ago (each run has its own folder)."""
     with contextlib.suppress(OSError):
         for run in memos.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - run.stat().st_mtime > max_age:
-                    remove_tree(run)
+                    warnings.remove_tree(run)
 
 
 def _run_key_script(job: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +291,7 @@ class MLCBackend(Backend):
         root = layout.backend_root("mlc", ctx.cache_dir)
         memo_dir = layout.mlc_key_memos(root, ctx.run_id) if ctx.writes else None
         norm = _normalize({"model_type": model_type, "model_config": model_config,
-                           "opt": spec.opt}, memo_dir)
+                           "opt": spec.opt}, memo_dir, ctx.warnings)
         if spec.target is not None:
             device_text, run_device = spec.target, Device("cpu")
         elif device is not None:
@@ -346,7 +350,7 @@ class MLCBackend(Backend):
                         f"installed is {part} {new.get('version')} ({new.get('commit')})")
         return None
 
-    def adopt(self, req: BuildRequest, paths: EntryPaths) -> dict[str, Any]:
+    def adopt(self, req: BuildRequest, paths: EntryPaths) -> Manifest:
         """A manifest for a library MLC itself put there, once it proves loadable."""
         check_loadable(paths.library)
         st = paths.library.stat()

@@ -9,24 +9,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit.build.backends.base import Backend, BuildContext, BuildRequest
+from pytest_mlcjit.build.toolchain import host_fingerprint, nvcc_version, tvm_fingerprint
+from pytest_mlcjit.cache.layout import EntryPaths, tvm_entry
 from pytest_mlcjit.device import Device, TargetJSON, device_for_target, target_for, target_kind
 from pytest_mlcjit.errors import SpecError
-from pytest_mlcjit.inputs import (
-    expand_files,
-    explicit_inputs_digest,
-    import_root,
-    local_import_closure,
-)
-from pytest_mlcjit.key import (
-    CACHE_FORMAT,
-    host_fingerprint,
-    nvcc_version,
-    sha256_digest,
-    tvm_fingerprint,
-)
-from pytest_mlcjit.cache.layout import EntryPaths, tvm_entry
+from pytest_mlcjit.inputs.closure import import_root, local_import_closure
+from pytest_mlcjit.inputs.explicit import expand_files, explicit_inputs_digest
+from pytest_mlcjit.key import CACHE_FORMAT, sha256_digest
 from pytest_mlcjit.spec import TVMModel
-from pytest_mlcjit.build.backends.base import Backend, BuildContext, BuildRequest
 
 
 def toolchain(target: TargetJSON | str) -> dict[str, Any]:
@@ -60,7 +51,8 @@ class TVMBackend(Backend):
         if spec.files:
             found = importlib.util.find_spec(module)  # exists: source_digest found it
             module_dir = Path(str(found.origin if found else base)).parent
-            explicit = explicit_inputs_digest(expand_files(spec.files, module_dir), base)
+            explicit = explicit_inputs_digest(expand_files(spec.files, module_dir), base,
+                                              checker=ctx.checker)
         key: dict[str, Any] = {
             "format": CACHE_FORMAT,
             "backend": "tvm",

@@ -13,21 +13,21 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit.cache import layout
 from pytest_mlcjit.cache.layout import (
     BACKEND_DIRS,
-    CONTROL_DIR,
     DIGEST_RE,
     MANIFEST_SUFFIX,
     EntryPaths,
     usage_file,
 )
 from pytest_mlcjit.cache.locks import is_key_locked, try_key_lock
-from pytest_mlcjit.cache.manifest import MAX_TIME, read_manifest_file
-from pytest_mlcjit.cache.store import LocalStore
+from pytest_mlcjit.cache.manifest import MAX_TIME, Manifest, read_manifest_file
+from pytest_mlcjit.cache.store.local import LocalStore
 
 
 @dataclasses.dataclass
@@ -49,18 +49,23 @@ class Entry:
     size: int = 0
     #: Bytes of every file of the entry (library, manifest, log), as found by :func:`scan`.
     disk_size: int = 0
-    _loaded: tuple[dict[str, Any] | None, str | None] | None = dataclasses.field(
+    _loaded: tuple[Manifest | None, str | None] | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False)
 
-    def load(self) -> tuple[dict[str, Any] | None, str | None]:
+    def load(self) -> tuple[Manifest | None, str | None]:
         """``(manifest, error)``: the parsed manifest, or why it is unusable (read once)."""
         if self._loaded is None:
             self._loaded = read_manifest_file(self.manifest_path, self.digest)
         return self._loaded
 
     @property
-    def manifest(self) -> dict[str, Any] | None:
+    def manifest(self) -> Manifest | None:
         return self.load()[0]
+
+    @property
+    def fields(self) -> Mapping[str, Any]:
+        """The manifest's fields (none if it is missing or unusable), for display."""
+        return self.manifest or {}
 
     @property
     def manifest_path(self) -> Path:
@@ -82,20 +87,20 @@ class Entry:
     def lock_digest(self) -> str:
         """The digest whose lock guards this entry: its key's (``key_digest``: one key may
         have several entries, one per input state), else its own."""
-        key_digest = (self.manifest or {}).get("key_digest")
+        key_digest = self.fields.get("key_digest")
         return key_digest if isinstance(key_digest, str) else self.digest
 
     @property
     def paths(self) -> EntryPaths:
         library = self.library
         if library is None:
-            name = (self.manifest or {}).get("library") or f"{self.digest}.so"
+            name = self.fields.get("library") or f"{self.digest}.so"
             library = self.manifest_path.parent / str(name)
         return EntryPaths(self.digest, library)
 
     def _number(self, field: str) -> float | None:
         """A numeric manifest field, None if absent or not a number."""
-        value = (self.manifest or {}).get(field)
+        value = self.fields.get(field)
         return float(value) if isinstance(value, int | float) else None
 
     @property
@@ -121,12 +126,12 @@ class Entry:
 
     @property
     def key(self) -> dict[str, Any]:
-        key = (self.manifest or {}).get("key")
+        key = self.fields.get("key")
         return key if isinstance(key, dict) else {}
 
     @property
     def model(self) -> str:
-        key, manifest = self.key, self.manifest or {}
+        key, manifest = self.key, self.fields
         if self.backend == "tvm" and "factory" in key:
             return f"{key['factory']} {json.dumps(key.get('config', {}), sort_keys=True)}"
         if self.backend == "mlc" and key:
@@ -139,7 +144,7 @@ class Entry:
 
     @property
     def target(self) -> str:
-        key, manifest = self.key, self.manifest or {}
+        key, manifest = self.key, self.fields
         target = key.get("target", manifest.get("target", key.get("device")))
         if target is None:
             return "?"
@@ -151,19 +156,19 @@ class Entry:
 
     @property
     def toolchain(self) -> Any:
-        manifest = self.manifest or {}
+        manifest = self.fields
         return manifest.get("toolchain") or self.key.get("toolchain")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "root": str(self.root), "backend": self.backend, "digest": self.digest,
-            "key_digest": str((self.manifest or {}).get("key_digest") or self.digest),
+            "key_digest": str(self.fields.get("key_digest") or self.digest),
             "state": self.state, "model": self.model, "target": self.target,
             "library": str(self.library) if self.library else None,
             "size": self.size, "disk_size": self.disk_size, "created": self.created,
             "last_used": self.last_used, "recency": self.recency,
             "compile_seconds": self.compile_seconds, "toolchain": self.toolchain,
-            "adopted": bool((self.manifest or {}).get("adopted")),
+            "adopted": bool(self.fields.get("adopted")),
         }
 
 
@@ -171,7 +176,7 @@ def variants_size(root: Path) -> int:
     """The bytes of the input-state records (``<dir>/variants/*.json``) under ``root``."""
     total = 0
     for subdir, _ in BACKEND_DIRS:
-        with contextlib.suppress(OSError), os.scandir(root / subdir / "variants") as it:
+        with contextlib.suppress(OSError), os.scandir(layout.variants_dir(root, subdir)) as it:
             total += sum(_entry_size(d) for d in it)
     return total
 
@@ -209,7 +214,7 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
     base = Path(root).expanduser().absolute()
     entries: list[Entry] = []
     for subdir, backend in BACKEND_DIRS:
-        directory = base / subdir
+        directory = layout.backend_dir(base, subdir)
         try:
             with os.scandir(directory) as it:
                 found = {d.name: d for d in it}
@@ -234,7 +239,7 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
                           disk_size=sum(_entry_size(found[n]) for n in (*group, *extra)))
             candidates = [n for n in group if n not in (manifest_name, f"{digest}.log")]
             if len(candidates) > 1:  # the manifest names it
-                named = (entry.manifest or {}).get("library")
+                named = entry.fields.get("library")
                 candidates = [named] if named in candidates else candidates
             if candidates:
                 entry.library_name = candidates[0]
@@ -306,8 +311,8 @@ def disk_usage(root: Path) -> DiskUsage:
     """What the cache stores under ``root``, by kind (see :class:`DiskUsage`)."""
     usage = DiskUsage()
     for subdir, _ in BACKEND_DIRS:
-        usage.entries += tree_size(root / subdir)
-    control = root / CONTROL_DIR
+        usage.entries += tree_size(layout.backend_dir(root, subdir))
+    control = layout.control_dir(root)
     for name in _names(control):
         size = tree_size(control / name)
         if name in ("quarantine", "failed", "staging"):
@@ -343,7 +348,7 @@ def entry_locked(entry: Entry) -> bool:
 
 
 def open_store(root: Path) -> LocalStore:
-    """A writable Cache over an existing root; management never loads a library, so the
+    """A writable store over an existing root; management never loads a library, so the
     ownership check that guards loading does not apply."""
-    return LocalStore(root, writable=True, allow_untrusted=True)
+    return LocalStore(root, allow_untrusted=True).open_for_writing()
 

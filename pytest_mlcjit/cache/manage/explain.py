@@ -1,29 +1,15 @@
-"""The pieces of ``pytest-mlcjit key`` and ``explain`` that need no pytest: the CI cache
-key over a run's requests, and a miss explained as a diff against the nearest entry."""
+"""The pieces of ``pytest-mlcjit explain`` that read the cache: a miss explained as a diff
+against the nearest entry, and how a READONLY run would find an entry."""
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pytest_mlcjit.errors import CorruptEntryError
-from pytest_mlcjit.cache.store import LocalStore
 from pytest_mlcjit.cache.manage.entries import Entry
-
-
-def cache_key(requests: Sequence[Mapping[str, Any]]) -> str:
-    """The CI cache key of a test suite: the SHA-256 of the toolchain and of every distinct
-    library it requests (each request's digest and toolchain; the digests of TVM entries
-    already cover the toolchain, MLC's MD5 does not), and of the local source files each
-    is known to depend on (``sources``: a factory's local imports, read not run)."""
-    from pytest_mlcjit.key import CACHE_FORMAT, sha256_digest, tvm_fingerprint
-
-    libraries = sorted({json.dumps([r["digest"], r.get("toolchain"), r.get("sources") or []],
-                                   sort_keys=True) for r in requests})
-    return sha256_digest({"format": CACHE_FORMAT, "tvm": tvm_fingerprint(),
-                          "libraries": libraries})
+from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.errors import CorruptEntryError
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -75,7 +61,7 @@ def entry_status(entries: Iterable[Entry], digest: str, stale: Any = None) -> st
         if entry.manifest is None:
             return f"corrupt: {entry.manifest_error or 'the library is missing'}"
         try:
-            LocalStore(entry.root, writable=False, allow_untrusted=True).verify(
+            LocalStore(entry.root, allow_untrusted=True).verify(
                 entry.paths, entry.manifest)
         except CorruptEntryError as exc:
             return f"corrupt: {exc}"

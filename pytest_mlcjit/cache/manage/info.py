@@ -6,17 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit.cache.history import read_runs
-from pytest_mlcjit.cache.layout import CONTROL_DIR, STAGING_LOCK_SUFFIX
+from pytest_mlcjit.cache.layout import STAGING_LOCK_SUFFIX, staging_dir
 from pytest_mlcjit.cache.manage.entries import disk_usage, scan, variants_size
 from pytest_mlcjit.cache.manage.prune import failure_records, list_dir, quarantined
 
 
-def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
-    """What a root holds: entries per backend, sizes, the toolchains seen, recent runs."""
-    from pytest_mlcjit.key import canonical_json, tvm_fingerprint
+def info(root: Path, *, runs: int = 5, installed_tvm: Any = None) -> dict[str, Any]:
+    """What a root holds: entries per backend, sizes, the toolchains seen (whether each is
+    ``installed_tvm``, the TVM fingerprint installed here), recent runs."""
+    from pytest_mlcjit.key import canonical_json
 
     entries = scan(root)
-    installed_tvm = tvm_fingerprint()
     toolchains: dict[str, dict[str, Any]] = {}
     for entry in entries:
         chain = entry.toolchain
@@ -31,7 +31,6 @@ def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
     for entry in entries:
         backends[entry.backend] = backends.get(entry.backend, 0) + 1
     quarantine = quarantined(root)
-    control = root / CONTROL_DIR
     usage = disk_usage(root)
     return {
         "root": str(root),
@@ -43,7 +42,7 @@ def info(root: Path, *, runs: int = 5) -> dict[str, Any]:
         "unmanaged": sum(e.state == "unmanaged" for e in entries),
         "quarantined": len(quarantine),
         "quarantine_size": sum(size for _, _, size in quarantine),
-        "staging": len([p for p in list_dir(control / "staging")
+        "staging": len([p for p in list_dir(staging_dir(root))
                         if not p.name.endswith(STAGING_LOCK_SUFFIX)]),
         "staging_size": usage.staging,
         "failed": len(failure_records(root)),

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit.errors import MlcJitError
-from pytest_mlcjit._util.fs import best_effort, remove_tree
-from pytest_mlcjit.cache.layout import BACKEND_DIRS, CONTROL_DIR, DIGEST_RE, RUNS_FILE
+from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.cache import layout
+from pytest_mlcjit.cache.layout import BACKEND_DIRS, DIGEST_RE
 from pytest_mlcjit.cache.locks import (
     MISSING,
     is_key_locked,
@@ -40,6 +40,7 @@ from pytest_mlcjit.cache.manage.entries import (
     scan,
     tree_size,
 )
+from pytest_mlcjit.errors import MlcJitError
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ def quarantined(root: Path) -> list[tuple[float, Path, int]]:
     """``(time quarantined, dir, bytes)`` of each quarantined entry, oldest first."""
     found = []
     try:
-        dirs = list((root / CONTROL_DIR / "quarantine").iterdir())
+        dirs = list(layout.quarantine_dir(root).iterdir())
     except OSError:
         return []
     for path in dirs:
@@ -102,7 +103,7 @@ def failure_records(root: Path) -> dict[str, list[Path]]:
     """The files of each remembered failure (``.mlcjit/failed/<key>.json`` and ``.log``,
     and temporary files), by key digest."""
     found: dict[str, list[Path]] = {}
-    for path in list_dir(root / CONTROL_DIR / "failed"):
+    for path in list_dir(layout.control_subdir(root, "failed")):
         stem = path.name.lstrip(".").split(".", 1)[0]
         found.setdefault(stem if DIGEST_RE.fullmatch(stem) else path.name, []).append(path)
     return found
@@ -140,7 +141,8 @@ def read_failures(root: Path) -> list[dict[str, Any]]:
 def prune(root: Path, *, max_size: int | None = None, older_than: float | None = None,
           keep_last_used: int | None = None, protect: Iterable[str] = (),
           protect_used_since: float | None = None, dry_run: bool = False,
-          now: float | None = None, failed: bool = False) -> PruneResult:
+          now: float | None = None, failed: bool = False,
+          warnings: WriteWarnings | None = None) -> PruneResult:
     """Evict least recently used entries (by the cache's own usage records).
 
     An entry goes if it is older than ``older_than`` seconds, or beyond the
@@ -154,11 +156,12 @@ def prune(root: Path, *, max_size: int | None = None, older_than: float | None =
     is being compiled now). ``total_after`` is measured on disk afterwards.
     """
     result = PruneResult(root, max_size=max_size, dry_run=dry_run)
-    if not (root / CONTROL_DIR).is_dir() and not any((root / d).is_dir()
-                                                    for d, _ in BACKEND_DIRS):
+    if not layout.control_dir(root).is_dir() and not any(
+            layout.backend_dir(root, d).is_dir() for d, _ in BACKEND_DIRS):
         return result
-    pruner = _Pruner(result, time.time() if now is None else now, older_than, set(protect),
-                     protect_used_since)
+    pruner = _Pruner(result, now=time.time() if now is None else now, older_than=older_than,
+                     protected=set(protect), protect_used_since=protect_used_since,
+                     warnings=warnings or WriteWarnings())
     pruner.failed = failed
     entries = scan(root)  # most recent first
     doomed: list[Entry] = []
@@ -191,8 +194,10 @@ def prune(root: Path, *, max_size: int | None = None, older_than: float | None =
 class _Pruner:
     """The steps of :func:`prune`, keeping count of what the cache still stores."""
 
-    def __init__(self, result: PruneResult, now: float, older_than: float | None,
-                 protected: set[str], protect_used_since: float | None) -> None:
+    def __init__(self, result: PruneResult, *, now: float, older_than: float | None,
+                 protected: set[str], protect_used_since: float | None,
+                 warnings: WriteWarnings) -> None:
+        self.warnings = warnings
         self.result, self.now, self.older_than = result, now, older_than
         self.protected, self.protect_used_since = protected, protect_used_since
         self.root = result.root
@@ -227,7 +232,7 @@ class _Pruner:
                 continue  # being compiled again now
             if not self.result.dry_run:
                 for path in files:
-                    with best_effort(path, "remove the failure record"):
+                    with self.warnings.best_effort(path, "remove the failure record"):
                         path.unlink(missing_ok=True)
             self.result.failures_removed.append(key)
             self.total -= sum(tree_size(p) for p in files)
@@ -261,7 +266,7 @@ def remove_free_locks(root: Path, *, keep: Iterable[str] = ()) -> int:
     every taker checks that the file it locked is still the one named (see
     :mod:`..locks`), so no lock is ever split in two."""
     kept = set(keep)
-    locks = root / CONTROL_DIR / "locks"
+    locks = layout.control_subdir(root, "locks")
     removed = 0
     for path in list_dir(locks):
         stem = path.name.split(".", 1)[0]
@@ -297,23 +302,25 @@ class ClearResult:
                 "kept_locked": [e.digest for e in self.kept_locked]}
 
 
-def _remove_variants(root: Path, result: ClearResult) -> None:
+def _remove_variants(root: Path, result: ClearResult, warnings: WriteWarnings) -> None:
     """The input-state records of every key, unless a key is being compiled now."""
     if result.kept_locked:
         return
     for subdir, _ in BACKEND_DIRS:
-        remove_tree(root / subdir / "variants")
+        warnings.remove_tree(layout.variants_dir(root, subdir))
 
 
-def clear(root: Path, *, dry_run: bool = False) -> ClearResult:
+def clear(root: Path, *, dry_run: bool = False,
+          warnings: WriteWarnings | None = None) -> ClearResult:
     """Remove every entry (except one being compiled now), the quarantine, the failure
     records, usage records, key memos, compile-time memos, abandoned staging dirs, the
     run history and the lock files nobody holds. Only files the cache made are touched
     (an MLC home's weights and configs stay)."""
     result = ClearResult(root, dry_run=dry_run)
+    warnings = warnings or WriteWarnings()
     if not root.is_dir():
         return result
-    control = root / CONTROL_DIR
+    control = layout.control_dir(root)
     for entry in scan(root):
         if dry_run:
             busy = entry_locked(entry)
@@ -333,17 +340,17 @@ def clear(root: Path, *, dry_run: bool = False) -> ClearResult:
         return result
     locked = {e.lock_digest for e in result.kept_locked} | {e.digest for e in result.kept_locked}
     for sub in ("failed", "usage", "timings"):
-        for path in list_dir(control / sub):
+        for path in list_dir(layout.control_subdir(root, sub)):
             if path.name.lstrip(".").split(".", 1)[0] not in locked:
                 result.freed += tree_size(path)
-                with best_effort(path, "remove"):
+                with warnings.best_effort(path, "remove"):
                     path.unlink(missing_ok=True)
-    remove_tree(control / "mlckeys")
-    _remove_variants(root, result)
+    warnings.remove_tree(layout.mlc_key_memos(root))
+    _remove_variants(root, result, warnings)
     with contextlib.suppress(FileNotFoundError):
-        (control / RUNS_FILE).unlink()
+        layout.runs_file(root).unlink()
     with contextlib.suppress(OSError, MlcJitError):
-        remove_if_free(control / "runs.lock")
+        remove_if_free(layout.runs_lock(root))
     open_store(root).clean_staging()
     remove_free_locks(root, keep=locked)
     return result

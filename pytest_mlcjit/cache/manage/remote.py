@@ -7,23 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pytest_mlcjit.errors import ConfigError
-from pytest_mlcjit.cache.store.remote import Remote, RemoteEntry, open_remote
-from pytest_mlcjit.cache.store.tiered import ENV_SIGNING_KEY, signing_key_from_env
-
-ENV_REMOTE = "MLC_JIT_REMOTE"
-
-
-def open_for_cli(url: str | None) -> Remote:
-    """The remote named by ``--remote`` or ``$MLC_JIT_REMOTE`` (signed with
-    ``$MLC_JIT_REMOTE_SIGNING_KEY`` when set); ConfigError if neither names one."""
-    import os
-
-    url = url or os.environ.get(ENV_REMOTE)
-    if not url:
-        raise ConfigError(f"no remote: pass --remote s3://bucket/prefix (or file:///path), or "
-                          f"set {ENV_REMOTE}")
-    return open_remote(url, signing_key=signing_key_from_env())
+from pytest_mlcjit.cache.store.remote.base import Remote, RemoteEntry
+from pytest_mlcjit.cache.store.remote.signing import ENV_SIGNING_KEY
 
 
 def describe_entry(entry: RemoteEntry) -> dict[str, Any]:

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit.errors import ConfigError, CorruptEntryError
 from pytest_mlcjit.cache.layout import usage_file
-from pytest_mlcjit.cache.store import LocalStore
 from pytest_mlcjit.cache.manage.entries import Entry, hold_entry, open_store, scan
+from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.errors import ConfigError, CorruptEntryError
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ def verify(root: Path, *, fix: bool = False) -> VerifyResult:
     """Check every entry's size and SHA-256 against its manifest. ``fix`` moves corrupt
     entries to ``.mlcjit/quarantine`` (under their lock; a locked one is left alone)."""
     result = VerifyResult(root)
-    checker = LocalStore(root, writable=False, allow_untrusted=True)
+    checker = LocalStore(root, allow_untrusted=True)
     for entry in scan(root):
         state = entry.state
         if state == "unmanaged":

@@ -1,50 +1,88 @@
-"""Where libraries are kept: the local tier (:class:`LocalStore`), and behind the same
-:class:`Store` interface, further tiers.
+"""Where libraries are kept: every tier behind one interface (:class:`.interface.Store`).
 
-The engine's protocol (lookup → lock → re-check → build → publish) talks to a store only
-through :class:`Store`, so a second tier can sit behind it without the engine knowing
-where the bytes came from.
+* :mod:`.interface`: the seam: ``Store``, ``EntryQuery``, the typed lookup results;
+* :mod:`.local`: one cache root on this machine (with :mod:`.staging`, :mod:`.records`);
+* :mod:`.readonly`: the read-only view of a store (READONLY);
+* :mod:`.tiered`: the local store, then a remote (download, backfill, upload, failures);
+* :mod:`.remote`: the remotes themselves, one adapter per kind (``s3``, ``file``).
+
+:class:`Stores` makes the stores of one run; the engine asks it for the store of a
+request (its cache root, and whether its policy writes) and holds nothing else.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import threading
 from pathlib import Path
-from typing import Any, Protocol
 
-from pytest_mlcjit.cache.layout import EntryPaths
+from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.cache.store.interface import Store
 from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.cache.store.readonly import ReadOnlyStore
+from pytest_mlcjit.cache.store.remote import RemoteOptions
+from pytest_mlcjit.cache.store.tiered import RemoteStats, RemoteTier, TieredStore
+from pytest_mlcjit.inputs.check import InputChecker
 
 
-class Store(Protocol):
-    """What the engine needs of a cache."""
+class Stores:
+    """The stores of one run: one per cache root and kind (taking writes or not), sharing
+    the run's remote tier (opened on first use), write warnings and input checker."""
 
-    root: Path
-    writable: bool
+    def __init__(self, *, allow_untrusted: bool = False, warnings: WriteWarnings | None = None,
+                 checker: InputChecker | None = None, remote: str | None = None,
+                 remote_mode: str = "readwrite", remote_required: bool = False,
+                 remote_options: RemoteOptions | None = None,
+                 remote_stats: RemoteStats | None = None) -> None:
+        self.allow_untrusted = allow_untrusted
+        self.warnings = warnings or WriteWarnings()
+        self.checker = checker or InputChecker()
+        self._remote_args = (remote, remote_mode, remote_required, remote_options)
+        self._remote_stats = remote_stats
+        self._tier: RemoteTier | None = None
+        self._stores: dict[tuple[Path, bool], Store] = {}
+        self._lock = threading.RLock()
 
-    def read_manifest(self, paths: EntryPaths) -> dict[str, Any] | None: ...
-    def verify(self, paths: EntryPaths, manifest: dict[str, Any]) -> dict[str, Any]: ...
-    def is_verified(self, paths: EntryPaths) -> bool: ...
-    def lock(self, digest: str, timeout: float,
-             what: str = "") -> AbstractContextManager[float]: ...
-    def new_staging_dir(self, digest: str, parent: Path | None = None) -> Path: ...
-    def remove_staging(self, path: Path) -> None: ...
-    def clean_staging(self, *, where: Path | None = None) -> list[Path]: ...
-    def publish(self, staging_library: Path, staging_log: Path | None, paths: EntryPaths,
-                manifest: dict[str, Any]) -> dict[str, Any]: ...
-    def write_manifest(self, paths: EntryPaths, manifest: dict[str, Any]) -> None: ...
-    def quarantine(self, paths: EntryPaths, reason: str, *,
-                   remove: bool = False) -> Path | None: ...
-    def record_use(self, digest: str) -> None: ...
-    def record_failure(self, digest: str, run_id: str, message: str, *,
-                       known: dict[str, Any] | None = None) -> None: ...
-    def read_failure(self, digest: str, run_id: str) -> str | None: ...
-    def read_known_failure(self, digest: str) -> dict[str, Any] | None: ...
-    def forget_failure(self, digest: str) -> None: ...
-    def failure_paths(self, digest: str) -> tuple[Path, Path]: ...
-    def read_variants(self, entry_dir: Path, key_digest: str) -> list[dict[str, Any]]: ...
-    def add_variant(self, entry_dir: Path, key_digest: str,
-                    variant: dict[str, Any]) -> None: ...
+    def get(self, root: Path, *, writes: bool) -> Store:
+        """The store of ``root`` for a request whose policy writes (or not)."""
+        with self._lock:
+            store = self._stores.get((root, writes))
+            if store is None:
+                store = self._stores[(root, writes)] = self._open(root, writes)
+            return store
+
+    def _open(self, root: Path, writes: bool) -> Store:
+        local = LocalStore(root, allow_untrusted=self.allow_untrusted, warnings=self.warnings,
+                           checker=self.checker)
+        store: Store
+        if writes:
+            store = local.open_for_writing()
+        else:
+            if local.root.exists():
+                local.check_trusted()
+            store = ReadOnlyStore(local)
+        tier = self.tier()
+        return store if tier is None else TieredStore(store, tier, checker=self.checker)
+
+    def tier(self) -> RemoteTier | None:
+        """The run's remote tier, opened on first use; None without one."""
+        url, mode, required, options = self._remote_args
+        if url is None:
+            return None
+        with self._lock:
+            if self._tier is None:
+                self._tier = RemoteTier(url, mode=mode, required=required, options=options,
+                                        stats=self._remote_stats)
+            return self._tier
+
+    @property
+    def remote_stats(self) -> RemoteStats | None:
+        """What the remote did in this run, once it was opened."""
+        return None if self._tier is None else self._tier.stats
+
+    def close(self) -> None:
+        """The run is over: remove its private downloads."""
+        if self._tier is not None:
+            self._tier.close()
 
 
-__all__ = ["LocalStore", "Store"]
+__all__ = ["LocalStore", "ReadOnlyStore", "Store", "Stores", "TieredStore"]

@@ -1,22 +1,26 @@
-"""The remote tier as the engine sees it: which remote entry a request selects, its
-download, the upload of a fresh entry, and what to do when the remote fails.
+"""Two tiers as one store: the local cache first, then a remote shared by many machines.
 
-The local cache stays the first tier; this one is asked on a local miss (under the key's
-lock, so one process per machine downloads or uploads an entry), and told of each local
-compile. Failure policy, as sccache and ccache users asked for it:
+:class:`TieredStore` is a :class:`.interface.Store`: a lookup is the local one; after a
+local miss, :meth:`~TieredStore.fetch` asks the remote (under the key's lock when the local
+store takes writes, so one process per machine downloads an entry), checks what it
+downloads, and publishes it locally with the same atomic publish as a compile (or, over a
+read-only local store, keeps it in a private directory of the run); a publish goes to the
+local cache, then is uploaded. The engine does not know the remote is there.
+
+:class:`RemoteTier` is the run's remote: the adapter (:mod:`.remote`), the statistics and
+the failure policy, as sccache and ccache users asked for it:
 
 * authentication and permission errors always fail the request (they are never a miss);
 * any other error (connection, timeout, throttling, server error) fails the request with
   ``--mlc-jit-remote-required``; otherwise it is reported once, the remote is marked down
-  for the rest of the process, and the library is compiled locally;
+  for the rest of the run, and the library is compiled locally;
 * a remote object whose digest or signature is wrong is reported and never loaded.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import os
+import dataclasses
 import shutil
 import tempfile
 import threading
@@ -24,86 +28,96 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.cache.layout import EntryPaths
-from pytest_mlcjit.cache.store.remote import (
-    SIGNATURE_FIELD,
-    Remote,
+from pytest_mlcjit.cache.manifest import Manifest
+from pytest_mlcjit.cache.store.interface import (
+    MISSING,
+    EntryQuery,
+    Hit,
+    Job,
+    KnownFailure,
+    Lookup,
+    Store,
+    no_job,
+)
+from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions, open_remote
+from pytest_mlcjit.cache.store.remote.base import RemoteEntry
+from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD
+from pytest_mlcjit.errors import (
+    CompileError,
     RemoteAuthError,
-    RemoteEntry,
     RemoteError,
     RemoteIntegrityError,
-    open_remote,
 )
+from pytest_mlcjit.inputs.check import InputChecker, changes_since
 
-if TYPE_CHECKING:
-    from pytest_mlcjit.build.backends import Backend, BuildRequest
-    from pytest_mlcjit.cache.store import Store
-
-#: The environment variable holding the secret that signs (and checks) remote manifests.
-ENV_SIGNING_KEY = "MLC_JIT_REMOTE_SIGNING_KEY"
 REMOTE_MODES = ("read", "readwrite")
-#: Bounded waits on the remote (seconds; each can be set in the environment) and the
-#: retries of a failed request (throttling, server errors).
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 60.0
-ENV_CONNECT_TIMEOUT = "MLC_JIT_REMOTE_CONNECT_TIMEOUT"
-ENV_READ_TIMEOUT = "MLC_JIT_REMOTE_READ_TIMEOUT"
-RETRIES = 2
-
-
-def _seconds_from_env(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"invalid {name} {text!r}: expected a positive number of seconds")
-    return value
 #: Manifest fields a download does not carry over: the local publish writes its own.
 _LOCAL_FIELDS = ("digest", "library", "sha256", "size", "log", SIGNATURE_FIELD)
 
 
-def signing_key_from_env() -> bytes | None:
-    value = os.environ.get(ENV_SIGNING_KEY)
-    return value.encode("utf-8") if value else None
+@dataclasses.dataclass
+class RemoteStats:
+    """What the remote did in a run (merged across xdist workers on the controller)."""
+
+    downloads: int = 0
+    download_bytes: int = 0
+    download_seconds: float = 0.0
+    uploads: int = 0
+    upload_bytes: int = 0
+    errors: int = 0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def merge(self, other: Mapping[str, Any]) -> None:
+        """Add another process's :meth:`to_json`."""
+        for field in dataclasses.fields(self):
+            value = other.get(field.name)
+            if field.name == "warnings":
+                self.warnings += [w for w in value or () if w not in self.warnings]
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                setattr(self, field.name, getattr(self, field.name) + value)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class RemoteTier:
-    """One remote (``--mlc-jit-remote``) for one process; thread-safe."""
+    """One remote for one run: the adapter, the failure policy and the statistics;
+    thread-safe. ``mode`` ``read`` never uploads."""
 
     def __init__(self, url: str, *, mode: str = "readwrite", required: bool = False,
-                 signing_key: bytes | None = None, remote: Remote | None = None) -> None:
+                 options: RemoteOptions | None = None, remote: Remote | None = None,
+                 stats: RemoteStats | None = None) -> None:
         self.mode = mode
         self.required = required
-        self.remote = remote or open_remote(
-            url, signing_key=signing_key, retries=RETRIES,
-            connect_timeout=_seconds_from_env(ENV_CONNECT_TIMEOUT, CONNECT_TIMEOUT_S),
-            read_timeout=_seconds_from_env(ENV_READ_TIMEOUT, READ_TIMEOUT_S))
+        self.remote = remote or open_remote(url, options)
         self.url = self.remote.url
-        #: Why the remote is down for the rest of this process (None: usable).
+        #: Why the remote is down for the rest of this run (None: usable).
         self.down: str | None = None
-        self.stats: dict[str, Any] = {"downloads": 0, "download_bytes": 0,
-                                      "download_seconds": 0.0, "uploads": 0,
-                                      "upload_bytes": 0, "errors": 0, "warnings": []}
+        self.stats = stats if stats is not None else RemoteStats()
         self._lock = threading.Lock()
-        self._private: dict[str, tuple[EntryPaths, dict[str, Any]]] = {}
+        self._private: dict[str, Hit] = {}
         self._private_dir: Path | None = None
 
     @property
     def writes(self) -> bool:
         return self.mode == "readwrite"
 
-    # -- failures ------------------------------------------------------------------------
-    def _warn(self, message: str) -> None:
+    def close(self) -> None:
+        """Remove the run's private downloads (those of a read-only local store)."""
         with self._lock:
-            if message not in self.stats["warnings"]:
-                self.stats["warnings"].append(message)
+            private, self._private_dir = self._private_dir, None
+            self._private.clear()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+    # -- failures ------------------------------------------------------------------------
+    def warn(self, message: str) -> None:
+        with self._lock:
+            if message not in self.stats.warnings:
+                self.stats.warnings.append(message)
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
@@ -112,45 +126,59 @@ class RemoteTier:
             yield
         except RemoteIntegrityError as exc:
             with self._lock:
-                self.stats["errors"] += 1
-            self._warn(f"{what}: {exc} (not loaded)")
+                self.stats.errors += 1
+            self.warn(f"{what}: {exc} (not loaded)")
             if self.required:
                 raise
         except RemoteAuthError:
             with self._lock:
-                self.stats["errors"] += 1
+                self.stats.errors += 1
             raise
         except RemoteError as exc:
             with self._lock:
-                self.stats["errors"] += 1
+                self.stats.errors += 1
                 self.down = self.down or str(exc)
             if self.required:
                 raise
-            self._warn(f"remote {self.url} failed while {what}: {exc}; it is not used for the "
-                       "rest of this process (pass --mlc-jit-remote-required to fail instead)")
+            self.warn(f"remote {self.url} failed while {what}: {exc}; it is not used for the "
+                      "rest of this run (pass --mlc-jit-remote-required to fail instead)")
 
     # -- reading -------------------------------------------------------------------------
-    def select(self, req: BuildRequest, backend: Backend,
-               fits: Callable[[Mapping[str, Any]], bool]) -> RemoteEntry | None:
-        """The newest usable remote entry of ``req``'s key for which ``fits(manifest)`` is
-        true (its recorded inputs are unchanged here, its toolchain is current), or None.
+    def fits(self, query: EntryQuery, checker: InputChecker
+             ) -> Callable[[Mapping[str, Any]], bool]:
+        """Whether a remote manifest fits ``query`` here: the recorded-inputs rule exactly
+        as for local entries (its inputs are unchanged here), and a current toolchain."""
+        base = query.inputs_base()
+
+        def fits(manifest: Mapping[str, Any]) -> bool:
+            if query.stale(manifest) is not None:
+                return False
+            if base is None:
+                return manifest.get("digest") == query.digest
+            return changes_since(manifest.get("inputs"), base, checker) == []
+
+        return fits
+
+    def select(self, query: EntryQuery, fits: Callable[[Mapping[str, Any]], bool]
+               ) -> RemoteEntry | None:
+        """The newest usable remote entry of ``query``'s key that ``fits``, or None.
         Entries with a problem (a bad or missing signature, a malformed manifest) are
         reported and skipped."""
         if self.down is not None:
             return None
         found: list[RemoteEntry] = []
-        with self.guard(f"listing the entries of key {req.digest}"):
-            found = self.remote.list_manifests(req.digest)
+        with self.guard(f"listing the entries of key {query.digest}"):
+            found = self.remote.list_manifests(query.digest)
         usable = []
         for entry in found:
             if entry.problem is not None:
-                self._warn(f"refused a remote entry of {req.describe}: {entry.problem}")
+                self.warn(f"refused a remote entry of {query.describe}: {entry.problem}")
             elif entry.manifest is not None and fits(entry.manifest):
                 usable.append(entry)
         usable.sort(key=lambda e: -(e.created or 0.0))
         return usable[0] if usable else None
 
-    def download(self, entry: RemoteEntry, dest: Path) -> dict[str, Any] | None:
+    def download(self, entry: RemoteEntry, dest: Path) -> Manifest | None:
         """Download ``entry``'s library to ``dest`` (checked against its size and SHA-256
         before this returns); its manifest as the local cache keeps it, or None if the
         download failed (reported)."""
@@ -165,116 +193,152 @@ class RemoteTier:
                 dest.unlink()
             return None
         with self._lock:
-            self.stats["downloads"] += 1
-            self.stats["download_bytes"] += int(entry.manifest["size"])
-            self.stats["download_seconds"] += time.monotonic() - t0
-        manifest = {k: v for k, v in entry.manifest.items() if k not in _LOCAL_FIELDS}
+            self.stats.downloads += 1
+            self.stats.download_bytes += int(entry.manifest["size"])
+            self.stats.download_seconds += time.monotonic() - t0
+        manifest: dict[str, Any] = {k: v for k, v in entry.manifest.items()
+                                    if k not in _LOCAL_FIELDS}
         manifest["remote"] = entry.location
-        return manifest
+        return manifest  # type: ignore[return-value] # the local publish fills the rest
 
-        # -- the engine's two uses ----------------------------------------------------------
-    def fits(self, req: BuildRequest, backend: Backend) -> Callable[[Mapping[str, Any]], bool]:
-        """Whether a remote manifest fits ``req`` here: the recorded-inputs rule exactly as
-        for local entries (its inputs are unchanged here), and a current toolchain."""
-        from pytest_mlcjit.inputs import changes_since
-
-        base = backend.inputs_base(req)
-
-        def fits(manifest: Mapping[str, Any]) -> bool:
-            if backend.stale(req, manifest) is not None:
-                return False
-            if base is None:
-                return manifest.get("digest") == req.digest
-            return changes_since(manifest.get("inputs"), base) == []
-
-        return fits
-
-    def pull(self, req: BuildRequest, backend: Backend, store: Store,
-             job: Callable[[], AbstractContextManager[Any]]
-             ) -> tuple[EntryPaths, dict[str, Any]] | None:
-        """On a local miss, under the key's lock: the remote entry that fits ``req``,
-        downloaded into a staging directory, checked, and published into ``store`` with the
-        same atomic publish as a compile; None if the remote has none (or failed)."""
-        entry = self.select(req, backend, self.fits(req, backend))
-        if entry is None:
-            return None
-        staging = store.new_staging_dir(req.digest)
-        try:
-            with job():
-                manifest = self.download(entry, staging / "library")
-            if manifest is None:
-                return None
-            variant = entry.entry_digest != req.digest
-            paths = backend.locate(req, store.root, entry.entry_digest if variant else None)
-            if variant:  # listed first, as a compile's entry is (JIT._publish)
-                store.add_variant(paths.library.parent, req.digest, {
-                    "entry": paths.digest, "inputs": manifest.get("inputs"),
-                    "created": manifest.get("created") or time.time()})
-            published = store.publish(staging / "library", None, paths, manifest)
-        finally:
-            store.remove_staging(staging)
-        return paths, published
-
-    def pull_private(self, req: BuildRequest, backend: Backend,
-                     job: Callable[[], AbstractContextManager[Any]]
-                     ) -> tuple[EntryPaths, dict[str, Any]] | None:
-        """For READONLY, which writes to no cache: the remote entry that fits ``req``,
-        downloaded into this process's private temporary directory (so a read-only cache
-        directory still works); None if there is none."""
-        with self._lock:
-            found = self._private.get(req.digest)
-        if found is not None and found[0].library.is_file() and self.fits(req, backend)(
-                found[1]):
-            return found
-        entry = self.select(req, backend, self.fits(req, backend))
-        if entry is None or entry.manifest is None:
-            return None
-        variant = entry.entry_digest != req.digest
-        paths = backend.locate(req, self._private_root(), entry.entry_digest if variant
-                               else None)
-        paths.library.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            paths.library.unlink()
-        with job():
-            manifest = self.download(entry, paths.library)
-        if manifest is None:
-            return None
-        manifest = {**manifest, "digest": entry.manifest["digest"],
-                    "sha256": entry.manifest["sha256"], "size": entry.manifest["size"]}
-        with self._lock:
-            self._private[req.digest] = (paths, manifest)
-        return paths, manifest
-
-    def _private_root(self) -> Path:
+    def private_root(self) -> Path:
         with self._lock:
             if self._private_dir is None:
                 self._private_dir = Path(tempfile.mkdtemp(prefix="mlcjit-remote-"))
-                atexit.register(shutil.rmtree, self._private_dir, True)
             return self._private_dir
 
     # -- writing -------------------------------------------------------------------------
-    def upload(self, req: BuildRequest, entry_digest: str, library: Path,
-               manifest: Mapping[str, Any], *, replace: bool) -> bool:
+    def upload(self, query: EntryQuery, hit: Hit, *, replace: bool) -> bool:
         """Upload a freshly published local entry (``readwrite`` only); ``replace`` for
-        REDO. True if this process published it."""
+        REDO. True if this run published it."""
         if not self.writes or self.down is not None:
             return False
-        body = {k: v for k, v in manifest.items() if k not in ("log", "remote")}
+        body = {k: v for k, v in hit.manifest.items() if k not in ("log", "remote")}
         done = False
-        with self.guard(f"uploading {req.describe}"):
-            done = self.remote.upload(req.digest, entry_digest, library, body, replace=replace)
+        with self.guard(f"uploading {query.describe}"):
+            done = self.remote.upload(query.digest, hit.paths.digest, hit.paths.library, body,
+                                      replace=replace)
         if done:
             with self._lock:
-                self.stats["uploads"] += 1
-                self.stats["upload_bytes"] += int(manifest["size"])
+                self.stats.uploads += 1
+                self.stats.upload_bytes += int(hit.manifest["size"])
         return done
 
 
-def merge_remote_stats(total: dict[str, Any], other: Mapping[str, Any]) -> None:
-    """Add another process's remote statistics to ``total``."""
-    for name, value in other.items():
-        if name == "warnings":
-            total.setdefault("warnings", [])
-            total["warnings"] += [w for w in value if w not in total["warnings"]]
-        elif isinstance(value, int | float):
-            total[name] = total.get(name, 0) + value
+class TieredStore:
+    """The local store, then ``tier``: a :class:`.interface.Store` (see the module doc)."""
+
+    def __init__(self, local: Store, tier: RemoteTier, *, checker: InputChecker) -> None:
+        self.local = local
+        self.tier = tier
+        self.root = local.root
+        self.checker = checker
+
+    def __repr__(self) -> str:
+        return f"TieredStore({self.local!r}, {self.tier.url!r})"
+
+    @property
+    def writable(self) -> bool:
+        return self.local.writable
+
+    def lookup(self, query: EntryQuery, *, redo_run: str | None = None) -> Lookup:
+        return self.local.lookup(query, redo_run=redo_run)
+
+    def fetch(self, query: EntryQuery, *, job: Job = no_job) -> Lookup:
+        if self.local.writable:
+            return self._pull(query, job)
+        return self._pull_private(query, job)
+
+    def _pull(self, query: EntryQuery, job: Job) -> Lookup:
+        """Under the key's lock: the remote entry that fits, downloaded into a staging
+        directory, checked, and published locally."""
+        entry = self.tier.select(query, self.tier.fits(query, self.checker))
+        if entry is None:
+            return MISSING
+        staging = self.local.new_staging_dir(query.digest)
+        try:
+            with job("download"):
+                manifest = self.tier.download(entry, staging / "library")
+            if manifest is None:
+                return MISSING
+            hit = self.local.publish(query, staging / "library", None, manifest)
+        finally:
+            self.local.remove_staging(staging)
+        return Hit(hit.paths, hit.manifest, "remote")
+
+    def _pull_private(self, query: EntryQuery, job: Job) -> Lookup:
+        """Over a read-only local store (READONLY): the remote entry that fits, downloaded
+        into the run's private directory (so a read-only cache directory still works)."""
+        with self.tier._lock:
+            found = self.tier._private.get(query.digest)
+        fits = self.tier.fits(query, self.checker)
+        if found is not None and found.paths.library.is_file() and fits(found.manifest):
+            return found
+        entry = self.tier.select(query, fits)
+        if entry is None or entry.manifest is None:
+            return MISSING
+        variant = entry.entry_digest != query.digest
+        paths = query.locate(self.tier.private_root(),
+                             entry.entry_digest if variant else None)
+        paths.library.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            paths.library.unlink()
+        with job("download"):
+            manifest = self.tier.download(entry, paths.library)
+        if manifest is None:
+            return MISSING
+        complete: Manifest = {**manifest, "digest": entry.manifest["digest"],
+                              "sha256": entry.manifest["sha256"],
+                              "size": entry.manifest["size"]}
+        hit = Hit(paths, complete, "remote")
+        with self.tier._lock:
+            self.tier._private[query.digest] = hit
+        return hit
+
+    def publish(self, query: EntryQuery, library: Path, log: Path | None,
+                manifest: Manifest, *, replace: bool = False) -> Hit:
+        hit = self.local.publish(query, library, log, manifest, replace=replace)
+        self.tier.upload(query, hit, replace=replace)
+        return hit
+
+    # -- the rest is the local store's -----------------------------------------------------
+    def lock(self, digest: str, timeout: float, what: str = "", *,
+             cancelled: threading.Event | None = None) -> AbstractContextManager[float]:
+        return self.local.lock(digest, timeout, what, cancelled=cancelled)
+
+    def new_staging_dir(self, digest: str, parent: Path | None = None) -> Path:
+        return self.local.new_staging_dir(digest, parent)
+
+    def remove_staging(self, path: Path) -> None:
+        self.local.remove_staging(path)
+
+    def clean_staging(self, *, where: Path | None = None) -> list[Path]:
+        return self.local.clean_staging(where=where)
+
+    def quarantine(self, paths: EntryPaths, reason: str) -> Path | None:
+        return self.local.quarantine(paths, reason)
+
+    def is_verified(self, paths: EntryPaths) -> bool:
+        return self.local.is_verified(paths)
+
+    def record_use(self, digest: str) -> None:
+        self.local.record_use(digest)
+
+    def record_failure(self, digest: str, run_id: str, error: CompileError, *,
+                       known: Mapping[str, Any] | None = None) -> None:
+        self.local.record_failure(digest, run_id, error, known=known)
+
+    def read_failure(self, digest: str, run_id: str) -> CompileError | None:
+        return self.local.read_failure(digest, run_id)
+
+    def read_known_failure(self, digest: str) -> KnownFailure | None:
+        return self.local.read_known_failure(digest)
+
+    def failure_log(self, digest: str) -> Path:
+        return self.local.failure_log(digest)
+
+    def record_time(self, spec_digest: str, key_digest: str, seconds: float) -> None:
+        self.local.record_time(spec_digest, key_digest, seconds)
+
+    def recorded_time(self, query: EntryQuery, spec_digest: str) -> float | None:
+        return self.local.recorded_time(query, spec_digest)

@@ -1,0 +1,138 @@
+"""Value parsers of the option table (:mod:`.settings`): each takes where the value came
+from (``--mlc-jit-timeout``, ``ini mlc_jit_timeout``, ``MLC_JIT_POLICY``) and its text, and
+returns the value or raises :class:`ConfigError` naming the source, the bad value and the
+valid ones. A parser that returns None means "not set here" (the next source is asked).
+
+Cheap to import: what a parser needs beyond the standard library is imported when it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pytest_mlcjit.errors import ConfigError
+from pytest_mlcjit.policy import Policy
+
+Parse = Callable[[str, str], Any]
+
+
+def seconds(source: str, text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):  # also rejects NaN
+        raise ConfigError(f"invalid {source} {text!r}: expected a positive number of seconds")
+    return value
+
+
+def choice(*valid: str) -> Parse:
+    """One of ``valid``, case-insensitive."""
+
+    def parse(source: str, text: str) -> str:
+        value = str(text).strip().lower()
+        if value not in valid:
+            raise ConfigError(f"invalid {source} {text!r}: expected one of {', '.join(valid)}")
+        return value
+
+    return parse
+
+
+def truth(source: str, text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"invalid {source} {text!r}: expected true or false")
+
+
+def count(source: str, text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"invalid {source} {text!r}: expected a whole number, 0 or more")
+    return value
+
+
+def size(source: str, text: str) -> int:
+    from pytest_mlcjit.units import parse_size
+
+    return parse_size(text, what=source)
+
+
+def policy(source: str, text: str) -> Policy:
+    return Policy.parse(text, source=source)
+
+
+def path(what: str) -> Parse:
+    """A path (``~`` expanded), made absolute against the working directory; not empty."""
+
+    def parse(source: str, text: str) -> Path:
+        if not str(text).strip():
+            raise ConfigError(f"invalid {source} {text!r}: expected {what}")
+        return Path(text).expanduser().absolute()
+
+    return parse
+
+
+def devices(source: str, text: str) -> str:
+    """A comma-separated device list (``auto``, ``cpu``, ``cuda:1``…), normalized."""
+    from pytest_mlcjit.device import parse_device_list
+
+    return ",".join(parse_device_list(text))
+
+
+def tvm_targets(source: str, text: str) -> str | None:
+    """``TVM_TEST_TARGETS`` (``llvm;cuda``, as TVM's own suite selects its targets) as a
+    device list; None when it names no device this plugin runs on."""
+    from pytest_mlcjit.device import devices_from_tvm_targets
+
+    names = devices_from_tvm_targets(text.strip()) if text.strip() else []
+    return ",".join(names) if names else None
+
+
+def shard(source: str, text: str) -> tuple[int, int]:
+    """``I/N`` → ``(I, N)`` with 1 <= I <= N."""
+    index, sep, total = str(text).strip().partition("/")
+    try:
+        i, n = int(index), int(total)
+    except ValueError:
+        i = n = 0
+    if not sep or not 1 <= i <= n:
+        raise ConfigError(f"invalid {source} {text!r}: expected I/N with 1 <= I <= N, for "
+                          "example 2/4")
+    return i, n
+
+
+def remote_url(source: str, text: str) -> str:
+    """A remote URL of a kind the cache has an adapter for (and, for ``s3://``, boto3
+    installed)."""
+    from pytest_mlcjit.cache.store.remote import parse_remote_url
+
+    try:
+        url = parse_remote_url(text)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid {source}: {exc}") from None
+    if url.scheme == "s3":
+        from pytest_mlcjit.cache.store.remote.s3 import require_boto3
+
+        require_boto3()
+    return text
+
+
+def compile_workers(source: str, text: str) -> str:
+    value: str = choice("auto", "on", "off")(source, text)
+    if value == "on":
+        from pytest_mlcjit.build.warm.client import supported
+
+        if not supported():
+            raise ConfigError(f"{source}=on: pre-warmed compile workers need Linux (fork and "
+                              "descriptor passing); use auto or off")
+    return value

@@ -1,0 +1,193 @@
+"""The accounting of a run: every request counted once, by what became of it; every
+compile, wait and download; one record per library. Counted in each process, merged on
+the xdist controller, shown in the summary and the JSON report, kept in the run history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pytest_mlcjit.cache.store.tiered import RemoteStats
+
+Outcome = Literal["hit", "remote_hit", "compiled", "waited", "failed", "missed"]
+#: What became of a request; each request is counted as exactly one of these.
+#: ``hit``: found in the local cache; ``remote_hit``: fetched from a remote tier;
+#: ``compiled``: compiled by this request; ``waited``: found after waiting for another's
+#: compile (another process's, or this process's prefetch); ``failed``: an error;
+#: ``missed``: not cached, and the policy (READONLY, OFF) does not compile.
+OUTCOMES: tuple[Outcome, ...] = ("hit", "remote_hit", "compiled", "waited", "failed", "missed")
+
+
+@dataclasses.dataclass
+class LibraryStats:
+    """What happened to one library (one key) in a run."""
+
+    digest: str
+    spec: str = ""
+    target: Any = None
+    requests: int = 0
+    outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
+    compiles: int = 0
+    compile_failed: bool = False
+    prefetched: bool = False
+    compile_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    size: int | None = None
+    #: The process that compiled it (or tried to), else the one that asked first.
+    worker: str = ""
+
+    @property
+    def outcome(self) -> str:
+        """What became of the library in the run, from its requests and compiles."""
+        if self.compile_failed or self.outcomes.get("failed"):
+            return "failed"
+        if self.compiles:
+            return "compiled"
+        for kind in ("missed", "remote_hit", "waited", "hit"):
+            if self.outcomes.get(kind):
+                return kind
+        return "hit"
+
+    def merge(self, theirs: LibraryStats) -> None:
+        for name in ("requests", "compiles", "compile_seconds", "wait_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(theirs, name))
+        for kind, n in theirs.outcomes.items():
+            self.outcomes[kind] = self.outcomes.get(kind, 0) + n
+        self.compile_failed = self.compile_failed or theirs.compile_failed
+        self.prefetched = self.prefetched or theirs.prefetched
+        if theirs.compiles or (theirs.compile_failed and not self.compiles):
+            self.worker = theirs.worker or self.worker
+        if self.size is None:
+            self.size = theirs.size
+        self.spec = self.spec or theirs.spec
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "outcomes": dict(self.outcomes)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LibraryStats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        known["outcomes"] = dict(known.get("outcomes") or {})
+        return cls(**known)
+
+
+@dataclasses.dataclass
+class Stats:
+    """The accounting of one process, merged across xdist workers on the controller.
+
+    Every request (a test's, or a :meth:`JIT.compile` call; not a prefetch) is counted
+    once, in ``outcomes``, so they sum to ``requests``. Compiles are counted apart
+    (``compiles``, of which ``prefetched`` ahead of time), since a prefetch compile is no
+    request. ``wait_seconds`` is the time requests spent waiting for another's compile (a
+    key's lock, or this process's prefetch). ``libraries``: one record per key digest.
+    """
+
+    requests: int = 0
+    outcomes: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    #: Libraries compiled (successfully) by this process: for requests and ahead of time.
+    compiles: int = 0
+    #: Of ``compiles``, those done ahead of time by background prefetch.
+    prefetched: int = 0
+    #: Time spent compiling, failed compiles included.
+    compile_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    bytes_compiled: int = 0
+    corrupt: int = 0
+    libraries: dict[str, LibraryStats] = dataclasses.field(default_factory=dict)
+    #: What the remote tier did (downloads, bytes, seconds, uploads, errors, warnings).
+    remote: RemoteStats = dataclasses.field(default_factory=RemoteStats)
+
+    # -- the older names (run history, benchmarks) --------------------------------------
+    @property
+    def hits(self) -> int:
+        """Requests served from a cache without compiling (hit, remote_hit, waited)."""
+        return sum(self.outcomes.get(k, 0) for k in ("hit", "remote_hit", "waited"))
+
+    @property
+    def failures(self) -> int:
+        return self.outcomes.get("failed", 0)
+
+    @property
+    def lock_wait_seconds(self) -> float:
+        return self.wait_seconds
+
+    # -- counting ---------------------------------------------------------------------------
+    def library(self, digest: str, *, spec: str = "", target: Any = None,
+                worker: str = "") -> LibraryStats:
+        """The record of one library (made on first use)."""
+        lib = self.libraries.get(digest)
+        if lib is None:
+            lib = self.libraries[digest] = LibraryStats(digest, spec=spec, target=target,
+                                                        worker=worker)
+        return lib
+
+    def count(self, outcome: Outcome, *, wait_seconds: float = 0.0,
+              lib: LibraryStats | None = None, size: int | None = None) -> None:
+        """Count one request's outcome (and its wait) in the totals and its library."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self.requests += 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.wait_seconds += wait_seconds
+        if lib is not None:
+            lib.requests += 1
+            lib.outcomes[outcome] = lib.outcomes.get(outcome, 0) + 1
+            lib.wait_seconds += wait_seconds
+            if size is not None:
+                lib.size = size
+
+    def compiled(self, lib: LibraryStats, *, seconds: float, ok: bool, background: bool,
+                 worker: str, size: int | None = None) -> None:
+        """Count one compile (``ok``: published; else failed or interrupted)."""
+        self.compile_seconds += seconds
+        lib.compile_seconds += seconds
+        lib.worker = worker
+        if ok:
+            self.compiles += 1
+            self.prefetched += background
+            self.bytes_compiled += size or 0
+            lib.compiles += 1
+            lib.prefetched = lib.prefetched or background
+            lib.size = size
+        else:
+            lib.compile_failed = True
+
+    # -- merging and reporting ----------------------------------------------------------
+    def merge(self, other: Mapping[str, Any]) -> None:
+        """Add another process's :meth:`to_json`."""
+        for name in ("requests", "compiles", "prefetched", "compile_seconds", "wait_seconds",
+                     "bytes_compiled", "corrupt"):
+            setattr(self, name, getattr(self, name) + other.get(name, 0))
+        for kind, n in (other.get("outcomes") or {}).items():
+            self.outcomes[kind] = self.outcomes.get(kind, 0) + n
+        self.remote.merge(other.get("remote") or {})
+        for data in other.get("libraries") or ():
+            theirs = LibraryStats.from_json(data)
+            mine = self.libraries.get(theirs.digest)
+            if mine is None:
+                self.libraries[theirs.digest] = theirs
+            else:
+                mine.merge(theirs)
+
+    def library_records(self) -> list[LibraryStats]:
+        """One record per library, slowest compile first."""
+        return sorted(self.libraries.values(),
+                      key=lambda r: (-r.compile_seconds, r.spec, r.digest))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data: what a worker sends its controller, and what the run history keeps
+        (with the older names ``hits``, ``failures`` and ``lock_wait_seconds``)."""
+        return {
+            "requests": self.requests, "outcomes": dict(self.outcomes),
+            "compiles": self.compiles, "prefetched": self.prefetched,
+            "compile_seconds": self.compile_seconds, "wait_seconds": self.wait_seconds,
+            "bytes_compiled": self.bytes_compiled, "corrupt": self.corrupt,
+            "libraries": [lib.to_json() for lib in self.libraries.values()],
+            "remote": self.remote.to_json(),
+            "hits": self.hits, "failures": self.failures,
+            "lock_wait_seconds": self.lock_wait_seconds,
+        }
