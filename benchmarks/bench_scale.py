@@ -126,7 +126,7 @@ def synthesize(root: Path, n: int, lib_bytes: int, factory_dir: Path) -> float:
                                   encoding="utf-8")
         # The key's one input state, as a compile lists it (an entry no variant names is
         # never selected): a synthesized factory reads nothing.
-        store.add_variant(paths.library.parent, req.digest, {
+        store.records.add_variant(paths.library.parent, req.digest, {
             "entry": req.digest, "created": manifest["created"],
             "inputs": {"roots": [], "modules": [], "files": [], "dists": {}}})
         # Entry i was last used i seconds before entry 0: prune keeps the lowest i.

@@ -32,7 +32,8 @@ def test_configs_by_indirect_parametrization(compiled_model: CompiledModel) -> N
 
 @pytest.mark.mlc_model(SMALL)
 def test_own_parameters(compiled_model: CompiledModel) -> None:
-    params = {p["name"]: np.zeros(p["shape"], p["dtype"]) for p in compiled_model.param_specs}
+    params = {p["name"]: np.zeros([int(d) for d in p["shape"]], p["dtype"])
+              for p in compiled_model.param_specs}
     params["fc2.bias"] = np.arange(4, dtype="float32")
     out = compiled_model.run("forward", np.ones((2, 16), "float32"), params=params)
     np.testing.assert_array_equal(out, np.tile(np.arange(4, dtype="float32"), (2, 1)))

@@ -2,10 +2,12 @@
 cache holds and how many compilations really ran (counted by the model factory itself,
 inside the compile subprocess, not by the plugin).
 
-Two ways to run pytest on a project: :meth:`Project.run`, a real subprocess (for xdist,
-compiles and loads, signals, concurrency, anything where a fresh process is the point), and
-:meth:`Project.run_inprocess` (option parsing, help, markers, collection, headers, errors
-raised before anything is compiled or loaded).
+Two ways to run pytest on a project: :meth:`Project.run`, inside this process (the
+default: the plugin keeps every state of a run in the run's own objects, so a run leaves
+nothing behind; compiles still run in processes of their own), and
+:meth:`Project.run_subprocess`, a real subprocess, where a process is the subject: xdist
+(``-n``, which :meth:`Project.run` sends there by itself), signals, a pty, a parent that
+dies, start-up cost.
 
 The benchmarks' ``--quick`` modes are marked ``bench`` and deselected unless ``--run-bench``
 is given (``.ci/run`` runs them once, on their own).
@@ -28,11 +30,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Imported here, before any pytester snapshot of sys.modules: an in-process run that
-# collects a test module importing numpy would otherwise import it anew after pytester
-# forgot it, and numpy's C core cannot be loaded twice in one process.
+# Imported here, before any pytester snapshot of sys.modules: an in-process run that loads
+# a library or collects a test module importing numpy would otherwise import TVM or numpy
+# anew after pytester forgot them, and neither's C core can be loaded twice in a process.
 import numpy  # noqa: F401
 import pytest
+import tvm  # noqa: F401
+from tvm import relax  # noqa: F401
 
 import pytest_mlcjit
 
@@ -115,18 +119,24 @@ class Project:
     counter: Path
 
     def run(self, *args: str, cache: bool = True) -> pytest.RunResult:
-        """Run pytest in a real subprocess against this project's cache."""
+        """Run pytest against this project's cache: inside this process (:func:`inprocess`),
+        or in a subprocess when the arguments ask for xdist workers (``-n``)."""
+        if _wants_xdist(args):
+            return self.run_subprocess(*args, cache=cache)
+        extra = [f"--mlc-jit-cache-dir={self.cache}"] if cache else []
+        return inprocess(self.pytester, "-p", "no:cacheprovider", *extra, *args)
+
+    def run_subprocess(self, *args: str, cache: bool = True) -> pytest.RunResult:
+        """Run pytest in a real subprocess against this project's cache: where a process
+        is the subject (xdist, signals, a pty, the parent dying, start-up cost)."""
         # One argument, "--opt=PATH": pytest counts a separate PATH that exists into its
         # rootdir (and ini) discovery, before plugin options are known, so xdist workers
         # started after the cache dir appeared would disagree on test ids.
         extra = [f"--mlc-jit-cache-dir={self.cache}"] if cache else []
         return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *extra, *args)
 
-    def run_inprocess(self, *args: str, cache: bool = True) -> pytest.RunResult:
-        """Run pytest inside this process against this project's cache (:func:`inprocess`):
-        for runs where a fresh process is not the point."""
-        extra = [f"--mlc-jit-cache-dir={self.cache}"] if cache else []
-        return inprocess(self.pytester, "-p", "no:cacheprovider", *extra, *args)
+    #: The older name of :meth:`run` (both run in this process).
+    run_inprocess = run
 
     def compiles(self) -> list[str]:
         """One line per real compilation (written by the factory in the compile process)."""
@@ -154,47 +164,27 @@ class Project:
                                                                 per_config=per_config)})
 
 
+def _wants_xdist(args: Sequence[str]) -> bool:
+    return any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
+
+
 def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     """``pytester.runpytest_inprocess(*args)``, made safe for this suite.
 
-    For runs where a fresh process is not the point: option parsing, ``--help``, markers,
-    collection and ids, headers, and errors raised before anything is compiled or loaded.
-    Never for ``-n`` (xdist), and never for a run that loads a library: TVM cannot be
-    imported twice in one process, and pytester forgets the modules an in-process run
-    imported (:class:`HeavyImportGuard` fails such a run). Runs that compile stay in
-    subprocesses too, with signals, concurrency and anything that measures start-up.
-
+    TVM and numpy were imported before any snapshot (above), so a run may compile, load
+    and run libraries; xdist runs go to a subprocess (:meth:`Project.run_subprocess`).
     The inner run starts from Python's default warning filters, as a subprocess would, not
     from this suite's ``filterwarnings = error``; its plugin state lives in its own
-    ``Config.stash``, so nothing carries over from one run to the next.
+    objects (``Config.stash``), so nothing carries over from one run to the next.
     """
-    xdist = [a for a in args if a.startswith(("-n", "--numprocesses", "--dist"))]
-    assert not xdist, f"{xdist}: xdist runs need a subprocess (runpytest_subprocess, Project.run)"
+    assert not _wants_xdist(args), "xdist runs need a subprocess (Project.run_subprocess)"
     for path in pytester.path.glob("*.py"):
         loaded = getattr(sys.modules.get(path.stem), "__file__", None)
         assert path.stem == "conftest" or loaded in (None, str(path)), \
             f"{path.name} would collide with the module {loaded} in this process: rename it"
-    guard = HeavyImportGuard()
     with warnings.catch_warnings():
         warnings.resetwarnings()
-        result = pytester.runpytest_inprocess(*args, plugins=[guard])
-    assert not guard.imported, (
-        f"an in-process run imported {guard.imported}; it must run in a subprocess")
-    return result
-
-
-class HeavyImportGuard:
-    """A plugin for in-process runs: which of :data:`HEAVY` the run imported (and pytester
-    is about to forget, after which a second import in this process would fail)."""
-
-    HEAVY = ("tvm", "tvm_ffi")
-
-    def __init__(self) -> None:
-        self.before = {m for m in self.HEAVY if m in sys.modules}
-        self.imported: list[str] = []
-
-    def pytest_unconfigure(self) -> None:
-        self.imported = [m for m in self.HEAVY if m in sys.modules and m not in self.before]
+        return pytester.runpytest_inprocess(*args)
 
 
 # -- opt-in tests: each marker below runs only with its option ----------------------------------
@@ -202,6 +192,10 @@ class HeavyImportGuard:
 OPT_IN = {
     "slow": ("--run-slow", "also run the tests marked slow (they build and install the wheel "
              "and the sdist in fresh virtualenvs); .ci/run runs them once"),
+    "reliability": ("--run-reliability", "also run the reliability tier (random kills, "
+                    "stress, full disks, other users, pty progress, nested xdist stress: "
+                    "docs/reliability.md); .ci/run runs it as its own step: "
+                    "pytest -n 2 --run-reliability -m reliability"),
     "bench": ("--run-bench", "also run the tests marked bench (the benchmarks' --quick modes, "
               "minutes of CPU); .ci/run runs them once: pytest -n 2 --run-bench -m bench"),
 }

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import Engine, Project
 from pytest_mlcjit import SpecError, TVMModel
-from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.cache.layout import PATH_ROOM_WRITE
 from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.errors import ConfigError
 
 PATH_LENGTH = 4000
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from faultmodels import add_hold_model, files_under, hold_request
 
 from conftest import Engine, Project
-from pytest_mlcjit.cache.manage import info, prune
 from pytest_mlcjit.build.launch import LOG_HEAD_BYTES, LOG_TAIL_BYTES
+from pytest_mlcjit.cache.manage import info, prune
 
 NOISE_MB = 50
 #: The longest a log may be: head, tail, the line between them, and the runner's own

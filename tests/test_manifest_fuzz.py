@@ -30,14 +30,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Engine, Project
-from pytest_mlcjit.cli import main as cli_main
-from pytest_mlcjit.device import Device
-from pytest_mlcjit.errors import CorruptEntryError, MlcJitError
 from pytest_mlcjit.cache.layout import tvm_entry
 from pytest_mlcjit.cache.manage import info, prune, scan, verify
-from pytest_mlcjit.cache.manifest import FIELDS, MAX_SECONDS, MAX_TIME, parse_manifest
-from pytest_mlcjit.engine.model import CompiledModel
+from pytest_mlcjit.cache.manifest import FIELDS, MAX_SECONDS, MAX_TIME, Manifest, parse_manifest
 from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.cli import main as cli_main
+from pytest_mlcjit.device import Device
+from pytest_mlcjit.engine.model import CompiledModel
+from pytest_mlcjit.errors import CorruptEntryError, MlcJitError
 from pytest_mlcjit.units import format_size, format_time
 
 DIGEST = "d" * 64
@@ -125,7 +125,7 @@ def _tools_cope(root: Path) -> None:
     prune(root, max_size=0, dry_run=True)
 
 
-def _readers_cope(manifest: dict[str, Any]) -> None:
+def _readers_cope(manifest: Manifest) -> None:
     """What the engine and the tools read from an accepted manifest works."""
     seconds = float(manifest.get("compile_seconds", 0))
     assert math.isfinite(seconds)

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ from pytest_mlcjit import (
     TVMModel,
     jit,
 )
-from pytest_mlcjit.cache.manifest import parse_manifest
+from pytest_mlcjit.cache.manifest import Manifest, parse_manifest
 
 #: An nn.Module with a symbolic batch and two functions sharing the parameters.
 NN_MODEL = '''
@@ -260,7 +260,8 @@ def test_a_tuple_result_is_a_tuple_of_arrays(models: Models) -> None:
 
 # -- entries without signatures, and the manifest field ------------------------------------------
 def test_an_entry_without_signatures(models: Models) -> None:
-    manifest = {k: v for k, v in models.net.manifest.items() if k != "signatures"}
+    manifest = cast(Manifest, {k: v for k, v in models.net.manifest.items()
+                               if k != "signatures"})
     old = dataclasses.replace(models.net, manifest=manifest, _vm=None, _signatures=None)
     with pytest.raises(MlcJitError, match=r"records no signatures.*--mlc-jit-policy=REDO"):
         old.signature()
@@ -273,8 +274,8 @@ def test_an_entry_without_signatures(models: Models) -> None:
 
 
 def test_the_manifest_field_is_validated(models: Models, tmp_path: Path) -> None:
-    good = dict(models.net.manifest)
-    digest = good["digest"]
+    good: dict[str, Any] = dict(models.net.manifest)
+    digest = str(good["digest"])
     assert parse_manifest(json.dumps(good).encode(), tmp_path, digest)["signatures"]
     del good["signatures"]
     assert "signatures" not in parse_manifest(json.dumps(good).encode(), tmp_path, digest)

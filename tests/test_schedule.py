@@ -19,8 +19,8 @@ import pytest
 from conftest import Project, hold_tests
 from pytest_mlcjit import JIT, Settings, TVMModel
 from pytest_mlcjit.cache.layout import timing_file
-from pytest_mlcjit.engine.schedule import expected_seconds, longest_first, spec_digest
 from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.engine.schedule import expected_seconds, longest_first, spec_digest
 
 #: ``waitmodel:build(hidden, wait_for)``: counts its call, then (``wait_for`` > 0) waits
 #: until the counter holds that many lines: a compile that lasts until the others are done.

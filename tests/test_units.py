@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from pytest_mlcjit import ConfigError, Device, Policy, TVMModel
+from pytest_mlcjit.cache.layout import EntryPaths
+from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.device import Presence as P
 from pytest_mlcjit.device import parse_device_list, parse_target, resolve_auto, target_for
-from pytest_mlcjit.key import canonical_json, sha256_digest
-from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.engine import settings
-from pytest_mlcjit.cache.store.local import LocalStore
+from pytest_mlcjit.key import canonical_json, sha256_digest
 
 
 @pytest.mark.parametrize("text", ["on", "ON", " Redo ", "readonly", "Off"])

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from pytest_mlcjit.build.warm import client
 from pytest_mlcjit.errors import CompileInterrupted
 
 #: A compile log keeps the first and the last bytes of the compiler's output, with a line
@@ -98,7 +99,6 @@ class Builds:
             log.flush()
             proc: Build | None = None
             if self.warm:
-                from pytest_mlcjit.build.warm import client
 
                 proc = client.start(argv, log_path, env=dict(env or child_env()),
                                     head=LOG_HEAD_BYTES, tail=LOG_TAIL_BYTES,

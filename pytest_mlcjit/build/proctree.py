@@ -8,6 +8,7 @@ Imported by child-process entry points: only the standard library.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import signal
@@ -24,7 +25,6 @@ REAP_LIMIT_S = 10.0
 def prctl(option: int, arg: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(option, arg, 0, 0, 0)) == 0

@@ -19,6 +19,7 @@ from typing import Any, TypedDict, cast
 
 from pytest_mlcjit.cache.layout import LOG_SUFFIX, SIMPLE_NAME_RE
 from pytest_mlcjit.errors import CorruptEntryError
+from pytest_mlcjit.inputs.check import inputs_digest
 
 
 class FileRecord(TypedDict, total=False):
@@ -158,8 +159,6 @@ def _is_signature(value: Any) -> bool:
 
 def _is_inputs(value: Any) -> bool:
     """Recorded inputs (:meth:`.inputs.InputRecorder.result`), as their own reader checks."""
-    from pytest_mlcjit.inputs.check import inputs_digest
-
     try:
         inputs_digest(value)
     except (ValueError, TypeError, AttributeError):

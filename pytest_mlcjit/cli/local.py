@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit.build.toolchain import tvm_fingerprint
 from pytest_mlcjit.cache import manage
+from pytest_mlcjit.cache.manage.prune import quarantined
 from pytest_mlcjit.cli.render import MODEL_WIDTH, out, roots
 from pytest_mlcjit.errors import CliUsageError
 from pytest_mlcjit.units import format_size, format_time, plural
@@ -127,7 +129,6 @@ def _toolchain_text(chain: Any) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from pytest_mlcjit.build.toolchain import tvm_fingerprint
 
     installed = tvm_fingerprint()
     infos = [manage.info(root, runs=args.runs, installed_tvm=installed) for root in roots(args)]
@@ -240,7 +241,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
-    from pytest_mlcjit.cache.manage.prune import quarantined
 
     verb = "would remove" if args.dry_run else "removed"
     lines: list[str] = []

@@ -9,6 +9,7 @@ from pytest_mlcjit.cache.manage import remote as jobs
 from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions, open_remote
 from pytest_mlcjit.cache.store.remote.signing import signing_key_from_env
 from pytest_mlcjit.cli.render import EXIT_FAILURE, out
+from pytest_mlcjit.engine.settings import from_environment
 from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.units import format_size, format_time, plural
 
@@ -50,8 +51,6 @@ def open_for_cli(url: str | None) -> Remote:
     """The remote named by ``--remote`` or ``$MLC_JIT_REMOTE`` (signed with
     ``$MLC_JIT_REMOTE_SIGNING_KEY`` when set; the timeouts of the option table's
     ``MLC_JIT_REMOTE_*_TIMEOUT``); ConfigError if neither names one."""
-    from pytest_mlcjit.engine.settings import from_environment
-
     url = url or os.environ.get("MLC_JIT_REMOTE")
     if not url:
         raise ConfigError("no remote: pass --remote s3://bucket/prefix (or file:///path), or "

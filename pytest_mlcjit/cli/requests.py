@@ -14,10 +14,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit._util.collect import OUT_ENV, PLUGIN, STATUS_ENV
+from pytest_mlcjit.build.backends.mlc import MLCModel
+from pytest_mlcjit.build.toolchain import tvm_fingerprint
 from pytest_mlcjit.cache import manage
 from pytest_mlcjit.cache.layout import default_roots
 from pytest_mlcjit.cli.render import EXIT_FAILURE, PROG, out
+from pytest_mlcjit.engine.jit import JIT
+from pytest_mlcjit.engine.settings import Settings
 from pytest_mlcjit.errors import CliError, CliUsageError
+from pytest_mlcjit.key import CACHE_FORMAT, sha256_digest
+from pytest_mlcjit.policy import Policy
+from pytest_mlcjit.spec import TVMModel
 from pytest_mlcjit.units import format_time, plural
 
 
@@ -25,8 +33,6 @@ from pytest_mlcjit.units import format_time, plural
 def collect_requests(pytest_args: Sequence[str], *, cache_dir: str | None,
                      status: bool) -> dict[str, Any]:
     """Run ``pytest --collect-only`` with our collector; the libraries the tests request."""
-    from pytest_mlcjit._util.collect import OUT_ENV, PLUGIN, STATUS_ENV
-
     with tempfile.TemporaryDirectory(prefix="mlcjit-collect-") as tmp:
         out = Path(tmp) / "requests.json"
         env = {**os.environ, OUT_ENV: str(out)}
@@ -53,7 +59,6 @@ def collect_requests(pytest_args: Sequence[str], *, cache_dir: str | None,
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from pytest_mlcjit.build.toolchain import tvm_fingerprint
 
     data = collect_requests(args.pytest_args, cache_dir=args.cache_dir, status=False)
     libraries = data["libraries"]
@@ -106,11 +111,9 @@ def _explain_lines(lib: dict[str, Any]) -> list[str]:
 
 def _spec_from_args(args: argparse.Namespace) -> Any:
     if args.model_dir:
-        from pytest_mlcjit.build.backends.mlc import MLCModel
 
         return MLCModel(args.model_dir, overrides=_json_arg(args.overrides, "--overrides"),
                         opt=args.opt, target=args.target)
-    from pytest_mlcjit.spec import TVMModel
 
     target: Any = args.target
     if target and target.strip().startswith("{"):
@@ -130,10 +133,6 @@ def _json_arg(text: str | None, name: str) -> Any:
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Key one spec given on the command line, in this process (nothing is compiled)."""
-    from pytest_mlcjit.engine.jit import JIT
-    from pytest_mlcjit.engine.settings import Settings
-    from pytest_mlcjit.policy import Policy
-
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # factories beside the tests, as pytest finds them
     root = default_roots(args.cache_dir)[0] if (
@@ -176,9 +175,6 @@ def cache_key(requests: Sequence[Mapping[str, Any]]) -> str:
     library it requests (each request's digest and toolchain; the digests of TVM entries
     already cover the toolchain, MLC's MD5 does not), and of the local source files each
     is known to depend on (``sources``: a factory's local imports, read not run)."""
-    from pytest_mlcjit.build.toolchain import tvm_fingerprint
-    from pytest_mlcjit.key import CACHE_FORMAT, sha256_digest
-
     libraries = sorted({json.dumps([r["digest"], r.get("toolchain"), r.get("sources") or []],
                                    sort_keys=True) for r in requests})
     return sha256_digest({"format": CACHE_FORMAT, "tvm": tvm_fingerprint(),

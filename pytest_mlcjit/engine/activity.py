@@ -31,6 +31,8 @@ import itertools
 import json
 import os
 import socket
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.cache.locks import pid_alive
 
 #: Ended jobs kept in a process's record, so that a reader polling it sees them end.
 ENDED_KEPT = 16
@@ -52,9 +55,6 @@ Job = dict[str, Any]
 def default_board() -> Path | None:
     """``$TMPDIR/pytest-mlcjit-<uid>`` (made, mode 0700), or None when it is not ours
     alone: another owner, open to others, or a symlink."""
-    import stat
-    import tempfile
-
     path = Path(tempfile.gettempdir()) / f"pytest-mlcjit-{os.getuid()}"
     try:
         path.mkdir(mode=0o700, exist_ok=True)
@@ -194,8 +194,6 @@ def _read_record(path: Path) -> Any:
 def read_board(board: Path) -> list[dict[str, Any]]:
     """Every process record on ``board``; of a process that is gone (on this host), its
     ended jobs only, and its file is removed once a minute old (every reader has seen it)."""
-    from pytest_mlcjit.cache.locks import pid_alive
-
     host = socket.gethostname()
     records = []
     try:

@@ -3,7 +3,9 @@ from (``--mlc-jit-timeout``, ``ini mlc_jit_timeout``, ``MLC_JIT_POLICY``) and it
 returns the value or raises :class:`ConfigError` naming the source, the bad value and the
 valid ones. A parser that returns None means "not set here" (the next source is asked).
 
-Cheap to import: what a parser needs beyond the standard library is imported when it runs.
+Cheap to import (the plugin imports it when it loads): the remote's and the warm workers'
+modules, which only some runs need, are imported by the parser that needs them, when it
+runs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit.device import devices_from_tvm_targets, parse_device_list
 from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.policy import Policy
+from pytest_mlcjit.units import parse_size
 
 Parse = Callable[[str, str], Any]
 
@@ -62,8 +66,6 @@ def count(source: str, text: str) -> int:
 
 
 def size(source: str, text: str) -> int:
-    from pytest_mlcjit.units import parse_size
-
     return parse_size(text, what=source)
 
 
@@ -84,16 +86,12 @@ def path(what: str) -> Parse:
 
 def devices(source: str, text: str) -> str:
     """A comma-separated device list (``auto``, ``cpu``, ``cuda:1``…), normalized."""
-    from pytest_mlcjit.device import parse_device_list
-
     return ",".join(parse_device_list(text))
 
 
 def tvm_targets(source: str, text: str) -> str | None:
     """``TVM_TEST_TARGETS`` (``llvm;cuda``, as TVM's own suite selects its targets) as a
     device list; None when it names no device this plugin runs on."""
-    from pytest_mlcjit.device import devices_from_tvm_targets
-
     names = devices_from_tvm_targets(text.strip()) if text.strip() else []
     return ",".join(names) if names else None
 
@@ -114,14 +112,14 @@ def shard(source: str, text: str) -> tuple[int, int]:
 def remote_url(source: str, text: str) -> str:
     """A remote URL of a kind the cache has an adapter for (and, for ``s3://``, boto3
     installed)."""
-    from pytest_mlcjit.cache.store.remote import parse_remote_url
+    from pytest_mlcjit.cache.store.remote import parse_remote_url  # noqa: PLC0415 - see above
 
     try:
         url = parse_remote_url(text)
     except ConfigError as exc:
         raise ConfigError(f"invalid {source}: {exc}") from None
     if url.scheme == "s3":
-        from pytest_mlcjit.cache.store.remote.s3 import require_boto3
+        from pytest_mlcjit.cache.store.remote.s3 import require_boto3  # noqa: PLC0415
 
         require_boto3()
     return text
@@ -130,7 +128,7 @@ def remote_url(source: str, text: str) -> str:
 def compile_workers(source: str, text: str) -> str:
     value: str = choice("auto", "on", "off")(source, text)
     if value == "on":
-        from pytest_mlcjit.build.warm.client import supported
+        from pytest_mlcjit.build.warm.client import supported  # noqa: PLC0415
 
         if not supported():
             raise ConfigError(f"{source}=on: pre-warmed compile workers need Linux (fork and "

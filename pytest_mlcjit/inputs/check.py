@@ -8,7 +8,9 @@ digest. Only the standard library is imported here.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import stat
 import time
 from collections.abc import Mapping
@@ -60,7 +62,6 @@ class Change:
 
 
 def _normalize_dist(name: str) -> str:
-    import re
 
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -146,7 +147,6 @@ class InputChecker:
         """The installed version of distribution ``name``, or None; memoized."""
         key = _normalize_dist(name)
         if key not in self._versions:
-            import importlib.metadata
 
             try:
                 self._versions[key] = importlib.metadata.version(name)

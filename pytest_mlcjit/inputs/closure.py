@@ -6,6 +6,7 @@ Only the standard library is imported here, ``ast`` only when used.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -91,8 +92,6 @@ def import_root(module_name: str, origin_path: PathLike | None = None) -> Path:
 def _imported_names(tree: ast.Module, module_name: str, is_package: bool) -> list[str]:
     """Every module name an import statement anywhere in ``tree`` may load (each parent
     package too, and ``x.y`` for ``from x import y`` in case ``y`` is a submodule)."""
-    import ast
-
     package = module_name if is_package else module_name.rpartition(".")[0]
     names: list[str] = []
 
@@ -177,7 +176,6 @@ def local_import_closure(module_name: str) -> list[Path]:
 
 
 def _parse_imports(path: str, module_name: str, is_package: bool) -> list[str]:
-    import ast
 
     try:
         with open(path, "rb") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import os
 import site
 import stat
@@ -185,14 +186,12 @@ def file_entry(path: PathLike, base: PathLike, *, hints: bool = True) -> dict[st
 
 @functools.lru_cache(maxsize=1)
 def packages_distributions() -> Mapping[str, list[str]]:
-    import importlib.metadata
 
     return importlib.metadata.packages_distributions()
 
 
 @functools.lru_cache(maxsize=1024)
 def dist_versions_for(top_level: str) -> dict[str, str]:
-    import importlib.metadata
 
     found: dict[str, str] = {}
     for name in packages_distributions().get(top_level, ()):

@@ -12,7 +12,10 @@ import pytest
 
 from pytest_mlcjit.cache.history import record_run
 from pytest_mlcjit.cache.layout import control_dir, default_roots
+from pytest_mlcjit.cache.manage import prune
+from pytest_mlcjit.cache.trust import Trust
 from pytest_mlcjit.errors import MlcJitError
+from pytest_mlcjit.plugin.report import write_report
 from pytest_mlcjit.plugin.session import RunState
 
 
@@ -22,7 +25,6 @@ def after_run(session: pytest.Session, state: RunState) -> None:
     stats = state.stats()
     requests = stats.requests if stats is not None else 0
     if opts.report_path is not None and not config.option.collectonly:
-        from pytest_mlcjit.plugin.report import write_report
 
         state.report_written = write_report(state, opts.report_path,
                                             exitstatus=int(session.exitstatus))
@@ -45,7 +47,6 @@ def after_run(session: pytest.Session, state: RunState) -> None:
             record_run(root, record, state.warnings)
     if opts.max_size is None or config.option.collectonly:
         return
-    from pytest_mlcjit.cache.manage import prune
 
     for root in roots:
         try:
@@ -58,8 +59,6 @@ def after_run(session: pytest.Session, state: RunState) -> None:
 def _trusted(root: Path, allow_untrusted: bool) -> bool:
     """Whether the run may write its history into ``root``: never into a root the cache
     refuses (others can write to it), where the run itself wrote nothing."""
-    from pytest_mlcjit.cache.trust import Trust
-
     try:
         Trust(root, allow_untrusted=allow_untrusted).check_tree(control_dir(root))
     except (OSError, MlcJitError):

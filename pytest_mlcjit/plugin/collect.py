@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 
 from pytest_mlcjit._util.collect import OUT_ENV, STATUS_ENV
+from pytest_mlcjit.build.backends import get_backend
+from pytest_mlcjit.plugin.plan import make_plan
+from pytest_mlcjit.plugin.session import get_engine, state_key
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     out = os.environ.get(OUT_ENV)
     if not out:
         return
-    from pytest_mlcjit.plugin.session import state_key
 
     config = session.config
     if state_key not in config.stash:
@@ -33,9 +35,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def describe_requests(items: list[pytest.Item], config: pytest.Config, *,
                       status: bool) -> dict[str, Any]:
-    from pytest_mlcjit.build.backends import get_backend
-    from pytest_mlcjit.plugin.plan import make_plan
-    from pytest_mlcjit.plugin.session import get_engine
 
     engine = get_engine(config)
     plan = make_plan(items, engine)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit.cache.layout import owner_file
 from pytest_mlcjit.engine import activity
 from pytest_mlcjit.engine.activity import Board
 from pytest_mlcjit.engine.settings import Settings
@@ -53,7 +54,6 @@ def _label(record: Mapping[str, Any], job: Mapping[str, Any]) -> str:
 
 
 def _owner(root: str, digest: str) -> Mapping[str, Any] | None:
-    from pytest_mlcjit.cache.layout import owner_file
 
     try:
         data = json.loads(owner_file(root, digest).read_text(encoding="utf-8"))

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_mlcjit._util.fs import write_json_atomic
+from pytest_mlcjit.cache.layout import default_cache_dir, mlc_llm_home
+from pytest_mlcjit.cache.store.remote import redact_url
+from pytest_mlcjit.device import Presence
+from pytest_mlcjit.engine.activity import describe_target, read_board
+from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 from pytest_mlcjit.errors import REMEMBERED_NOTE, CompileError
+from pytest_mlcjit.plugin.progress import holder
 from pytest_mlcjit.plugin.session import RunState
 from pytest_mlcjit.units import format_size, plural
 
@@ -37,9 +44,6 @@ OUTCOME_WORDS = {
 
 def header_line(state: RunState) -> str:
     """The policy, the devices as probed, and the cache (probes the devices)."""
-    from pytest_mlcjit.cache.layout import default_cache_dir, mlc_llm_home
-    from pytest_mlcjit.device import Presence
-
     s = state.settings
     parts = []
     for name in s.devices:
@@ -57,8 +61,6 @@ def accounting_line(s: Stats) -> str:
     """``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s
     compiling, 52.10s waiting``: every non-zero outcome (they add up to the requests),
     then what the compiles and waits cost."""
-    from pytest_mlcjit.engine.stats import OUTCOMES
-
     kinds = []
     for kind in OUTCOMES:
         n = s.outcomes.get(kind, 0)
@@ -103,7 +105,6 @@ def durations_lines(s: Stats, wanted: int | None) -> list[str]:
 
 
 def _target_words(target: Any) -> str:
-    from pytest_mlcjit.engine.activity import describe_target
 
     return describe_target(target)
 
@@ -112,7 +113,6 @@ def remote_lines(remote: RemoteStats, url: str | None) -> list[str]:
     """The remote tier's line (downloads, uploads, errors) and each of its warnings."""
     if not url:
         return []
-    from pytest_mlcjit.cache.store.remote import redact_url
 
     parts = []
     if remote.downloads:
@@ -174,8 +174,6 @@ def write_summary(terminalreporter: Any, state: RunState) -> None:
 def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
     """The run's accounting as plain data: ``requests``, ``outcomes`` (every kind, summing
     to ``requests``) and ``libraries`` (one record per library), merged across workers."""
-    from pytest_mlcjit.engine.stats import OUTCOMES, Stats
-
     s = state.stats() or Stats()
     settings = state.settings
     libraries = [{
@@ -199,8 +197,6 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
 
 def write_report(state: RunState, path: Path, *, exitstatus: int) -> str:
     """Write the JSON report; the summary's line about it (where, or why not)."""
-    from pytest_mlcjit._util.fs import write_json_atomic
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, report_data(state, exitstatus=exitstatus))
@@ -267,8 +263,6 @@ def interruption(exc: BaseException, info: Mapping[str, Any], board: Board) -> s
            "the test function: `timeout_func_only = true` in the ini file, or "
            "@pytest.mark.timeout(..., func_only=True).")
     if info.get("kind") == "wait":
-        from pytest_mlcjit.engine.activity import read_board
-        from pytest_mlcjit.plugin.progress import holder
 
         directory = board.path
         records = [board.record(), *(read_board(directory) if directory else [])]

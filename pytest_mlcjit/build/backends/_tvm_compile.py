@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from pytest_mlcjit.inputs.record import InputRecorder
+
 
 def _load_factory(name: str) -> Any:
     module_name, _, func_name = name.partition(":")
@@ -171,8 +173,6 @@ def _compile(job: dict[str, Any], state: dict[str, Any]) -> int:
           flush=True)
     import tvm
     from tvm import relax
-
-    from pytest_mlcjit.inputs.record import InputRecorder
 
     # What the factory really uses, from importing its module to returning the model
     # (the harness's own imports above are not the factory's).

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import importlib
 import os
+import runpy
 import select
 import signal
 import socket
@@ -60,7 +63,6 @@ def _set_title(words: list[str]) -> None:
         room = end - start
         if room <= 1:
             return
-        import ctypes
 
         data = b"\0".join(os.fsencode(w) for w in words)[:room - 1]
         ctypes.memmove(start, data + b"\0" * (room - len(data)), room)
@@ -99,7 +101,6 @@ def serve(ctrl_fd: int, parent: int) -> int:
     ctrl = socket.socket(fileno=ctrl_fd)
     _BASE_PATH[:] = _base_path()
     error = None
-    import importlib
 
     for name in WARM_MODULES:
         try:
@@ -264,7 +265,6 @@ def _compile(job: dict[str, Any], launcher: int, fds: tuple[int, int, int, int])
         os.environ.clear()
         os.environ.update(job["env"])
         sys.path[:] = fresh_sys_path(job["env"], job["cwd"], _BASE_PATH)
-        import importlib
 
         importlib.invalidate_caches()
     except BaseException as exc:  # said in the log, then exit
@@ -278,8 +278,6 @@ def run_module(module: str, args: list[str]) -> int:
     """Run ``module`` as ``python -m module args`` would, in this process; its exit code
     (what ``SystemExit`` said; 1 and the traceback on stderr for another exception), once
     non-daemon threads are done, ``atexit`` handlers have run and output is flushed."""
-    import runpy
-
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -9,13 +9,12 @@ from pytest_mlcjit.cache.history import read_runs
 from pytest_mlcjit.cache.layout import STAGING_LOCK_SUFFIX, staging_dir
 from pytest_mlcjit.cache.manage.entries import disk_usage, scan, variants_size
 from pytest_mlcjit.cache.manage.prune import failure_records, list_dir, quarantined
+from pytest_mlcjit.key import canonical_json
 
 
 def info(root: Path, *, runs: int = 5, installed_tvm: Any = None) -> dict[str, Any]:
     """What a root holds: entries per backend, sizes, the toolchains seen (whether each is
     ``installed_tvm``, the TVM fingerprint installed here), recent runs."""
-    from pytest_mlcjit.key import canonical_json
-
     entries = scan(root)
     toolchains: dict[str, dict[str, Any]] = {}
     for entry in entries:

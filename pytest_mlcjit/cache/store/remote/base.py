@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from pytest_mlcjit.cache.store.remote.signing import (
 )
 from pytest_mlcjit.cache.store.remote.url import RemoteURL
 from pytest_mlcjit.errors import RemoteConfigError, RemoteError, RemoteIntegrityError
+from pytest_mlcjit.key import file_sha256
 
 #: A manifest is a few hundred bytes; anything far larger is not one.
 MAX_MANIFEST_BYTES = 1 << 20
@@ -189,8 +191,6 @@ class Remote(abc.ABC):
         checked first. On any failure ``dest`` is removed and RemoteIntegrityError (or the
         transport's RemoteError) is raised. ``dest`` must not exist.
         """
-        import hashlib
-
         sha, size = self._usable_blob(manifest)
         name = f"blobs/{sha}"
         where = self._location(name)
@@ -247,8 +247,6 @@ class Remote(abc.ABC):
         published it). ``replace=True`` overwrites the blob and the manifest (a forced
         rebuild) and returns True.
         """
-        from pytest_mlcjit.key import file_sha256
-
         _check_digest(key_digest, "cache key digest")
         _check_digest(entry_digest, "entry digest")
         problem = _manifest_problem(dict(manifest), key_digest, entry_digest)
@@ -300,8 +298,6 @@ class Remote(abc.ABC):
 
     def _blob_problem(self, sha: str, size: int) -> str | None:
         """Why blob ``sha`` does not hold ``size`` bytes hashing to ``sha``, or None."""
-        import hashlib
-
         h, n = hashlib.sha256(), 0
         name = f"blobs/{sha}"
         stream = self._open_stream(name)

@@ -28,6 +28,7 @@ from pytest_mlcjit.errors import (
     RemoteIntegrityError,
     RemoteUnavailableError,
 )
+from pytest_mlcjit.key import file_sha256
 
 
 # -- a directory ----------------------------------------------------------------------------
@@ -114,7 +115,6 @@ class FileRemote(Remote):
             yield from iter(lambda: f.read(CHUNK), b"")
 
     def _blob_present(self, name: str, sha256: str, size: int) -> bool:
-        from pytest_mlcjit.key import file_sha256
 
         path = self._path(name)
         with self._calling("checking", name):

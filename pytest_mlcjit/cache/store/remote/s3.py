@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import importlib.util
 import re
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -34,8 +36,6 @@ EXTRA_HINT = 'pip install "pytest-mlcjit[remote]"'
 def require_boto3() -> None:
     """RemoteConfigError naming the extra unless boto3 is importable (checked without
     importing it)."""
-    import importlib.util
-
     if importlib.util.find_spec("boto3") is None:
         raise RemoteConfigError(f"an s3:// remote needs boto3, which is not installed: "
                                 f"{EXTRA_HINT}")
@@ -265,6 +265,5 @@ class S3Remote(Remote):
 
 
 def _b64_sha256(hex_digest: str) -> str:
-    import base64
 
     return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")

@@ -3,9 +3,13 @@ signature, with a secret only trusted writers and readers hold."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from pytest_mlcjit.key import canonical_json
 
 #: The environment variable holding the secret that signs (and checks) remote manifests.
 ENV_SIGNING_KEY = "MLC_JIT_REMOTE_SIGNING_KEY"
@@ -25,11 +29,6 @@ SIGNATURE_SCHEME = "hmac-sha256:"
 # -- manifests and signatures ---------------------------------------------------------------
 def manifest_signature(manifest: Mapping[str, Any], key: bytes) -> str:
     """``hmac-sha256:<hex>`` over the canonical JSON of ``manifest`` without its signature."""
-    import hashlib
-    import hmac
-
-    from pytest_mlcjit.key import canonical_json
-
     body = {k: v for k, v in manifest.items() if k != SIGNATURE_FIELD}
     mac = hmac.new(key, canonical_json(body).encode("utf-8"), hashlib.sha256)
     return SIGNATURE_SCHEME + mac.hexdigest()
@@ -37,8 +36,6 @@ def manifest_signature(manifest: Mapping[str, Any], key: bytes) -> str:
 
 def signature_problem(manifest: Mapping[str, Any], key: bytes) -> str | None:
     """Why ``manifest`` is not validly signed with ``key``, or None if it is."""
-    import hmac
-
     given = manifest.get(SIGNATURE_FIELD)
     if given is None:
         return "is unsigned, and a signing key is set: only signed manifests are trusted"
