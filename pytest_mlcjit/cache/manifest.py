@@ -20,26 +20,7 @@ from typing import Any, TypedDict, cast
 from pytest_mlcjit.cache.layout import LOG_SUFFIX, SIMPLE_NAME_RE
 from pytest_mlcjit.errors import CorruptEntryError
 from pytest_mlcjit.inputs.check import inputs_digest
-
-
-class FileRecord(TypedDict, total=False):
-    """One recorded module or file: its path (relative to the import root, POSIX form, or
-    absolute), SHA-256 and size, and stat hints when they can be trusted."""
-
-    path: str
-    sha256: str
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-
-class RecordedInputs(TypedDict):
-    """What a factory really used (:meth:`pytest_mlcjit.inputs.record.InputRecorder.result`)."""
-
-    roots: list[str]
-    modules: list[FileRecord]
-    files: list[FileRecord]
-    dists: dict[str, str]
+from pytest_mlcjit.inputs.paths import RecordedInputs
 
 
 class ParamSpec(TypedDict):

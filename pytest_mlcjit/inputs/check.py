@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pytest_mlcjit.inputs.paths import (
     RACY_WINDOW_NS,
+    FileRecord,
     PathLike,
     abspath,
     resolve,
@@ -66,12 +67,12 @@ def _normalize_dist(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _validated(recorded: Mapping[str, Any]) -> tuple[list[dict[str, Any]],
-                                                      list[dict[str, Any]], dict[str, str]]:
+def _validated(recorded: Mapping[str, Any]) -> tuple[list[FileRecord], list[FileRecord],
+                                                      dict[str, str]]:
     """(modules, files, dists) of a recorded dict; ValueError naming what is malformed."""
     if not isinstance(recorded, Mapping):
         raise ValueError(f"recorded inputs must be a dict, not {type(recorded).__name__}")
-    lists: list[list[dict[str, Any]]] = []
+    lists: list[list[FileRecord]] = []
     for key in ("modules", "files"):
         entries = recorded.get(key)
         if not isinstance(entries, list):
@@ -182,7 +183,7 @@ class InputChecker:
         modules, files, dists = _validated(recorded)
         base_path = abspath(base)
         out: list[Change] = []
-        groups: tuple[tuple[ChangeKind, list[dict[str, Any]]], ...] = (
+        groups: tuple[tuple[ChangeKind, list[FileRecord]], ...] = (
             ("module", modules), ("file", files))
         for kind, entries in groups:
             for entry in entries:

@@ -18,7 +18,7 @@ import sysconfig
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PureWindowsPath
-from typing import Any, Literal
+from typing import Literal, TypedDict
 
 from pytest_mlcjit.key import file_sha256
 
@@ -36,6 +36,27 @@ PSEUDO_FS = ("/proc", "/sys", "/dev")
 
 
 SITE_DIR_NAMES = frozenset({"site-packages", "dist-packages"})
+
+
+class FileRecord(TypedDict, total=False):
+    """One recorded module or file: its path (relative to the import root, POSIX form, or
+    absolute), SHA-256 and size, and stat hints when they can be trusted."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class RecordedInputs(TypedDict):
+    """What a factory really used (:meth:`.record.InputRecorder.result`)."""
+
+    roots: list[str]
+    modules: list[FileRecord]
+    files: list[FileRecord]
+    dists: dict[str, str]
+
 
 
 def abspath(path: PathLike) -> str:
@@ -156,7 +177,7 @@ def signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hashed_entry(path: str, base: str, *, hints: bool) -> dict[str, Any] | None:
+def hashed_entry(path: str, base: str, *, hints: bool) -> FileRecord | None:
     """{"path", "sha256", "size"} (plus stat hints), or None if not a readable regular file."""
     try:
         before = os.stat(path)
@@ -166,13 +187,13 @@ def hashed_entry(path: str, base: str, *, hints: bool) -> dict[str, Any] | None:
         after = os.stat(path)
     except OSError:
         return None
-    entry: dict[str, Any] = {"path": rel(path, base), "sha256": digest, "size": after.st_size}
-    if hints:
-        entry.update(stat_hints(before, after))
+    entry: FileRecord = {"path": rel(path, base), "sha256": digest, "size": after.st_size}
+    if hints and (found := stat_hints(before, after)):
+        entry["mtime_ns"], entry["ctime_ns"] = found["mtime_ns"], found["ctime_ns"]
     return entry
 
 
-def file_entry(path: PathLike, base: PathLike, *, hints: bool = True) -> dict[str, Any]:
+def file_entry(path: PathLike, base: PathLike, *, hints: bool = True) -> FileRecord:
     """The recorded form of one file: ``{"path", "sha256", "size"}``, the path relative to
     ``base`` (POSIX form) or absolute if outside it. With ``hints``, ``mtime_ns`` and
     ``ctime_ns`` are added when the file is old enough to trust them: a checker in another

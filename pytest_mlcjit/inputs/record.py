@@ -30,7 +30,9 @@ from typing import Any
 from pytest_mlcjit.inputs.closure import import_root
 from pytest_mlcjit.inputs.paths import (
     PSEUDO_FS,
+    FileRecord,
     PathLike,
+    RecordedInputs,
     abspath,
     both_forms,
     classify,
@@ -247,7 +249,7 @@ class InputRecorder:
 
     # -- the result --------------------------------------------------------------------------
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> RecordedInputs:
         """What was used, as JSON-able data::
 
             {"roots": ["models.mlp"],
@@ -275,9 +277,9 @@ class InputRecorder:
             return False
         return under_any(path, dirs) or under_any(realpath(path), dirs)
 
-    def _build(self, new_modules: dict[str, str]) -> dict[str, Any]:
+    def _build(self, new_modules: dict[str, str]) -> RecordedInputs:
         base = str(self.base)
-        modules: dict[str, dict[str, Any]] = {}
+        modules: dict[str, FileRecord] = {}
         dists: dict[str, str] = {}
         module_paths = set(new_modules.values())
         for name, path in sorted(new_modules.items()):
@@ -290,7 +292,7 @@ class InputRecorder:
                     modules[entry["path"]] = entry
             elif where == "installed":
                 dists.update(dist_versions_for(name.split(".", 1)[0]))
-        files: dict[str, dict[str, Any]] = {}
+        files: dict[str, FileRecord] = {}
         for path in list(self._reads):
             if (path in module_paths
                     or under_any(path, PSEUDO_FS) or self._excluded(path, data=True)):

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pytest_mlcjit.cache.layout import EntryPaths
-from pytest_mlcjit.cache.manifest import Manifest, RecordedInputs
+from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.errors import CompileError
+from pytest_mlcjit.inputs.paths import RecordedInputs
 
 
 class EntryQuery(Protocol):
