@@ -371,7 +371,7 @@ class LocalStore:
         self.trust.check_dir(paths.library.parent)
         tmp_manifest = write_json_tmp(paths.manifest, written)
         replacing = os.path.lexists(paths.manifest)
-        pending = placed = False
+        pending = placed = logged = False
         try:
             fault_point("publish:staged")
             os.replace(tmp_manifest, paths.pending)
@@ -382,9 +382,10 @@ class LocalStore:
                 with self.warnings.best_effort(staging_log, "make the compile log readable"):
                     staging_log.chmod(FILE_MODE)
                 os.replace(staging_log, paths.log)
+                logged = True
             fault_point("publish:library")
             os.replace(paths.pending, paths.manifest)
-            pending = placed = False
+            pending = placed = logged = False
         except BaseException:
             # Replacing: the new library and the pending manifest that names it stay (a
             # whole entry to readers). Otherwise nothing may stay that no manifest names.
@@ -394,6 +395,9 @@ class LocalStore:
             if placed and not replacing:
                 with contextlib.suppress(OSError):
                     paths.library.unlink()
+            if logged and not replacing:
+                with contextlib.suppress(OSError):
+                    paths.log.unlink()
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -94,8 +94,10 @@ class RemoteTier:
         self.required = required
         self.remote = remote or open_remote(url, options)
         self.url = self.remote.url
-        #: Why the remote is down for the rest of this run (None: usable).
+        #: Why the remote is down for the rest of this run (None: usable), and the error
+        #: that put it down (raised again for every later use when the remote is required).
         self.down: str | None = None
+        self._down_error: RemoteError | None = None
         self.stats = stats if stats is not None else RemoteStats()
         self._lock = threading.Lock()
         self._private: dict[str, Hit] = {}
@@ -138,10 +140,21 @@ class RemoteTier:
             with self._lock:
                 self.stats.errors += 1
                 self.down = self.down or str(exc)
+                self._down_error = self._down_error or exc
             if self.required:
                 raise
             self.warn(f"remote {self.url} failed while {what}: {exc}; it is not used for the "
                       "rest of this run (pass --mlc-jit-remote-required to fail instead)")
+
+    def usable(self) -> bool:
+        """Whether to use the remote now: not when it is down, and then, when it is
+        required, the error that put it down is raised again (every request that would
+        have used it fails, not only the first)."""
+        if self.down is None:
+            return True
+        if self.required and self._down_error is not None:
+            raise type(self._down_error)(str(self._down_error))
+        return False
 
     # -- reading -------------------------------------------------------------------------
     def fits(self, query: EntryQuery, checker: InputChecker
@@ -164,7 +177,7 @@ class RemoteTier:
         """The newest usable remote entry of ``query``'s key that ``fits``, or None.
         Entries with a problem (a bad or missing signature, a malformed manifest) are
         reported and skipped."""
-        if self.down is not None:
+        if not self.usable():
             return None
         found: list[RemoteEntry] = []
         with self.guard(f"listing the entries of key {query.digest}"):
@@ -211,7 +224,7 @@ class RemoteTier:
     def upload(self, query: EntryQuery, hit: Hit, *, replace: bool) -> bool:
         """Upload a freshly published local entry (``readwrite`` only); ``replace`` for
         REDO. True if this run published it."""
-        if not self.writes or self.down is not None:
+        if not self.writes or not self.usable():
             return False
         body = {k: v for k, v in hit.manifest.items() if k not in ("log", "remote")}
         done = False

@@ -71,6 +71,13 @@ class FileRemote(Remote):
             raise RemoteUnavailableError(f"{action} {self._location(name)} failed "
                                          f"({exc.strerror or exc})") from None
 
+    def _check_root(self) -> None:
+        """FileNotFoundError (made "has gone" by :meth:`_calling`) once the remote's
+        directory is gone (an unmounted share): never a silent miss, never an upload that
+        makes the directory again where no other machine sees it."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the remote directory has gone", self.root)
+
     def _path(self, name: str) -> Path:
         return self.root / name
 
@@ -80,6 +87,7 @@ class FileRemote(Remote):
     def _list(self, prefix: str) -> Iterator[StoredObject]:
         base = self._path(prefix)
         with self._calling("listing", prefix):
+            self._check_root()
             if not base.is_dir():
                 return
             for top, dirs, files in os.walk(base, onerror=_raise):  # unreadable: no miss
@@ -107,6 +115,7 @@ class FileRemote(Remote):
             try:
                 f = open(self._path(name), "rb")  # noqa: SIM115 (the generator closes it)
             except FileNotFoundError:
+                self._check_root()
                 return None
         return self._chunks(name, f)
 
@@ -121,10 +130,12 @@ class FileRemote(Remote):
             try:
                 return path.stat().st_size == size and file_sha256(path) == sha256
             except FileNotFoundError:
+                self._check_root()
                 return False
 
     def _write_temp(self, path: Path, chunks: Iterator[bytes]) -> tuple[Path, str]:
         """Write ``chunks`` to a new fsynced temp file beside ``path``; (temp, sha256)."""
+        self._check_root()
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_temp(path, chunks)
 
