@@ -324,8 +324,21 @@ class Engine:
 
     project: Project
     script: Path
-    #: The tiny model's recorded inputs, once :meth:`learn_inputs` has compiled it.
-    inputs: dict[str, Any] | None = None
+
+    @dataclasses.dataclass
+    class Contents:
+        """What :meth:`check_cache` found in a cache (every part of it checked)."""
+
+        #: The manifests (each names a whole library) and how many libraries they name.
+        manifests: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+        libraries: int = 0
+        #: Pending manifests, and the files only they name (a publish killed before its
+        #: commit point).
+        pending: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+        unpublished: list[Path] = dataclasses.field(default_factory=list)
+        #: Temporary files of processes that are gone, and staging directories left.
+        temporary: list[Path] = dataclasses.field(default_factory=list)
+        staging: list[Path] = dataclasses.field(default_factory=list)
 
     def popen(self, requests: list[dict[str, Any]], *, env: dict[str, str] | None = None,
               stderr: Any = subprocess.PIPE, umask: int = -1,
@@ -350,30 +363,136 @@ class Engine:
         """Start from a copy of :func:`warm_template`'s cache (:meth:`Project.warm`)."""
         self.project.warm(template)
 
-    def paths(self, digest: str) -> tuple[Path, Path]:
-        """(library, manifest) of the entry that key ``digest`` has, or will have, in this
-        cache. Each input state of a key is its own entry, named by the key's digest and
-        the recorded inputs' (:mod:`pytest_mlcjit.inputs`); the tiny model's inputs are the
-        same for every config, so any finished entry tells them (see :meth:`learn_inputs`).
+    def check_cache(self, *, staging: bool = True) -> Engine.Contents:
+        """Check the invariants of the whole cache directory from its files alone, and
+        return what it holds. No file name is derived from the plugin's key or entry
+        formula: every name checked is one found on disk or written in a manifest found
+        on disk. Call it when no process of this cache runs (after a kill: once its tree
+        is gone). Fails the test, naming every problem, unless:
+
+        * every manifest (``<dir>/<name>.manifest.json``) names a library in its directory
+          whose SHA-256 and size, computed here, are the manifest's, and a log that exists;
+        * every other library and log is named by a pending manifest
+          (``.<name>.manifest.pending.json``, what a publish killed before its commit point
+          leaves), and such a library is whole by one of them;
+        * every other file is a temporary file (``.<…>.<pid>.<hex>.tmp``) of a process that
+          is gone, or a variants record (``variants/<name>.json``) that parses;
+        * nobody holds a key's lock, and every staging directory left is abandoned (nobody
+          holds its lock); with ``staging=False``, none is left at all.
         """
-        from pytest_mlcjit.inputs.check import inputs_digest
-        from pytest_mlcjit.key import sha256_digest
+        root = self.project.cache
+        state = Engine.Contents()
+        problems: list[str] = []
+        if root.is_dir():
+            for directory in sorted(root.iterdir()):
+                if directory.is_dir() and directory.name != ".mlcjit":
+                    problems += self._check_entries(directory, state)
+            problems += self._check_control(root / ".mlcjit", state, staging=staging)
+        assert problems == [], "\n".join(problems)
+        return state
 
-        entry = digest
-        recorded = self.inputs or next(
-            (m["inputs"] for m in self.project.manifests() if m.get("inputs")), None)
-        if recorded is not None:
-            entry = sha256_digest({"key": digest, "inputs": inputs_digest(recorded)})
-        base = self.project.cache / "tvm" / entry
-        return base.with_suffix(".so"), base.with_suffix(".manifest.json")
+    #: A temporary file: ``.<name>.<pid>.<hex>.tmp``.
+    _TEMPORARY = r"\..+\.(\d+)\.[0-9a-f]+\.tmp"
 
-    def learn_inputs(self) -> None:
-        """Compile one config of the tiny model, so that :meth:`paths` knows the entry of
-        a key before its first compile has finished (for kill tests)."""
-        (result,) = self.run([{"hidden": 1}])
-        assert result["ok"], result
-        (manifest,) = [m for m in self.project.manifests() if m.get("inputs")]
-        self.inputs = manifest["inputs"]
+    @staticmethod
+    def _whole(path: Path, manifest: Mapping[str, Any]) -> bool:
+        """Whether ``path`` has the size and SHA-256 ``manifest`` gives (computed here)."""
+        import hashlib
+
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return False
+        return (len(data) == manifest.get("size")
+                and hashlib.sha256(data).hexdigest() == manifest.get("sha256"))
+
+    @staticmethod
+    def _lock_free(lock: Path) -> bool:
+        """Whether nobody holds ``lock``'s flock (taken and released at once)."""
+        import fcntl
+
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    @classmethod
+    def _check_entries(cls, directory: Path, state: Engine.Contents) -> list[str]:
+        """:meth:`check_cache` for one backend's directory of entries."""
+        import re
+
+        files = {p.name: p for p in directory.iterdir()}
+        problems, named, pending = cls._check_manifests(directory, files, state)
+        for name, path in sorted(files.items()):
+            if name.endswith((".manifest.json", ".manifest.pending.json")):
+                continue
+            if (found := re.fullmatch(cls._TEMPORARY, name)) is not None:
+                state.temporary.append(path)
+                if pids_alive([int(found.group(1))]):
+                    problems.append(f"{path}: a temporary file of a live process")
+            elif name == "variants" and path.is_dir():
+                for record in path.iterdir():
+                    if re.fullmatch(cls._TEMPORARY, record.name) is None:
+                        json.loads(record.read_text())  # a record that parses
+            elif name in named:
+                state.libraries += name.endswith(".so")
+            elif name in pending:
+                state.unpublished.append(path)
+                if name.endswith(".so") and not any(cls._whole(path, m) for m in pending[name]):
+                    problems.append(f"{path}: named only by pending manifests, and not whole "
+                                    "by any of them")
+            else:
+                problems.append(f"{path}: no manifest names it")
+        return problems
+
+    @classmethod
+    def _check_manifests(cls, directory: Path, files: Mapping[str, Path],
+                         state: Engine.Contents
+                         ) -> tuple[list[str], set[str], dict[str, list[dict[str, Any]]]]:
+        """The manifests and pending manifests of a directory of entries: (problems, the
+        files the manifests name, the files pending manifests name → those manifests)."""
+        problems = []
+        named: set[str] = set()
+        pending: dict[str, list[dict[str, Any]]] = {}
+        for name, path in sorted(files.items()):
+            if name.endswith(".manifest.json") and not name.startswith("."):
+                manifest = json.loads(path.read_text())
+                state.manifests.append(manifest)
+                library = directory / str(manifest.get("library"))
+                if library.parent != directory or not cls._whole(library, manifest):
+                    problems.append(f"{path} names {library.name}, which is missing or not "
+                                    "the library it describes")
+                if not (directory / str(manifest.get("log"))).is_file():
+                    problems.append(f"{path} names a log that is missing")
+                named |= {str(manifest.get("library")), str(manifest.get("log"))}
+            elif name.endswith(".manifest.pending.json") and name.startswith("."):
+                manifest = json.loads(path.read_text())
+                state.pending.append(manifest)
+                for field in ("library", "log"):
+                    pending.setdefault(str(manifest.get(field)), []).append(manifest)
+        return problems, named, pending
+
+    @classmethod
+    def _check_control(cls, control: Path, state: Engine.Contents, *,
+                       staging: bool) -> list[str]:
+        """:meth:`check_cache` for the locks and the staging directories."""
+        problems = [f"{lock}: a key's lock is still held"
+                    for lock in sorted((control / "locks").glob("*.lock"))
+                    if not cls._lock_free(lock)]
+        for path in sorted((control / "staging").glob("*")):
+            if path.name.endswith(".lock"):
+                continue
+            state.staging.append(path)
+            lock = path.with_name(path.name + ".lock")
+            if not staging:
+                problems.append(f"{path}: a staging directory is left")
+            elif lock.exists() and not cls._lock_free(lock):
+                problems.append(f"{path}: a staging directory whose owner lives")
+        return problems
 
     def lock_is_free(self, digest: str) -> bool:
         from filelock import FileLock, Timeout

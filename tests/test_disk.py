@@ -1,26 +1,73 @@
 """A full disk and an unwritable cache: a clear error, no partial entry, nothing lost
-(the reliability suite, docs/reliability.md).
+(docs/reliability.md).
 
-The full disk is real where this process may mount a small tmpfs (root, with mount
-rights); the same checks also run everywhere with ENOSPC injected by the engine's
-test-only fault points (``MLCJIT_TEST_ENOSPC``, see pytest_mlcjit/fsutil.py)."""
+The default tier injects ENOSPC once at each named fault point of a compile and its
+publish (``MLCJIT_TEST_ENOSPC=<point>``, the engine's test-only fault points, see
+pytest_mlcjit/_util/fs.py), with the engine in this process (compiles still run in
+processes of their own). The reliability tier fills a real filesystem: a small tmpfs,
+where this process may mount one (root, with mount rights)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import Engine, Project
+from pytest_mlcjit import JIT, CompiledModel, Policy, Settings, TVMModel
+from pytest_mlcjit.errors import CompileError
+from pytest_mlcjit.key import file_sha256
 
-pytestmark = pytest.mark.reliability
+reliability = pytest.mark.reliability
+
+SPEC = TVMModel("tinymodel:build", config={"hidden": 4})
+
+#: The fault points of a compile and its publish, in the order a compile passes them.
+COMPILE_POINTS = ["staging", "compile", "compiled", "publish:staged", "publish:library"]
+
+Jit = Callable[..., JIT]
+
+
+@pytest.fixture
+def jit(project: Project, monkeypatch: pytest.MonkeyPatch) -> Jit:
+    """A new engine (a new run) in this process over the project's cache, per call."""
+    monkeypatch.syspath_prepend(str(project.pytester.path))
+
+    def make(policy: str = "ON") -> JIT:
+        return JIT(Settings(cache_dir=project.cache, policy=Policy.parse(policy)))
+
+    return make
+
+
+def check_numerics(model: CompiledModel) -> None:
+    """Load and run the library: proof that it is whole."""
+    x = np.full((2, 8), 0.25, dtype="float32")
+    w, b = model.params["fc.weight"], model.params["fc.bias"]
+    np.testing.assert_allclose(model.run("forward", x), np.maximum(x @ w.T + b, 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def distinct_old_entry(project: Project) -> str:
+    """Make the warm entry's library differ from what a compile writes now (compiles are
+    byte-for-byte reproducible): zeros appended (an ELF file ignores bytes after its
+    sections), its manifest updated to match. A whole, loadable entry; its sha256."""
+    (manifest,) = (project.cache / "tvm").glob("*.manifest.json")
+    data = json.loads(manifest.read_text())
+    library = manifest.with_name(data["library"])
+    with open(library, "ab") as f:
+        f.write(b"\0" * 4096)
+    data["sha256"], data["size"] = file_sha256(library), library.stat().st_size
+    manifest.write_text(json.dumps(data))
+    return str(data["sha256"])
 
 
 def _can_mount() -> bool:
@@ -62,11 +109,13 @@ def _fill(root: Path, leave: int) -> None:
 def _assert_nothing_published(project: Project) -> None:
     assert project.manifests() == []
     assert project.libraries() == []
+    assert list((project.cache / "tvm").glob(".*.manifest.pending.json")) == []
     assert list((project.cache / ".mlcjit" / "staging").iterdir()) == []
     assert list((project.cache / ".mlcjit" / "failed").iterdir()) == [], \
         "a full disk is not remembered as the model's failure"
 
 
+@reliability
 def test_full_tmpfs(engine: Engine, project: Project, tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     with _mounted(mnt, "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"):
@@ -82,39 +131,71 @@ def test_full_tmpfs(engine: Engine, project: Project, tmp_path: Path) -> None:
         assert "nothing was published" in message
         _assert_nothing_published(project)
         assert engine.lock_is_free(_digest(project))
+        assert len(project.compiles()) == 1
         # Free the space: the same request now compiles, once.
         (mnt / "ballast").unlink()
         (again,) = engine.run([{"hidden": 4}], check=True)
         assert again["ok"], again
         assert again["checked"]
         assert len(project.libraries()) == 1
+        assert len(project.compiles()) == 2
 
 
-@pytest.mark.parametrize("point", ["staging", "compiled", "publish:staged", "publish:library"])
-def test_injected_enospc_on_a_miss(engine: Engine, project: Project, point: str) -> None:
-    (result,) = engine.run([{"hidden": 4}], env={"MLCJIT_TEST_ENOSPC": point})
-    assert not result["ok"], result
-    assert result["error"] == "CompileError", result
-    assert "ran out of disk space" in result["message"], result
-    assert "nothing was published" in result["message"]
+@pytest.mark.parametrize("point", COMPILE_POINTS)
+def test_injected_enospc_on_a_miss(engine: Engine, project: Project, jit: Jit,
+                                   monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """ENOSPC at each point of a first compile: a clear error, nothing published, the
+    lock free, nothing remembered; with space again, the same request compiles once."""
+    monkeypatch.setenv("MLCJIT_TEST_ENOSPC", point)
+    with pytest.raises(CompileError) as failed:
+        jit().compile(SPEC, "cpu")
+    message = str(failed.value)
+    assert "ran out of disk space" in message, message
+    assert "nothing was published" in message, message
     _assert_nothing_published(project)
     assert engine.lock_is_free(_digest(project))
+    if point != "publish:library":  # there a log is left: see the test below
+        engine.check_cache(staging=False)
+    ran = 0 if point in ("staging", "compile") else 1  # the factory ran from "compiled" on
+    assert len(project.compiles()) == ran
+    monkeypatch.delenv("MLCJIT_TEST_ENOSPC")
+    model = jit().compile(SPEC, "cpu")
+    assert not model.hit
+    check_numerics(model)
+    assert len(project.compiles()) == ran + 1
+    assert project.libraries() == [model.path]
+
+
+def test_enospc_at_the_last_rename_of_a_first_publish_leaves_no_file_behind(
+        engine: Engine, jit: Jit, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLCJIT_TEST_ENOSPC", "publish:library")
+    with pytest.raises(CompileError, match="ran out of disk space"):
+        jit().compile(SPEC, "cpu")
+    engine.check_cache(staging=False)
 
 
 @pytest.mark.parametrize("point", ["staging", "publish:staged"])
-def test_injected_enospc_keeps_the_old_entry(engine: Engine, project: Project,
-                                             warm_template: Path, point: str) -> None:
-    """REDO rebuilds a good entry on a full disk: the rebuild fails, the old entry stays."""
-    engine.warm(warm_template)
+def test_injected_enospc_keeps_the_old_entry(engine: Engine, jit: Jit, warm_template: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             point: str) -> None:
+    """REDO rebuilds a good entry on a full disk: the rebuild fails, the old entry stays
+    (an old library that differs from the rebuild's, so that a replaced one would show)."""
+    project = engine.project
+    project.warm(warm_template)
+    old = distinct_old_entry(project)
     before = {p.name: p.read_bytes() for p in (project.cache / "tvm").rglob("*") if p.is_file()}
-    (result,) = engine.run([{"hidden": 4}], policy="REDO",
-                           env={"MLCJIT_TEST_ENOSPC": point})
-    assert not result["ok"], result
-    assert "ran out of disk space" in result["message"], result
+    monkeypatch.setenv("MLCJIT_TEST_ENOSPC", point)
+    with pytest.raises(CompileError, match="ran out of disk space"):
+        jit("REDO").compile(SPEC, "cpu")
+    monkeypatch.delenv("MLCJIT_TEST_ENOSPC")
+    assert len(project.compiles()) == (point != "staging"), "the rebuild ran"
     after = {p.name: p.read_bytes() for p in (project.cache / "tvm").rglob("*") if p.is_file()}
     assert after == before, "the old entry is untouched"
-    (hit,) = engine.run([{"hidden": 4}], policy="READONLY", check=True)
-    assert hit["checked"], hit
+    assert len(engine.check_cache(staging=False).manifests) == 1
+    hit = jit("READONLY").compile(SPEC, "cpu")
+    assert hit.hit
+    assert hit.manifest["sha256"] == old == file_sha256(hit.path)
+    check_numerics(hit)
 
 
 def _digest(project: Project) -> str:
@@ -159,7 +240,7 @@ def test_unwritable_cache(project: Project, warm_template: Path, tmp_path: Path)
         (project.pytester.path / "tinymodel.py").read_bytes()
     project.write_tests([{"hidden": 4}], per_config=2)
     with _read_only_copy(warm_template / "cache", project.cache, tmp_path):
-        on = project.run_inprocess("--mlc-device=cpu")
+        on = project.run("--mlc-device=cpu")
         on.assert_outcomes(errors=2)
         on.stdout.fnmatch_lines([f"MlcJitError: cache directory {project.cache} is not "
                                  "writable*--mlc-jit-policy=READONLY*"])
@@ -177,7 +258,7 @@ def test_unwritable_parent_of_a_cold_cache(project: Project, tmp_path: Path) -> 
     ctx = (_mounted(parent, "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs") if root
            else _chmod_read_only(parent))
     with ctx:
-        result = project.run_inprocess("--mlc-device=cpu")
+        result = project.run("--mlc-device=cpu")
     result.assert_outcomes(errors=1)
     why = "Read-only file system" if root else "Permission denied"
     result.stdout.fnmatch_lines([f"MlcJitError: cache directory {project.cache} is not "

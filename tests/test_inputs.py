@@ -17,7 +17,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_until
 from pytest_mlcjit.errors import SpecError
 from pytest_mlcjit.inputs import paths as input_paths
 from pytest_mlcjit.inputs import record as recording
@@ -420,9 +420,17 @@ def test_stat_hints_skip_hashing_in_a_new_process_until_the_file_changes(
     assert checker.changes(recorded, tmp_path) == []
     assert checker.files_hashed == 0
     st = data.stat()
-    time.sleep(0.05)  # past the file system's timestamp granularity (what the window is for)
-    data.write_text("HINTED\n", encoding="utf-8")
-    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored; ctime cannot be
+
+    def rewrite() -> bool:
+        """Same size, mtime restored; ctime cannot be: whether it moved on (a rewrite
+        within the file system's timestamp granularity does not, which is what the racy
+        window is for)."""
+        data.write_text("HINTED\n", encoding="utf-8")
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return data.stat().st_ctime_ns != st.st_ctime_ns
+
+    wait_until(rewrite, "a rewrite with a new ctime")
+    assert data.stat().st_mtime_ns == st.st_mtime_ns
     assert [c.kind for c in checker.changes(recorded, tmp_path)] == ["file"]
 
 

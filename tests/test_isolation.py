@@ -18,14 +18,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faultmodels import HOLD_MODEL, add_hold_model, hold_request, staging_dirs
+from faultmodels import (
+    HOLD_MODEL,
+    add_hold_model,
+    cli_as,
+    drive_as,
+    hold_request,
+    probe_user,
+    staging_dirs,
+    user_dir,
+)
 
 from conftest import DRIVER, Engine, Project, outcomes, wait_until
 from pytest_mlcjit.cache import locks
@@ -188,102 +196,25 @@ def test_staging_is_removed_only_once_its_owner_has_died(tmp_path: Path) -> None
 
 
 # -- 3. another user's lock file --------------------------------------------------------------
-USER = "mlcjit-probe"
-
-
 @pytest.fixture(scope="module")
 def other_user() -> Iterator[pwd.struct_passwd]:
-    """An unprivileged user (made with useradd, removed afterwards); the test runs as root
-    and acts as the ``sudo`` run that leaves a root-owned lock file."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: to make a root-owned lock file and run as another user")
-    made = False
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        try:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", USER], check=True, capture_output=True,
-                           timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
-            pytest.skip(f"useradd is not permitted here: {exc}")
-        made = True
-    try:
-        yield pwd.getpwnam(USER)
-    finally:
-        if made:
-            subprocess.run(["userdel", USER], check=False, capture_output=True, timeout=60)
+    """An unprivileged user made for the purpose (:func:`faultmodels.probe_user`); the test
+    runs as root and acts as the ``sudo`` run that leaves a root-owned lock file."""
+    with probe_user() as user:
+        yield user
 
 
 @pytest.fixture
 def user_home(other_user: pwd.struct_passwd) -> Iterator[Path]:
-    """A directory the other user owns, with the model and the driver (the test's own
-    temporary directories are private to root)."""
-    home = Path(tempfile.mkdtemp(prefix="mlcjit-user-"))
-    try:
-        (home / "holdmodel.py").write_text(HOLD_MODEL.strip() + "\n")
-        (home / "mlcjit_driver.py").write_text(DRIVER)
-        os.chmod(home, 0o755)
-        for path in (home, *home.iterdir()):
-            os.chown(path, other_user.pw_uid, other_user.pw_gid)
-        probe = _as_user(other_user, home, [sys.executable, "-c",
-                                            "import os, pytest_mlcjit; print(os.getuid())"])
-        if probe.returncode != 0 or probe.stdout.strip() != str(other_user.pw_uid):
-            pytest.skip(f"cannot run this interpreter as {USER}: {probe.stderr.strip()[-300:]}")
+    """A directory the other user owns, with the model and the driver."""
+    with user_dir(other_user, {"holdmodel.py": HOLD_MODEL.strip() + "\n",
+                               "mlcjit_driver.py": DRIVER}) as home:
         yield home
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-
-
-#: Runs argv as another user. The interpreter may live under root's private home (a
-#: pyenv in /root, mode 0700): in a mount namespace of its own, a tmpfs is mounted over
-#: /root with the interpreter's directory bound back into it, so the user can exec it.
-AS_USER = r"""
-import os, subprocess, sys, tempfile
-uid, gid, *argv = sys.argv[1:]
-exe = os.path.realpath(sys.executable)
-if exe.startswith("/root/"):
-    top = "/root/" + exe.split("/")[2]
-    keep = tempfile.mkdtemp()
-    subprocess.run(["mount", "--bind", top, keep], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/root"], check=True)
-    os.mkdir(top)
-    subprocess.run(["mount", "--move", keep, top], check=True)
-    os.rmdir(keep)
-os.setgroups([])
-os.setgid(int(gid))
-os.setuid(int(uid))
-os.execv(argv[0], argv)
-"""
-
-
-def _as_user(user: pwd.struct_passwd, home: Path, argv: list[str]
-             ) -> subprocess.CompletedProcess[str]:
-    env = {"HOME": str(home), "TMPDIR": str(home), "PATH": os.environ.get("PATH", ""),
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", AS_USER,
-         str(user.pw_uid), str(user.pw_gid), *argv],
-        cwd=home, env=env, capture_output=True, text=True, timeout=SAFETY_S, check=False)
-
-
-def _drive(user: pwd.struct_passwd, home: Path, policy: str) -> dict[str, Any]:
-    job = json.dumps({"cache": str(home / "cache"), "policy": policy,
-                      "requests": [hold_request(4)]})
-    proc = _as_user(user, home, [sys.executable, str(home / "mlcjit_driver.py"), job])
-    assert proc.returncode == 0, proc.stderr  # before: a bare PermissionError traceback
-    (result,) = outcomes(proc.stdout)
-    return result
-
-
-def _cli(user: pwd.struct_passwd, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _as_user(user, home, [sys.executable, "-m", "pytest_mlcjit.cli", *args,
-                                 "--cache-dir", str(home / "cache")])
 
 
 def _plant_root_lock(user: pwd.struct_passwd, home: Path, mode: int) -> Path:
     """The key's lock file, owned by root with ``mode``, in a cache the user owns."""
-    miss = _drive(user, home, "READONLY")
+    (miss,) = drive_as(user, home, home / "cache", [hold_request(4)], "READONLY")
     digest = miss["message"].split("for key ")[1].split()[0]
     locks = home / "cache" / ".mlcjit" / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -295,6 +226,10 @@ def _plant_root_lock(user: pwd.struct_passwd, home: Path, mode: int) -> Path:
     return lock
 
 
+def _cache_args(home: Path, *args: str) -> list[str]:
+    return [*args, "--cache-dir", str(home / "cache")]
+
+
 def test_a_root_owned_lock_file_is_locked_read_only(
         other_user: pwd.struct_passwd, user_home: Path) -> None:
     """A 0644 lock file root left (a run under sudo): the unprivileged user's compile takes
@@ -302,17 +237,19 @@ def test_a_root_owned_lock_file_is_locked_read_only(
     it once it is free. Before, every compile failed with a bare PermissionError, and
     prune and clear crashed with a traceback."""
     lock = _plant_root_lock(other_user, user_home, 0o644)
-    result = _drive(other_user, user_home, "ON")
+    result, again = drive_as(other_user, user_home, user_home / "cache", [
+        hold_request(4), {**hold_request(4), "policy": "READONLY"}])
     assert result["ok"], result
-    again = _drive(other_user, user_home, "READONLY")
+    assert not result["hit"], result
     assert again["ok"], again
     assert again["hit"], again
-    pruned = _cli(other_user, user_home, "prune", "--max-size", "0")
-    assert pruned.returncode == 0, pruned.stderr
-    assert "Traceback" not in pruned.stdout + pruned.stderr
+    pruned, cleared = cli_as(other_user, user_home,
+                             _cache_args(user_home, "prune", "--max-size", "0"),
+                             _cache_args(user_home, "clear"))
+    assert pruned["status"] == 0, pruned
+    assert "Traceback" not in pruned["out"] + pruned["err"], pruned
     assert not lock.exists(), "a lock file nobody holds goes with its entry"
-    cleared = _cli(other_user, user_home, "clear")
-    assert cleared.returncode == 0, cleared.stderr
+    assert cleared["status"] == 0, cleared
 
 
 def test_an_unreadable_lock_file_is_a_clear_error(
@@ -320,7 +257,7 @@ def test_an_unreadable_lock_file_is_a_clear_error(
     """A 0600 root-owned lock file cannot even be opened: the compile fails with an error
     that names the file, its owner and mode, and the fix; the CLI shows no traceback."""
     lock = _plant_root_lock(other_user, user_home, 0o600)
-    result = _drive(other_user, user_home, "ON")
+    (result,) = drive_as(other_user, user_home, user_home / "cache", [hold_request(4)])
     assert not result["ok"], result
     assert result["error"] == "MlcJitError", result
     message = result["message"]
@@ -328,11 +265,12 @@ def test_an_unreadable_lock_file_is_a_clear_error(
     assert "owned by uid 0 with mode 0600" in message, message
     assert f"rm {lock}" in message, message
     assert "sudo chown" in message, message
-    for command in (("prune", "--max-size", "0"), ("clear",), ("verify",), ("info",),
-                    ("list",)):
-        proc = _cli(other_user, user_home, *command)
-        assert "Traceback" not in proc.stdout + proc.stderr, (command, proc.stderr)
-        assert proc.returncode in (0, 2), (command, proc.stderr)
+    commands = [("prune", "--max-size", "0"), ("clear",), ("verify",), ("info",), ("list",)]
+    runs = cli_as(other_user, user_home, *(_cache_args(user_home, *c) for c in commands))
+    assert len(runs) == len(commands)
+    for run in runs:
+        assert "Traceback" not in run["out"] + run["err"], run
+        assert run["status"] in (0, 2), run
 
 
 # -- lock files are removed once free -----------------------------------------------------------

@@ -9,8 +9,12 @@ reader (:func:`pytest_mlcjit.cache.manifest.parse_manifest`), and then the store
 crashing. Valid values of every field are always accepted (a validation too strict would
 make ON rebuild an entry on every run).
 
-The issue's four examples then go through real processes: READONLY says the entry is
-corrupt, ON quarantines it and compiles once, READONLY then hits.
+The default tier draws a fixed set of examples (``derandomize``: the same every run); the
+reliability tier draws many more, new ones each run.
+
+The issue's four examples then go through the engine (in this process, a new engine per
+request; the compile in a process of its own): READONLY says the entry is corrupt, ON
+quarantines it and compiles once, READONLY then hits.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Engine, Project
+from conftest import Project
+from pytest_mlcjit import JIT, Policy, Settings, TVMModel
 from pytest_mlcjit.cache.layout import tvm_entry
 from pytest_mlcjit.cache.manage import info, prune, scan, verify
 from pytest_mlcjit.cache.manifest import FIELDS, MAX_SECONDS, MAX_TIME, Manifest, parse_manifest
@@ -37,7 +43,8 @@ from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.cli import main as cli_main
 from pytest_mlcjit.device import Device
 from pytest_mlcjit.engine.model import CompiledModel
-from pytest_mlcjit.errors import CorruptEntryError, MlcJitError
+from pytest_mlcjit.errors import CacheMissError, CorruptEntryError, MlcJitError
+from pytest_mlcjit.key import file_sha256
 from pytest_mlcjit.units import format_size, format_time
 
 DIGEST = "d" * 64
@@ -145,11 +152,28 @@ def _readers_cope(manifest: Manifest) -> None:
     json.dumps(manifest)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(changes=st.dictionaries(st.sampled_from(sorted({*FIELDS, *CORE, "unknown", "x"})),
-                               JSON | st.just("<delete>"), min_size=1, max_size=4))
+#: Any manifest field (and two unknown ones) replaced by any JSON value, or removed.
+MUTATIONS = st.dictionaries(st.sampled_from(sorted({*FIELDS, *CORE, "unknown", "x"})),
+                            JSON | st.just("<delete>"), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(changes=MUTATIONS)
 def test_a_mutated_manifest_is_accepted_whole_or_refused_everywhere(
         changes: dict[str, Any]) -> None:
+    _accepted_whole_or_refused_everywhere(changes)
+
+
+@pytest.mark.reliability
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=MUTATIONS)
+def test_many_mutated_manifests_are_accepted_whole_or_refused_everywhere(
+        changes: dict[str, Any]) -> None:
+    _accepted_whole_or_refused_everywhere(changes)
+
+
+def _accepted_whole_or_refused_everywhere(changes: dict[str, Any]) -> None:
     manifest = _base()
     for field, value in changes.items():
         if value == "<delete>":
@@ -228,9 +252,20 @@ def test_every_field_has_a_valid_value_strategy() -> None:
     assert set(VALID) == set(FIELDS)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_valid_values_of_every_field_are_accepted(data: st.DataObject) -> None:
+    _valid_values_accepted(data)
+
+
+@pytest.mark.reliability
+@settings(max_examples=1000, deadline=None)
+@given(data=st.data())
+def test_many_valid_values_of_every_field_are_accepted(data: st.DataObject) -> None:
+    _valid_values_accepted(data)
+
+
+def _valid_values_accepted(data: st.DataObject) -> None:
     manifest = _base()
     for field in data.draw(st.lists(st.sampled_from(sorted(VALID)), unique=True, max_size=6)):
         manifest[field] = data.draw(VALID[field], label=field)
@@ -251,12 +286,14 @@ ISSUE_CASES: dict[str, tuple[str, Any]] = {
 
 @pytest.mark.parametrize("case", ISSUE_CASES)
 def test_a_malformed_field_is_corrupt_in_the_engine_and_the_tools(
-        engine: Engine, project: Project, warm_template: Path, case: str) -> None:
+        project: Project, warm_template: Path, monkeypatch: pytest.MonkeyPatch,
+        case: str) -> None:
     """Before: "key": 5 gave an AttributeError, "compile_seconds": "slow" a ValueError,
     "params": "junk" a TypeError inside run; ON neither quarantined nor rebuilt (every run
     failed), verify said "ok", and "created": 1e300 crashed list and prune."""
     field, value = ISSUE_CASES[case]
-    engine.warm(warm_template)
+    project.warm(warm_template)
+    monkeypatch.syspath_prepend(str(project.pytester.path))
     (manifest,) = (project.cache / "tvm").glob("*.manifest.json")
     data = json.loads(manifest.read_text())
     data[field] = value
@@ -265,17 +302,29 @@ def test_a_malformed_field_is_corrupt_in_the_engine_and_the_tools(
         assert _cli(*command, "--cache-dir", str(project.cache)) == 0, command
     assert _cli("verify", "--cache-dir", str(project.cache)) == 1, "verify flags it"
 
-    one = {"config": {"hidden": 4}}
-    readonly, on, again = engine.run([{**one, "policy": "READONLY"}, {**one, "policy": "ON"},
-                                      {**one, "policy": "READONLY"}], fresh=True, check=True)
-    assert readonly["error"] == "CacheMissError", readonly
-    assert "the cached library is corrupt" in readonly["message"], readonly
-    assert f"has an invalid {field}" in readonly["message"], readonly
-    assert on["ok"], on
-    assert not on["hit"], on
-    assert on["checked"], on
-    assert len(project.compiles()) == 1, "READONLY compiled nothing; ON recompiled once"
+    spec = TVMModel("tinymodel:build", config={"hidden": 4})
+
+    def engine(policy: Policy) -> JIT:  # a new engine per request: a new run
+        return JIT(Settings(cache_dir=project.cache, policy=policy))
+
+    with pytest.raises(CacheMissError) as readonly:
+        engine(Policy.READONLY).compile(spec, "cpu")
+    message = str(readonly.value)
+    assert "the cached library is corrupt" in message, message
+    assert f"has an invalid {field}" in message, message
+    assert project.compiles() == [], "READONLY compiles nothing"
+    on = engine(Policy.ON).compile(spec, "cpu")
+    assert not on.hit
+    assert on.manifest["sha256"] == file_sha256(on.path)
+    x = np.full((2, 8), 0.25, dtype="float32")
+    w, b = on.params["fc.weight"], on.params["fc.bias"]
+    np.testing.assert_allclose(on.run("forward", x), np.maximum(x @ w.T + b, 0), rtol=1e-5,
+                               atol=1e-5)
+    assert len(project.compiles()) == 1, "ON recompiled once"
     (reason,) = (project.cache / ".mlcjit" / "quarantine").glob("*/REASON")
     assert f"has an invalid {field}" in reason.read_text()
-    assert again["hit"], again
+    again = engine(Policy.READONLY).compile(spec, "cpu")
+    assert again.hit
+    assert again.path == on.path
+    assert len(project.compiles()) == 1
     assert _cli("verify", "--cache-dir", str(project.cache)) == 0

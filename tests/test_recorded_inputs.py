@@ -1,21 +1,26 @@
 """Keys that cover every input (recorded inputs, ccache's direct mode): real compiles of a
 factory that imports a local helper (which imports another) and reads a ``.npy`` with
 ``numpy.load``; the constants it reads are baked into the library, so a stale library
-gives wrong numbers. Compiles are counted by the factory itself."""
+gives wrong numbers. Compiles are counted by the factory itself.
+
+The runs are in this process, but for one under xdist: there several processes must agree
+on which input state of a key each compiles (one compile per state across them)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import Project
+from conftest import Project, inprocess
+from pytest_mlcjit.cli import main as cli_main
 
 FACTORY = '''
 import os
@@ -160,13 +165,16 @@ def test_switching_back_and_forth_compiles_each_state_once(project: Project) -> 
 
 
 def test_n2_one_compile_per_input_state(project: Project) -> None:
-    """Two -n 2 runs over factories that read data files: one compile per distinct input
-    state, the warm run compiles nothing; an edited data file compiles only its own."""
+    """Factories that read data files: one compile per distinct input state; a warm run
+    compiles nothing; then, under -n 2 (two workers that each prefetch, and run tests of
+    either state), an edited data file compiles its own state once across the processes
+    (the worker that did not compile it finds the new state's entry), the other hits."""
     models = _setup(project, datas=("data/a.npy", "data/b.npy"), per_data=3)
-    ret, out = _run(project, "-n", "2")
+    ret, out = _run(project)
     assert ret == 0, out
-    assert len(project.compiles()) == 2
-    ret, out = _run(project, "-n", "2")
+    assert sorted(line.split()[1] for line in project.compiles()) == [
+        "data/a.npy", "data/b.npy"]
+    ret, out = _run(project)
     assert ret == 0, out
     assert len(project.compiles()) == 2
     np.save(models / "data/a.npy", np.full(4, 3.0, dtype="float32"))
@@ -174,6 +182,7 @@ def test_n2_one_compile_per_input_state(project: Project) -> None:
     assert ret == 0, out
     assert sorted(line.split()[1] for line in project.compiles()) == [
         "data/a.npy", "data/a.npy", "data/b.npy"]
+    assert len(project.libraries()) == 3
 
 
 def test_relocated_checkout_and_restored_cache_hit_readonly(
@@ -189,17 +198,17 @@ def test_relocated_checkout_and_restored_cache_hit_readonly(
     new_cache = elsewhere / "restored-cache"
     shutil.copytree(project.pytester.path, new_project, copy_function=shutil.copy)
     shutil.copytree(project.cache, new_cache, copy_function=shutil.copy)  # new mtimes
-    moved = Project(project.pytester, new_cache, project.counter)
-    project.pytester.chdir()
+    shutil.rmtree(project.pytester.path / "models")  # nothing may come from the old path
     os.chdir(new_project)
     try:
-        result = moved.pytester.runpytest_subprocess(
-            "-p", "no:cacheprovider", f"--mlc-jit-cache-dir={new_cache}", "--mlc-device=cpu",
-            "--mlc-jit-policy=READONLY", "-p", "no:randomly", str(new_project))
+        result = inprocess(project.pytester, "-p", "no:cacheprovider",
+                           f"--mlc-jit-cache-dir={new_cache}", "--mlc-device=cpu",
+                           "--mlc-jit-policy=READONLY", "-p", "no:randomly", str(new_project))
     finally:
         project.pytester.chdir()
     out = result.stdout.str()
-    assert result.ret == 0, out
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["2 requests: 2 hits*"])
     assert len(project.compiles()) == 2
 
 
@@ -291,12 +300,13 @@ def test_upgrading_an_imported_distribution_makes_the_entry_stale(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A third-party distribution the factory imported (a small one, installed into a
     site-packages directory of its own) is recorded with its version; upgrading it makes
-    the entry stale, naming the distribution and both versions."""
+    the entry stale, naming the distribution and both versions. The site dir is on this
+    process's sys.path, so the runs here and their compiles (whose sys.path is the test
+    process's) both see it."""
     site = tmp_path_factory.mktemp("venv") / "lib" / "site-packages"
     site.mkdir(parents=True)
     _install_tinydist(site, "1.0")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.syspath_prepend(str(site))
     project.pytester.makepyfile(distmodel=DIST_FACTORY, test_dist=textwrap.dedent('''
         import pytest
         from pytest_mlcjit import TVMModel
@@ -307,11 +317,22 @@ def test_upgrading_an_imported_distribution_makes_the_entry_stale(
     '''))
     ret, out = _run(project)
     assert ret == 0, out
+    assert len(project.compiles()) == 1
+    ret, out = _run(project, "--mlc-jit-policy=READONLY")
+    assert ret == 0, out  # unchanged: a hit
     _install_tinydist(site, "1.1")
     ret, out = _run(project, "--mlc-jit-policy=READONLY")
     assert ret == 1, out
     assert "distribution tinydist 1.0 → 1.1" in out, out
     assert len(project.compiles()) == 1
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    """``pytest-mlcjit ARGS`` in this process: its status and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = cli_main(list(args))
+    return status, out.getvalue()
 
 
 def test_the_ci_key_follows_local_imports(project: Project) -> None:
@@ -320,10 +341,9 @@ def test_the_ci_key_follows_local_imports(project: Project) -> None:
     models = _setup(project)
 
     def key() -> str:
-        result = project.pytester.run(sys.executable, "-m", "pytest_mlcjit", "key", "--",
-                                      "-p", "no:randomly", "--mlc-device=cpu")
-        assert result.ret == 0, result.stdout.str() + result.stderr.str()
-        return result.stdout.str().strip().splitlines()[-1]
+        status, text = _cli("key", "--", "-p", "no:randomly", "--mlc-device=cpu")
+        assert status == 0, text
+        return text.strip().splitlines()[-1]
 
     first = key()
     assert key() == first
@@ -332,15 +352,12 @@ def test_the_ci_key_follows_local_imports(project: Project) -> None:
     (models / "consts.py").write_text(CONSTS.format(base=1.0))
     assert key() != first
 
-    explain = project.pytester.run(sys.executable, "-m", "pytest_mlcjit", "explain",
-                                   "--cache-dir", str(project.cache), "--",
-                                   "-p", "no:randomly", "--mlc-device=cpu")
-    text = explain.stdout.str()
+    status, text = _cli("explain", "--cache-dir", str(project.cache), "--",
+                        "-p", "no:randomly", "--mlc-device=cpu")
+    assert status == 0, text
     assert "inputs changed since it was built: models/consts.py: sha256 " in text, text
     for command in ("list", "info"):
-        shown = project.pytester.run(sys.executable, "-m", "pytest_mlcjit", command,
-                                     "--inputs", "--cache-dir", str(project.cache))
-        text = shown.stdout.str()
-        assert shown.ret == 0, text
+        status, text = _cli(command, "--inputs", "--cache-dir", str(project.cache))
+        assert status == 0, text
         assert "models/consts.py" in text, text
         assert "data/w.npy" in text, text

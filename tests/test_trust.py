@@ -2,7 +2,12 @@
 other users can write is refused unless --mlc-jit-allow-untrusted-cache; subprocesses
 are argument lists, never a shell; and no name, config value or setting can make the cache
 read, write or load anything outside its root (the reliability suite,
-docs/reliability.md)."""
+docs/reliability.md).
+
+Whose files are trusted is seen from both sides in one run as root: root meeting a cache
+another user owns (:func:`test_owned_by_another_user`), and an unprivileged user made for
+the purpose meeting root's cache and a third user's (:func:`test_another_users_view`, the
+driver run as that user)."""
 
 from __future__ import annotations
 
@@ -10,20 +15,20 @@ import ast
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faultmodels import drive_as, probe_user, user_dir
 
 import pytest_mlcjit
-from conftest import Engine, Project
+from conftest import DRIVER, TINY_MODEL, Engine, Project
 from pytest_mlcjit import ConfigError
 from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.errors import CompileError
-
-pytestmark = pytest.mark.reliability
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NOBODY = 65534
@@ -108,14 +113,34 @@ def test_owned_by_another_user(engine: Engine, project: Project, warm_template: 
     assert project.compiles() == []
 
 
+def test_another_users_view(warm_template: Path) -> None:
+    """An unprivileged user (made for the purpose; the driver runs as that user) trusts a
+    cache root owns (a cache made under sudo: it hits, reading only) and refuses one a third
+    user owns, naming both uids."""
+    with probe_user() as user, user_dir(user, {"tinymodel.py": TINY_MODEL.strip(),
+                                               "mlcjit_driver.py": DRIVER}) as home:
+        roots = shutil.copytree(warm_template / "cache", home / "root-owned")
+        (hit,) = drive_as(user, home, roots, [{"hidden": 4}], "READONLY")
+        assert hit["ok"], hit
+        assert hit["hit"], hit
+        third = shutil.copytree(warm_template / "cache", home / "third-user")
+        os.chown(third, NOBODY, NOBODY)
+        (refused,) = drive_as(user, home, third, [{"hidden": 4}], "READONLY")
+        assert refused["error"] == "UntrustedCacheError", refused
+        assert (f"cache directory {third} is owned by uid {NOBODY}, not by you "
+                f"(uid {user.pw_uid})") in refused["message"], refused
+
+
 def test_a_umask_of_zero_still_makes_a_trusted_cache(engine: Engine, project: Project) -> None:
-    (first,) = engine.run([{"hidden": 4}], umask=0)
+    """A compile under umask 0 makes nothing others can write; a new engine trusts what it
+    made and hits."""
+    first, second = engine.run([{"hidden": 4}, {"hidden": 4}], umask=0, fresh=True)
     assert first["ok"], first
+    assert not first["hit"], first
+    assert second["hit"], second
     loose = [str(p) for p in [project.cache, *project.cache.rglob("*")]
              if p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
     assert loose == [], "nothing the cache made is writable by others"
-    (second,) = engine.run([{"hidden": 4}], umask=0)
-    assert second["hit"], second
 
 
 # -- no shell ------------------------------------------------------------------------------

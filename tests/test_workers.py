@@ -6,8 +6,11 @@ factory below reports, from inside the compile, what it sees: the state a previo
 compile may have left (a module global, a monkeypatched ``tvm.compile``), the worker it
 was forked from (its launcher's parent), its ``sys.path``, environment, working directory
 and umask. Several tests drive the engine in this test process (``JIT`` with
-``compile_workers``); the kill tests drive it in a separate process (the conftest
-driver) so that it can be killed.
+``compile_workers``, or a pytest run in this process); the kill tests drive it in a
+separate process (the conftest driver) so that it can be killed, and the crash test runs
+pytest in a subprocess (the worker must exit with its test process). The default tier kills
+each role of a compile's tree once, at a fixed moment (its factory running, held by a
+file); the ``reliability`` tier kills them at random moments in a loop.
 """
 
 from __future__ import annotations
@@ -24,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultmodels import alive
+from faultmodels import add_hold_model, alive, hold_request
 
 from conftest import Engine, Project, outcomes, wait_until
 from pytest_mlcjit import JIT, CompileError, Settings, TVMModel
 from pytest_mlcjit.build.warm import client as workers
-from pytest_mlcjit.key import file_sha256
 
 pytestmark = pytest.mark.skipif(not workers.supported(),
                                 reason="pre-warmed compile workers need Linux")
@@ -161,6 +163,8 @@ def _zygotes_of(pid: int) -> list[int]:
 
 def test_two_compiles_of_one_worker_share_no_state(state_project: Project, tmp_path: Path,
                                                    fresh_workers: Callable[[], int]) -> None:
+    """Two compiles forked from one warm worker see none of each other's state; a third,
+    whose factory raises, is reported from that worker with its log."""
     engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     engine.compile(_spec(3, first), "cpu")
@@ -176,12 +180,31 @@ def test_two_compiles_of_one_worker_share_no_state(state_project: Project, tmp_p
         "the second compile saw the first one's module global or its patched tvm.compile"
     assert len(state_project.compiles()) == 2
 
+    # A factory error, from the same warm worker.
+    third = tmp_path / "third.json"
+    with pytest.raises(CompileError) as info:
+        engine.compile(_spec(7, third, "raise"), "cpu")
+    assert _seen(third)["worker"] == state["pid"], "the warm worker ran it"
+    assert "the compiler exited with code 1" in str(info.value)
+    assert "RuntimeError: factory failed on purpose (hidden=7)" in str(info.value)
+    assert info.value.log_path is not None
+    log = Path(info.value.log_path).read_text()
+    assert "factory of hidden=7 says hello" in log
+    assert "Traceback" in log
+    assert fresh_workers() == 1, "the worker outlived the error"
+
+
+#: The compile timeout of the crash test: far above a warm compile of the tiny model
+#: (well under a second), so only the compile that sleeps reaches it.
+CRASH_TIMEOUT_S = 5
+
 
 def test_crashes_fail_only_their_own_test_with_the_log(state_project: Project,
                                                        tmp_path: Path) -> None:
     """os._exit, a segfault and a compile that sleeps past the timeout, between two good
     compiles served by the same worker: each fails only its own tests, with its log; the
-    worker lives on; nothing is left running."""
+    worker lives on; nothing is left running, and the worker exits with its test process
+    (a pytest subprocess, so that it can end)."""
     outs = {h: tmp_path / f"{h}.json" for h in (3, 4, 5, 6, 7)}
     crashes = {3: "", 4: "exit", 5: "segv", 6: "sleep", 7: ""}
     specs = [f'TVMModel("statemodel:build", config={{"hidden": {h}, "out": {str(outs[h])!r}, '
@@ -199,14 +222,16 @@ SPECS = [{", ".join(specs)}]
 def test_model(compiled_model, i):
     assert compiled_model.path.exists()
 ''')
-    result = state_project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-timeout=15",
-                               "--mlc-jit-compile-workers=on")
+    result = state_project.run_subprocess(
+        "-p", "no:xdist", "--mlc-device=cpu", f"--mlc-jit-timeout={CRASH_TIMEOUT_S}",
+        "--mlc-jit-compile-workers=on")
     result.assert_outcomes(passed=4, errors=6)
     out = result.stdout.str()
     result.stdout.fnmatch_lines([
         "the compiler exited with code 3 (compiling statemodel-crash=exit-*",
         "the compiler exited with code -11 (compiling statemodel-crash=segv-*",
-        "timed out after 15s (--mlc-jit-timeout) (compiling statemodel-crash=sleep-*"])
+        f"timed out after {CRASH_TIMEOUT_S}s (--mlc-jit-timeout) "
+        "(compiling statemodel-crash=sleep-*"])
     assert out.count("factory of hidden=4 says hello") >= 1, "the exit's log is shown"
     assert out.count("factory of hidden=5 says hello") >= 1, "the segfault's log is shown"
     assert out.count("factory of hidden=6 says hello") >= 1, "the timeout's log is shown"
@@ -246,18 +271,20 @@ def test_the_compile_sees_what_a_fresh_subprocess_sees(state_project: Project,
                                                         tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         fresh_workers: Callable[[], int]) -> None:
-    """The same spec compiled by a fresh subprocess (workers off) and by a warm worker:
-    the same sys.path, environment, working directory and umask inside the compile, and
-    the same recorded inputs (so the same entry)."""
+    """The same spec compiled by a fresh subprocess (workers off: no worker is started) and
+    by a warm worker: the same sys.path, environment, working directory and umask inside
+    the compile, and the same recorded inputs (so the same entry)."""
     monkeypatch.setenv("MLCJIT_TEST_MARK", "from the test process")
     seen = {}
     entries = {}
+    started = {}
     old = os.umask(0o027)
     try:
         for mode in ("off", "on"):
             out = tmp_path / "seen.json"  # the same config, so the same key
             engine = JIT(Settings(cache_dir=tmp_path / f"cache-{mode}", compile_workers=mode))
             model = engine.compile(_spec(3, out), "cpu")
+            started[mode] = fresh_workers()
             seen[mode] = _seen(out)
             inputs = model.manifest["inputs"]
             entries[mode] = (model.digest, [(m["path"], m["sha256"]) for m in inputs["modules"]],
@@ -265,6 +292,7 @@ def test_the_compile_sees_what_a_fresh_subprocess_sees(state_project: Project,
     finally:
         os.umask(old)
     off, on = seen["off"], seen["on"]
+    assert started == {"off": 0, "on": 1}, "workers off start no worker"
     assert on["worker"] == workers.pool_state()["pid"], "the warm worker compiled it"
     assert off["worker"] == os.getpid(), "workers off: a launcher of this process"
     assert on["path"] == off["path"], json.dumps({"on": on["path"], "off": off["path"]}, indent=0)
@@ -273,18 +301,14 @@ def test_the_compile_sees_what_a_fresh_subprocess_sees(state_project: Project,
     assert entries["on"] == entries["off"], "warm or not, the same recorded inputs"
 
 
-def test_workers_off_start_no_worker(state_project: Project, tmp_path: Path,
-                                     fresh_workers: Callable[[], int]) -> None:
-    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="off"))
-    engine.compile(_spec(3, tmp_path / "out.json"), "cpu")
-    assert fresh_workers() == 0
-
-
-@pytest.mark.parametrize("how", ["option", "env", "ini"])
+@pytest.mark.parametrize("how", ["default", "option", "env", "ini"])
 def test_workers_can_be_turned_off(state_project: Project, tmp_path: Path, how: str,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   fresh_workers: Callable[[], int]) -> None:
     """With workers off (--mlc-jit-compile-workers, MLC_JIT_COMPILE_WORKERS, ini), the
-    compile's launcher is a child of the test process; by default, of a warm worker."""
+    compile's launcher is a child of the test process; by default, of a warm worker. The
+    pytest run is in this process, so the launcher's parent is known exactly: this
+    process, or this process's warm worker."""
     out = tmp_path / "seen.json"
     state_project.pytester.makepyfile(test_one=f'''
 from pytest_mlcjit import TVMModel
@@ -295,18 +319,23 @@ import pytest
 def test_one(compiled_model):
     assert compiled_model.path.exists()
 ''')
-    state_project.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=1)
-    assert "pytest_mlcjit.build.warm" in _seen(out)["worker_cmd"]
-    args = ["-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-policy=REDO"]
+    args = ["-p", "no:xdist", "--mlc-device=cpu"]
     if how == "option":
         args.append("--mlc-jit-compile-workers=off")
     elif how == "env":
         monkeypatch.setenv("MLC_JIT_COMPILE_WORKERS", "off")
-    else:
+    elif how == "ini":
         state_project.pytester.makeini("[pytest]\nmlc_jit_compile_workers = off\n")
     state_project.run(*args).assert_outcomes(passed=1)
-    assert "pytest_mlcjit.build.warm" not in _seen(out)["worker_cmd"]
-    assert "pytest" in _seen(out)["worker_cmd"]
+    assert len(state_project.compiles()) == 1
+    seen = _seen(out)
+    if how == "default":
+        assert fresh_workers() == 1
+        assert seen["worker"] == workers.pool_state()["pid"], seen["worker_cmd"]
+        assert "pytest_mlcjit.build.warm" in seen["worker_cmd"]
+    else:
+        assert fresh_workers() == 0, "no worker was started"
+        assert seen["worker"] == os.getpid(), seen["worker_cmd"]
 
 
 def test_a_worker_that_dies_is_replaced(state_project: Project, tmp_path: Path,
@@ -322,20 +351,6 @@ def test_a_worker_that_dies_is_replaced(state_project: Project, tmp_path: Path,
     assert fresh_workers() == 2, state
     assert state["pid"] not in (None, first), state
     assert _seen(tmp_path / "b.json")["worker"] == state["pid"]
-
-
-def test_a_factory_error_is_reported_from_the_warm_worker(state_project: Project,
-                                                          tmp_path: Path,
-                                                          fresh_workers: Callable[[], int]) -> None:
-    engine = JIT(Settings(cache_dir=state_project.cache, compile_workers="on"))
-    with pytest.raises(CompileError) as info:
-        engine.compile(_spec(3, tmp_path / "a.json", "raise"), "cpu")
-    assert "the compiler exited with code 1" in str(info.value)
-    assert "RuntimeError: factory failed on purpose (hidden=3)" in str(info.value)
-    assert info.value.log_path is not None
-    log = Path(info.value.log_path).read_text()
-    assert "factory of hidden=3 says hello" in log
-    assert "Traceback" in log
 
 
 # -- random kills: the test process, the worker, the launcher, the compile ---------------------
@@ -361,6 +376,7 @@ def _chain(driver: int, cache: Path) -> dict[str, int]:
     return found
 
 
+@pytest.mark.reliability
 def test_random_kills_leave_no_partial_entry_and_no_process(engine: Engine, project: Project,
                                                             tmp_path: Path) -> None:
     """The test process, its warm worker, a compile's launcher or the compile itself is
@@ -373,6 +389,7 @@ def test_random_kills_leave_no_partial_entry_and_no_process(engine: Engine, proj
     tag = f"(seed {seed}; rerun with MLCJIT_KILL_SEED={seed})"
     landed: Counter[str] = Counter()
     drivers: list[int] = []
+    libraries = 0
     for n in range(ROUNDS):
         role = ROLES[n % len(ROLES)]
         hidden = 10 + n
@@ -390,7 +407,7 @@ def test_random_kills_leave_no_partial_entry_and_no_process(engine: Engine, proj
             if role != "test process":
                 wait_until(lambda d=driver, r=role: r in _chain(d.pid, project.cache)
                            or d.poll() is not None, f"the {role} to start")
-            time.sleep(delay)
+            time.sleep(delay)  # the random moment of the kill (not a synchronisation)
             chain = _chain(driver.pid, project.cache)
             victim = driver.pid if role == "test process" else chain.get(role)
             if victim is not None and driver.poll() is None:
@@ -408,31 +425,88 @@ def test_random_kills_leave_no_partial_entry_and_no_process(engine: Engine, proj
             assert role == "test process", where
             assert driver.returncode == -signal.SIGKILL, where
             assert sorted((project.cache / "tvm").glob("*")) == entries, where
-        else:
-            digest = str(events[0]["digest"])
-            library, manifest = engine.paths(digest)
-            if manifest.exists():  # a manifest only ever names a whole library
-                assert file_sha256(library) == json.loads(manifest.read_text())["sha256"], where
-            if role == "worker" and driver.returncode == 0:
-                (result,) = outcomes(out)
-                assert result["ok"], f"a killed worker failed a compile: {result} {where}"
+        elif role == "worker" and driver.returncode == 0:
+            (result,) = outcomes(out)
+            assert result["ok"], f"a killed worker failed a compile: {result} {where}"
         wait_until(lambda d=driver.pid: not _chain(d, project.cache),
                    f"every process of {where} to die", timeout=60)
-        locks = sorted((project.cache / ".mlcjit" / "locks").glob("*.lock"))
-        assert all(engine.lock_is_free(lock.stem) for lock in locks), where
-        # The next run compiles what is missing and loads it.
+        # The whole cache, from its files: every manifest names a whole library, no lock
+        # is held, nothing is left that no manifest names (but a killed publish's). The
+        # killed driver published its library, whole, or nothing.
+        published = engine.check_cache().libraries - libraries
+        assert published in (0, 1), where
+        assert published or not any(r["ok"] for r in outcomes(out)), where
+        # The next run (another config: its own key) compiles it and loads it.
         (again,) = engine.run([{"hidden": hidden}], check=True)
         assert again["ok"], (again, where)
         assert again["checked"], (again, where)
+        libraries += published + 1
+        assert engine.check_cache().libraries == libraries, where
     assert not any(_zygotes_of(d) for d in drivers), "a worker outlived its test process"
     assert _compile_processes(project.cache) == []
     assert sum(landed.values()) >= ROUNDS * 3 // 4, f"too few kills landed: {dict(landed)} {tag}"
     print(f"\nkills that landed {tag}: {dict(landed)}", file=sys.stderr)
 
 
+def test_each_role_killed_mid_compile(engine: Engine, project: Project,
+                                      tmp_path: Path) -> None:
+    """One driver, three compiles, each held in its factory (until a file appears) while
+    one process of its tree is SIGKILLed: the launcher, the compile (each fails that
+    compile alone, with no partial entry), the warm worker (the compile it forked goes on
+    and publishes). Then nothing of the trees is left, no lock is held, the cache holds
+    its invariants, and the next process compiles the two failed libraries once each
+    and loads all three. (The test process itself: the test below.)"""
+    add_hold_model(project)
+    releases = {role: tmp_path / f"release-{role}" for role in ("launcher", "compile", "worker")}
+    hidden = {"launcher": 11, "compile": 12, "worker": 13}
+    requests = [hold_request(hidden[role], hold=str(releases[role])) for role in releases]
+    with engine.popen(requests) as driver:
+        try:
+            for role, release in releases.items():
+                wait_until(lambda r=role: f"hidden={hidden[r]}" in "\n".join(project.compiles())
+                           or driver.poll() is not None, f"the compile killed at its {role}")
+                chain = _chain(driver.pid, project.cache)
+                assert set(chain) == {"worker", "launcher", "compile"}, (role, chain)
+                os.kill(chain[role], signal.SIGKILL)
+                if role == "worker":
+                    wait_until(lambda p=chain[role]: not alive(p), "the worker to die")
+                    assert alive(chain["compile"]), "the compile outlived its worker"
+                    release.touch()  # it goes on, and publishes
+                else:
+                    wait_until(lambda c=chain: not (alive(c["compile"]) or alive(c["launcher"])),
+                               f"the compile's tree to die with its {role}")
+            out, err = driver.communicate(timeout=SAFETY_S)
+        finally:
+            for release in releases.values():
+                release.touch()
+            if driver.poll() is None:
+                driver.kill()
+                driver.communicate()
+    assert driver.returncode == 0, err
+    *failed, kept = outcomes(out)
+    assert kept["ok"], f"a killed worker failed its compile: {kept}"
+    assert kept["sha256"] == kept["manifest_sha256"], kept
+    for result in failed:
+        assert result["error"] == "CompileError", result
+        assert "the compiler exited with code -9" in result["message"], result
+    wait_until(lambda: not _zygotes_of(driver.pid) and not _compile_processes(project.cache),
+               "the driver's workers and compiles to end with it")
+    state = engine.check_cache()
+    assert [m["sha256"] for m in state.manifests] == [kept["sha256"]], state
+    assert state.unpublished == [], state
+    assert len(project.compiles()) == 3
+    again = engine.run(requests, check=True)
+    assert [r["hit"] for r in again] == [False, False, True], again
+    assert all(r["checked"] for r in again), again
+    assert len(project.compiles()) == 5, "each failed library compiled once more"
+    assert engine.check_cache(staging=False).libraries == 3
+
+
 def test_killed_test_process_takes_its_worker_and_compile_along(engine: Engine,
-                                                                project: Project) -> None:
-    driver = engine.popen([{"hidden": 4, "sleep": 30.0}])
+                                                                project: Project,
+                                                                tmp_path: Path) -> None:
+    add_hold_model(project)
+    driver = engine.popen([hold_request(4, hold=str(tmp_path / "never"))])
     try:
         wait_until(lambda: "compile" in _chain(driver.pid, project.cache)
                    or driver.poll() is not None, "the compile to run")

@@ -25,7 +25,7 @@ from pytest_mlcjit.cache.layout import (
     EntryPaths,
     usage_file,
 )
-from pytest_mlcjit.cache.locks import is_key_locked, try_key_lock
+from pytest_mlcjit.cache.locks import is_key_locked, pid_alive, try_key_lock
 from pytest_mlcjit.cache.manifest import MAX_TIME, Manifest, read_manifest_file
 from pytest_mlcjit.cache.store.local import LocalStore
 
@@ -230,6 +230,9 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
                 hidden.setdefault(stem, []).append(name)
             else:
                 groups.setdefault(stem, []).append(name)
+        for digest, names in hidden.items():
+            if digest not in groups and all(_abandoned_temp(n) for n in names):
+                groups[digest] = []  # only a dead writer's temp files: litter to remove
         for digest, group in groups.items():
             manifest_name = f"{digest}{MANIFEST_SUFFIX}"
             extra = hidden.get(digest, [])
@@ -247,6 +250,15 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
             entries.append(entry)
     entries.sort(key=lambda e: (-e.recency, e.backend, e.digest))
     return entries
+
+
+def _abandoned_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary file (``.<name>.<pid>.<hex>.tmp``, as
+    :func:`pytest_mlcjit._util.fs.write_temp` names them) of a process of this host that is gone."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[-1] != "tmp" or not parts[-3].isdigit():
+        return False
+    return not pid_alive(int(parts[-3]))
 
 
 def _entry_size(d: os.DirEntry[str]) -> int:
