@@ -20,11 +20,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Project
+from conftest import Project, inprocess
 from pytest_mlcjit import CompiledModel, SpecError, TVMModel
 from pytest_mlcjit.cli import main as cli_main
 from pytest_mlcjit.device import Device, probe
@@ -87,7 +88,9 @@ def test_good(compiled_model):
 
 @pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["no-xdist", "xdist"])
 def test_bad_markers_specs_and_params_fail_only_their_tests(
-        project: Project, xdist: tuple[str, ...]) -> None:
+        project: Project, warm_template: Path, xdist: tuple[str, ...]) -> None:
+    """In one process and under ``-n 2`` (xdist collects on every worker: the subject)."""
+    project.warm(warm_template)
     project.pytester.makepyfile(test_bad=BAD_EVERYWHERE)
     result = project.run("--mlc-device=cpu", *xdist)
     out = result.stdout.str()
@@ -108,7 +111,8 @@ def test_bad_markers_specs_and_params_fail_only_their_tests(
     assert ("SpecError: config key 'sizes' of tinymodel:build is a tuple (1, 2): the config "
             "travels to the factory as JSON, where it would become a list; write it as a "
             "list") in _section(out, "test_tuple[cpu]")
-    assert len(project.compiles()) == 1, "the good spec compiled once, nothing else"
+    assert project.compiles() == [], "the good spec hit the warm cache; nothing else compiled"
+    assert len(project.manifests()) == 1
 
 
 def test_collection_keeps_every_test(project: Project) -> None:
@@ -161,12 +165,15 @@ def test_real_directory(compiled_model):
 
 
 @NO_MLC_LLM
-def test_mlc_model_strings(project: Project) -> None:
+def test_mlc_model_strings(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in sys.modules if n == "mlc_llm" or n.startswith("mlc_llm.")]:
+        monkeypatch.delitem(sys.modules, name)  # a stand-in another test imported: not here
     model_dir = project.pytester.path / "real-model-MLC"
     model_dir.mkdir()
     (model_dir / "mlc-chat-config.json").write_text(json.dumps(
         {"model_type": "llama", "quantization": "q4f16_1", "model_config": {}}))
-    project.pytester.makepyfile(test_mlc=MLC_PATHS)
+    # Not test_mlc.py: this suite has a module of that name, and the run is in-process.
+    project.pytester.makepyfile(test_mlc_paths=MLC_PATHS)
     result = project.run("--mlc-device=cpu", "-rs")
     result.assert_outcomes(skipped=1, errors=4)
     out = result.stdout.str()
@@ -181,7 +188,7 @@ def test_mlc_model_strings(project: Project) -> None:
     assert ("compiled_model parameter 'models.convnet:build' names a factory, not an MLC model "
             "directory: write TVMModel('models.convnet:build')"
             ) in _section(out, "test_factory_param[cpu-models.convnet:build]")
-    result.stdout.fnmatch_lines(["SKIPPED*test_mlc.py*: mlc_llm is not installed*"])
+    result.stdout.fnmatch_lines(["SKIPPED*test_mlc_paths.py*: mlc_llm is not installed*"])
 
 
 # -- 4. --mlc-jit-require-devices ---------------------------------------------------------------
@@ -200,8 +207,13 @@ def test_device_only(mlc_device):
 
 @NO_CUDA
 @pytest.mark.parametrize("how", ["option", "ini", "option-xdist"])
-def test_require_devices_fails_an_absent_device(project: Project, how: str) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
+def test_require_devices_fails_an_absent_device(project: Project, warm_template: Path,
+                                                how: str) -> None:
+    """The option, its ini key, and the option handed to xdist workers (the subject of the
+    ``-n 2`` case)."""
+    project.warm(warm_template)
+    # Not test_devices.py: this suite has a module of that name, and the run is in-process.
+    project.pytester.makepyfile(test_devs=DEVICE_TESTS)
     args = ["--mlc-device=cpu,cuda"]
     if how == "ini":
         project.pytester.makeini("[pytest]\nmlc_jit_require_devices = true\n")
@@ -215,12 +227,14 @@ def test_require_devices_fails_an_absent_device(project: Project, how: str) -> N
             "(--mlc-device=cpu,cuda); --mlc-jit-require-devices makes an absent device fail "
             "its tests instead of skipping them") in _section(result.stdout.str(),
                                                               "test_model[cuda]")
-    assert len(project.compiles()) == 1, "nothing compiled for the absent device"
+    assert project.compiles() == [], "nothing compiled for the absent device (cpu: a hit)"
 
 
 @NO_CUDA
-def test_without_require_devices_an_absent_device_skips(project: Project) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
+def test_without_require_devices_an_absent_device_skips(project: Project,
+                                                        warm_template: Path) -> None:
+    project.warm(warm_template)
+    project.pytester.makepyfile(test_devs=DEVICE_TESTS)
     result = project.run("--mlc-device=cpu,cuda", "-rs")
     result.assert_outcomes(passed=2, skipped=2)
     result = project.run("--mlc-device=cpu", "--mlc-jit-require-devices")
@@ -228,7 +242,7 @@ def test_without_require_devices_an_absent_device_skips(project: Project) -> Non
 
 
 def test_bad_require_devices_ini(project: Project) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
+    project.pytester.makepyfile(test_devs=DEVICE_TESTS)
     project.pytester.makeini("[pytest]\nmlc_jit_require_devices = sometimes\n")
     result = project.run("--mlc-device=cpu")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -259,8 +273,7 @@ def test_cross_compiled(compiled_model):
 
 
 def _collected(project: Project, *args: str) -> list[str]:
-    result = project.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--co", "-q",
-                                                  *args)
+    result = inprocess(project.pytester, "-p", "no:cacheprovider", "--co", "-q", *args)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()
     return [line.split("::", 1)[1] for line in result.stdout.lines if "::" in line]
 
@@ -284,8 +297,7 @@ def test_tvm_test_targets_names_itself_in_skips(project: Project,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     project.pytester.makepyfile(test_tvm=TVM_STYLE)
     monkeypatch.setenv("TVM_TEST_TARGETS", "llvm;metal")
-    result = project.pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rs", "-k",
-                                                  "test_device")
+    result = inprocess(project.pytester, "-p", "no:cacheprovider", "-rs", "-k", "test_device")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*device metal is not present: Metal exists only on macOS "
                                  "(TVM_TEST_TARGETS=llvm;metal)*"])
@@ -318,7 +330,15 @@ def test_the_gpu_marker_selects_gpu_tests(project: Project) -> None:
 
 # -- 7. the small things ------------------------------------------------------------------------
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    rc = cli_main(list(args))
+    """``pytest-mlcjit ARGS`` in this process: (exit status, stdout, stderr). ``explain``
+    of one spec puts the working directory on ``sys.path`` (as a command may): undone."""
+    path = sys.path[:]
+    try:
+        rc = cli_main(list(args))
+    except SystemExit as exc:  # argparse's own usage errors
+        rc = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.path[:] = path
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -333,12 +353,10 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 ])
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                  args: list[str], rc: int, message: str) -> None:
-    try:
-        status, _, err = _cli(capsys, *args, "--cache-dir", str(tmp_path))
-    except SystemExit as exc:  # argparse's own usage errors
-        status, err = int(str(exc.code)), capsys.readouterr().err
+    status, _, err = _cli(capsys, *args, "--cache-dir", str(tmp_path))
     assert status == rc
     assert message in err
+    assert not any(tmp_path.iterdir()), "a usage error writes nothing"
 
 
 def test_cli_runtime_failures_exit_1(project: Project, capsys: pytest.CaptureFixture[str],
@@ -346,13 +364,15 @@ def test_cli_runtime_failures_exit_1(project: Project, capsys: pytest.CaptureFix
     project.pytester.makepyfile(test_broken="this is not python\n")
     monkeypatch.chdir(project.pytester.path)
     rc, _, err = _cli(capsys, "key", "--", "--mlc-device=cpu")
-    assert rc == 1
+    assert rc == 1, "a runtime failure, not a usage error"
     assert "collecting the tests failed (pytest exit 2)" in err
+    assert "test_broken.py" in err, "the collection error's file"
     rc, _, err = _cli(capsys, "key", "--", "--mlc-device=cpu", "--no-such-option")
     assert rc == 2, "pytest's usage error is a usage error"
+    assert "--no-such-option" in err
 
 
-def test_explain_check_gates_a_readonly_run(project: Project,
+def test_explain_check_gates_a_readonly_run(project: Project, warm_template: Path,
                                             capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     project.write_tests([{"hidden": 4}])
@@ -361,21 +381,29 @@ def test_explain_check_gates_a_readonly_run(project: Project,
     rc, out, _ = _cli(capsys, *args)
     assert rc == 1
     assert "1 library requested: 0 cached, 1 would miss under READONLY" in out
-    project.run("--mlc-device=cpu").assert_outcomes(passed=1)
+    assert not project.cache.exists(), "explain writes nothing"
+    project.warm(warm_template)  # the library the test requests, compiled by another run
     rc, out, _ = _cli(capsys, *args)
     assert rc == 0
     assert "1 library requested: 1 cached, 0 would miss under READONLY" in out
+    project.run("--mlc-device=cpu", "--mlc-jit-policy=READONLY").assert_outcomes(passed=1)
     rc, out, _ = _cli(capsys, *args, "-k", "nothing-matches")
     assert rc == 0
     assert "0 libraries requested" in out
 
 
-def test_dry_runs_name_the_quarantine(project: Project, capsys: pytest.CaptureFixture[str]
-                                      ) -> None:
+def test_dry_runs_name_the_quarantine(project: Project, warm_template: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    project.warm(warm_template)  # hidden=4; the run compiles hidden=6
     project.write_tests([{"hidden": 4}, {"hidden": 6}])
     project.run("--mlc-device=cpu").assert_outcomes(passed=2)
+    assert len(project.libraries()) == 2
     library = project.libraries()[0]
-    library.write_bytes(b"corrupt" + library.read_bytes())
+    # A new file renamed over it: this process loaded the library (an in-process run), and
+    # changing a loaded library's bytes in place crashes the process when it unloads it.
+    corrupt = library.with_name("corrupt.tmp")
+    corrupt.write_bytes(b"corrupt" + library.read_bytes())
+    corrupt.replace(library)
     cache = ["--cache-dir", str(project.cache)]
     assert _cli(capsys, "verify", "--fix", *cache)[0] == 0
     quarantine = project.cache / ".mlcjit" / "quarantine"
@@ -483,7 +511,7 @@ def test_new_options_are_documented(pytester: pytest.Pytester,
                                     capsys: pytest.CaptureFixture[str], text: str) -> None:
     assert text in README.read_text(encoding="utf-8")
     if text.startswith(("--mlc", "mlc_", "TVM")):
-        help_text = pytester.runpytest_inprocess("--help").stdout.str()
+        help_text = inprocess(pytester, "--help").stdout.str()
         assert text in help_text
     if text == "--check":
         from pytest_mlcjit.cli import build_parser

@@ -1,16 +1,24 @@
-"""The MLC-LLM backend, exercised through the stand-in ``mlc_llm`` under tests/mlc_standin
-(the real one is not on PyPI). The stand-in honours MLC's command line and config registry
-and builds real, loadable TVM libraries, so compiling and loading are real; the key is
-checked against MLC's own recipe computed here independently.
+"""The MLC-LLM backend, exercised through ``mlc_llm``: the real one where it is importable
+here, else the stand-in under tests/mlc_standin (the real one is not on PyPI; on CI and
+most machines the stand-in is the one used). The stand-in is added after everything else
+on the path, so it never hides a real install. It honours MLC's command line and config
+registry and builds real, loadable TVM libraries, so compiling and loading are real; the
+key is checked against MLC's own recipe computed here independently.
+
+Tests that use the stand-in's own hooks (its compile counter, forced failures, a faked
+version, its numpy reference) are marked :data:`STANDIN_ONLY`: skipped where the real
+``mlc_llm`` is installed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +27,62 @@ import pytest
 from conftest import Project
 from pytest_mlcjit import JIT, CacheMissError, CompileError, JitDisabledError, Settings, SpecError
 from pytest_mlcjit.build.backends import locate
-from pytest_mlcjit.build.backends.mlc import MLCModel, override_string
+from pytest_mlcjit.build.backends.mlc import MLCModel, mlc_llm_installed, override_string
 
 STANDIN = Path(__file__).parent / "mlc_standin"
+#: Whether a real ``mlc_llm`` is importable here: decided when this module is imported,
+#: before any test has put the stand-in on a path.
+REAL_MLC_LLM = mlc_llm_installed()
+#: The test needs the stand-in's test hooks (``MLC_STANDIN_*``, ``mlc_llm.standin``).
+STANDIN_ONLY = pytest.mark.skipif(REAL_MLC_LLM, reason="uses the mlc_llm stand-in's test "
+                                  "hooks; the real mlc_llm is installed here")
 O2 = ("flashinfer=1;cublas_gemm=1;faster_transformer=0;cudagraph=1;cutlass=1;"
       "ipc_allreduce_strategy=NONE")
 
 
-@pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Put the stand-in on the path of this process and of every subprocess."""
-    monkeypatch.syspath_prepend(str(STANDIN))
+def use_mlc_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``mlc_llm`` importable in this process and in every subprocess: the real one
+    where it is installed (nothing changes then), else the stand-in, appended to
+    ``sys.path`` and ``PYTHONPATH`` so that it hides nothing. Undone by ``monkeypatch``."""
+    if REAL_MLC_LLM:
+        return
+    monkeypatch.setattr(sys, "path", [*sys.path, str(STANDIN)])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(STANDIN), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        [*filter(None, [os.environ.get("PYTHONPATH")]), str(STANDIN)]))
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """``mlc_llm`` for this test (:func:`use_mlc_llm`), and the stand-in's compile counter
+    (``MLC_STANDIN_COUNT_FILE``: one JSON line per real compilation, written by its compile
+    command; the real ``mlc_llm`` writes none). The ``mlc_llm`` modules the test imports
+    into this process are forgotten afterwards, so that later runs in this process see
+    only what their own path holds."""
+    use_mlc_llm(monkeypatch)
     counter = tmp_path / "mlc-compiles.txt"
     monkeypatch.setenv("MLC_STANDIN_COUNT_FILE", str(counter))
-    return counter
+    before = set(sys.modules)
+    yield counter
+    for name in set(sys.modules) - before:
+        if name == "mlc_llm" or name.startswith("mlc_llm."):
+            del sys.modules[name]
+
+
+def _make_model_dir(path: Path) -> Path:
+    """tests/mlc_standin/make_model_dir.py (a plain helper, loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("make_model_dir",
+                                                  STANDIN / "make_model_dir.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    made: Path = module.make_model_dir(path)
+    return made
 
 
 @pytest.fixture
 def model_dir(tmp_path: Path, standin: Path) -> Path:
-    from make_model_dir import make_model_dir  # type: ignore[import-not-found,unused-ignore]
-
-    path: Path = make_model_dir(tmp_path / "Llama-q4f16_1-MLC")
-    return path
+    return _make_model_dir(tmp_path / "Llama-q4f16_1-MLC")
 
 
 def _engine(root: Path, policy: str = "ON", run_id: str | None = None) -> JIT:
@@ -57,7 +97,7 @@ def _count(counter: Path) -> int:
 def _expected_key(model_dir: Path, overrides: dict[str, Any], device: str,
                   opt_repr: str = O2) -> dict[str, Any]:
     """MLC's recipe, written out independently of the plugin."""
-    from mlc_llm.model import MODELS  # the stand-in's registry
+    from mlc_llm.model import MODELS  # mlc_llm's own registry (of whichever is used)
 
     chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
     model_type, quantization = chat.pop("model_type"), chat.pop("quantization")
@@ -81,6 +121,7 @@ def _md5(key: dict[str, Any]) -> str:
     return hashlib.md5(json.dumps(key, sort_keys=True, indent=2).encode()).hexdigest()
 
 
+@STANDIN_ONLY
 def test_key_and_file_name_match_mlc(model_dir: Path, tmp_path: Path, standin: Path) -> None:
     import numpy as np
     from mlc_llm.standin import reference_forward
@@ -198,6 +239,7 @@ def test_mlc_llm_home_is_the_default_root(model_dir: Path, tmp_path: Path,
     assert model.path.parent == tmp_path / "mlc-home" / "model_lib"
 
 
+@STANDIN_ONLY
 def test_stale_toolchain(model_dir: Path, tmp_path: Path, standin: Path,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLC_STANDIN_VERSION", "1.0")
@@ -221,6 +263,7 @@ def _mlc_compile_by_hand(model_dir: Path, output: Path) -> None:
                    check=True, capture_output=True)
 
 
+@STANDIN_ONLY
 def test_adopts_a_library_mlc_put_there(model_dir: Path, tmp_path: Path, standin: Path) -> None:
     root = tmp_path / "home"
     req = _engine(root).request(MLCModel(model_dir), "cpu")
@@ -238,6 +281,7 @@ def test_adopts_a_library_mlc_put_there(model_dir: Path, tmp_path: Path, standin
     assert _count(standin) == 1
 
 
+@STANDIN_ONLY
 def test_an_unloadable_library_without_manifest_is_replaced(
     model_dir: Path, tmp_path: Path, standin: Path
 ) -> None:
@@ -252,6 +296,7 @@ def test_an_unloadable_library_without_manifest_is_replaced(
     assert _count(standin) == 1
 
 
+@STANDIN_ONLY
 @pytest.mark.parametrize(("mode", "message"), [
     ("exit", "the compiler exited with code 1"),
     ("nooutput", "the compiler exited 0 but wrote no library at lib.so"),
@@ -313,13 +358,16 @@ def test_android(compiled_model):
 '''
 
 
-def test_n2_compiles_each_mlc_key_once(project: Project, model_dir: Path, standin: Path) -> None:
-    project.pytester.makepyfile(test_mlc=MLC_TESTS.format(model_dir=str(model_dir)))
+@STANDIN_ONLY
+def test_n2_compiles_each_mlc_key_once(project: Project, model_dir: Path,
+                                       standin: Path) -> None:
+    """Two xdist workers (the subject) ask for the same three MLC keys."""
+    project.pytester.makepyfile(test_mlc_models=MLC_TESTS.format(model_dir=str(model_dir)))
     result = project.run("-n", "2", "--mlc-device=cpu", "-v")
     result.assert_outcomes(passed=7)
     out = result.stdout.str()
-    assert "PASSED test_mlc.py::test_android[target-android]" in out
-    assert "PASSED test_mlc.py::test_default[cpu-Llama-q4f16_1-MLC-0]" in out
+    assert "PASSED test_mlc_models.py::test_android[target-android]" in out
+    assert "PASSED test_mlc_models.py::test_default[cpu-Llama-q4f16_1-MLC-0]" in out
     assert _count(standin) == 3, "three distinct keys, each compiled once"
     keys = {json.loads(line)["overrides"] for line in standin.read_text().splitlines()}
     assert keys == {"", "context_window_size=512"}
@@ -327,24 +375,28 @@ def test_n2_compiles_each_mlc_key_once(project: Project, model_dir: Path, standi
     assert _count(standin) == 3
 
 
-def test_skipped_when_mlc_llm_is_missing(project: Project, tmp_path: Path) -> None:
+@pytest.mark.skipif(REAL_MLC_LLM, reason="the real mlc_llm is installed here")
+def test_skipped_when_mlc_llm_is_missing(project: Project, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the stand-in on the path there is no mlc_llm: the tests of an existing MLC
     model directory are skipped at collection (a missing one fails: tests/test_first_day.py)."""
+    for name in [n for n in sys.modules if n == "mlc_llm" or n.startswith("mlc_llm.")]:
+        monkeypatch.delitem(sys.modules, name)  # left by another test: not on the path now
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "mlc-chat-config.json").write_text(
         '{"model_type": "llama", "quantization": "q4f16_1", "model_config": {}}')
-    project.pytester.makepyfile(test_mlc=MLC_TESTS.format(model_dir=str(tmp_path / "m")))
-    result = project.run("-n", "2", "--mlc-device=cpu", "-rs")
+    project.pytester.makepyfile(test_mlc_models=MLC_TESTS.format(model_dir=str(tmp_path / "m")))
+    result = project.run("--mlc-device=cpu", "-rs")
     result.assert_outcomes(skipped=7)
     result.stdout.fnmatch_lines(["*mlc_llm is not installed*"])
-    assert project.compiles() == []
+    assert not (project.cache / "model_lib").exists(), "nothing compiled"
 
 
 def test_header_names_the_mlc_root(project: Project, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLC_LLM_HOME", str(tmp_path / "mlc-home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    result = project.run_inprocess("--co", "--mlc-device=cpu", cache=False)
+    result = project.run("--co", "--mlc-device=cpu", cache=False)
     result.stdout.fnmatch_lines([f"mlcjit: policy=ON, devices=cpu (present), "
                                  f"cache={tmp_path / 'xdg' / 'pytest-mlcjit'} "
                                  f"(MLC: {tmp_path / 'mlc-home'})"])
@@ -358,5 +410,8 @@ def test_a_readonly_request_in_an_on_run_writes_nothing(model_dir: Path, tmp_pat
     with pytest.raises(CacheMissError, match="READONLY"):
         engine.compile(MLCModel(model_dir), "cpu", policy="READONLY")
     assert not home.exists() or not any(home.rglob("*")), sorted(home.rglob("*"))
-    engine.compile(MLCModel(model_dir), "cpu")  # the run's own policy still writes
-    assert list((home / ".mlcjit" / "mlckeys").iterdir())
+    # The run's own policy still writes: keying alone writes the memo (no compile needed).
+    engine.request(MLCModel(model_dir), "cpu")
+    (run,) = (home / ".mlcjit" / "mlckeys").iterdir()
+    assert len(list(run.glob("*.json"))) == 1, "the key memo of this run"
+    assert not (home / "model_lib").exists()

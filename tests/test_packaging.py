@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV_VARS
+from conftest import ENV_VARS, inprocess
 from pytest_mlcjit import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,13 +72,15 @@ def test_readme_states_the_platforms() -> None:
 
 
 def test_readme_first_snippet_passes(pytester: pytest.Pytester) -> None:
-    """The snippet needs nothing but the installed package (here: this checkout's)."""
+    """The snippet needs nothing but the installed package (here: this checkout's); run
+    in this process (in a fresh virtualenv by the slow test below)."""
     assert "examples.models" not in readme_snippet()
     pytester.makepyfile(test_readme=readme_snippet())
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--mlc-device=cpu",
-        f"--mlc-jit-cache-dir={pytester.path / 'cache'}")
+    cache = pytester.path / "cache"
+    result = inprocess(pytester, "-p", "no:cacheprovider", "--mlc-device=cpu",
+                       f"--mlc-jit-cache-dir={cache}")
     result.assert_outcomes(passed=1)
+    assert len(list((cache / "tvm").glob("*.manifest.json"))) == 1, "compiled into the cache"
 
 
 # -- the built distributions, installed where nothing else is ------------------------------------
@@ -90,12 +92,24 @@ def _run(cmd: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None,
     return proc.stdout
 
 
+#: What a copy of the checkout leaves out: anywhere, caches and metadata; at the top only,
+#: setuptools' output directories (``pytest_mlcjit/build`` is a subpackage, not output).
+_SKIP_ANYWHERE = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache",
+                  ".pytest_cache", ".tox"}
+_SKIP_AT_TOP = {"build", "dist"}
+
+
+def _skipped(directory: str, names: list[str]) -> set[str]:
+    skipped = {n for n in names if n in _SKIP_ANYWHERE or n.endswith(".egg-info")}
+    if Path(directory) == ROOT:
+        skipped |= _SKIP_AT_TOP & set(names)
+    return skipped
+
+
 def _build(tmp_path: Path) -> tuple[Path, Path]:
     """``(sdist, wheel)``, the wheel built from the sdist, from a copy of this checkout."""
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".mypy_cache",
-        ".ruff_cache", ".pytest_cache", ".tox"))
+    shutil.copytree(ROOT, src, ignore=_skipped)
     dist = tmp_path / "dist"
     _run([sys.executable, "-m", "build", "--outdir", dist, src], cwd=tmp_path)
     (sdist,) = dist.glob("*.tar.gz")
@@ -130,6 +144,9 @@ def test_wheel_and_sdist_install_into_fresh_virtualenvs(tmp_path: Path) -> None:
         info = next(n.split("/")[0] for n in files if n.endswith(".dist-info/METADATA"))
         assert f"{info}/licenses/LICENSE" in files
         assert "pytest_mlcjit/examples/mlp.py" in files
+        modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pytest_mlcjit").rglob("*.py")
+                   if "__pycache__" not in p.parts}
+        assert modules <= files, f"the wheel lacks {sorted(modules - files)}"
         assert "[pytest11]\nmlcjit = pytest_mlcjit.plugin" in whl.read(
             f"{info}/entry_points.txt").decode()
 

@@ -3,13 +3,15 @@ compile time, inputs by position or by name, checked before TVM is called, error
 what the function takes and what was given, ``R.Shape`` results as :class:`Shape`, and the
 parameters of IRModules that keep them as inputs.
 
-Every model here is compiled for real (once per module) and run on the CPU.
+Every model here is compiled for real (once per session, shared by the xdist workers) and
+run on the CPU; the ONNX model is imported by TVM's real ONNX importer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,27 +54,30 @@ def build():
     return Net(), spec
 '''
 
-#: What relax.frontend.onnx.from_onnx(model, keep_params_in_input=True) makes of an ONNX
-#: Gemm whose input is "gpu_0/data_0": a `main` that takes the (renamed) input, then the
-#: weights, with the attribute num_input=1 (built with the BlockBuilder, as the importer
-#: does, since onnx itself is not installed here).
-ONNX_LIKE = '''
-from tvm import relax
+#: A real ONNX model, built with onnx.helper, imported by TVM's own ONNX importer: one Gemm
+#: whose input is "gpu_0.data_0", a name the importer renames to "gpu_0_data_0" (it replaces
+#: dots; TVM 0.27 keeps a "/" as it is), and whose weights, kept as inputs
+#: (keep_params_in_input=True), follow it in `main`, with the attribute num_input=1.
+ONNX_MODEL = '''
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tvm.relax.frontend.onnx import from_onnx
 
 
 def build(batch=1):
-    bb = relax.BlockBuilder()
-    x = relax.Var("gpu_0_data_0", relax.TensorType((batch, 3), "float32"))
-    w = relax.Var("fc_w_0", relax.TensorType((4, 3), "float32"))
-    b = relax.Var("fc_b_0", relax.TensorType((4,), "float32"))
-    with bb.function("main", params=[x, w, b]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
-            out = bb.emit_output(relax.op.add(y, b))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    mod["main"] = mod["main"].with_attrs({"num_input": 1})
-    return mod
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype("float32"), "fc_w_0"),
+               numpy_helper.from_array(rng.standard_normal(4).astype("float32"), "fc_b_0")]
+    gemm = helper.make_node("Gemm", ["gpu_0.data_0", "fc_w_0", "fc_b_0"], ["fc_0"], transB=1)
+    graph = helper.make_graph(
+        [gemm], "fc",
+        [helper.make_tensor_value_info("gpu_0.data_0", TensorProto.FLOAT, [batch, 3])],
+        [helper.make_tensor_value_info("fc_0", TensorProto.FLOAT, [batch, 4])],
+        initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return from_onnx(model, keep_params_in_input=True)
 '''
 
 #: Results that are not one tensor: an R.Shape, and a tuple.
@@ -106,10 +111,21 @@ class Models:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Models]:
-    root = tmp_path_factory.mktemp("run-models")
-    for name, source in (("runnet", NN_MODEL), ("runonnx", ONNX_LIKE),
-                         ("runshapes", SHAPES)):
-        (root / f"{name}.py").write_text(source)
+    """The three models, compiled once per session into one cache that the xdist workers
+    share (the plugin's own locks make the second worker wait for, then hit, the first's
+    compiles; the factories are written once, under a lock, byte for byte the same)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / "mlcjit-run-models"
+    with FileLock(f"{root}.lock"):
+        root.mkdir(exist_ok=True)
+        for name, source in (("runnet", NN_MODEL), ("runonnx", ONNX_MODEL),
+                             ("runshapes", SHAPES)):
+            if not (root / f"{name}.py").exists():
+                (root / f"{name}.py").write_text(source)
     sys.path.insert(0, str(root))  # the compile subprocess gets this process's sys.path
     try:
         cache = root / "cache"

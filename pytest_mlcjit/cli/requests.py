@@ -133,16 +133,22 @@ def _json_arg(text: str | None, name: str) -> Any:
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Key one spec given on the command line, in this process (nothing is compiled)."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # factories beside the tests, as pytest finds them
-    root = default_roots(args.cache_dir)[0] if (
-        args.cache_dir or os.environ.get("MLC_JIT_CACHE_DIR")) else None
-    engine = JIT(Settings(policy=Policy.READONLY, cache_dir=root))
-    spec = _spec_from_args(args)
-    req = engine.request(spec, args.device)
-    return {"digest": req.digest, "backend": req.backend, "describe": req.describe,
-            "key": req.key, "toolchain": dict(req.toolchain), "root": str(engine.root_for(req)),
-            "tests": ["(command line)"], "status": engine.status(spec, args.device)}
+    added = os.getcwd() not in sys.path
+    if added:  # factories beside the tests, as pytest finds them
+        sys.path.insert(0, os.getcwd())
+    try:
+        root = default_roots(args.cache_dir)[0] if (
+            args.cache_dir or os.environ.get("MLC_JIT_CACHE_DIR")) else None
+        engine = JIT(Settings(policy=Policy.READONLY, cache_dir=root))
+        spec = _spec_from_args(args)
+        req = engine.request(spec, args.device)
+        return {"digest": req.digest, "backend": req.backend, "describe": req.describe,
+                "key": req.key, "toolchain": dict(req.toolchain),
+                "root": str(engine.root_for(req)), "tests": ["(command line)"],
+                "status": engine.status(spec, args.device)}
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
