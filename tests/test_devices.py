@@ -34,22 +34,26 @@ def test_cuda_only(compiled_model):
 
 
 @NO_CUDA
-def test_absent_device_is_skipped_before_compiling(project: Project) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
-    result = project.run("--mlc-device=cpu,cuda", "-rs")
+def test_absent_device_is_skipped_before_compiling(project: Project,
+                                                   warm_template: Path) -> None:
+    project.pytester.makepyfile(test_devs=DEVICE_TESTS)
+    project.warm(warm_template)  # the cpu library: a hit, so any compile is cuda's
+    result = project.run("--mlc-device=cpu,cuda", "-rs", "--mlc-jit-prefetch=on")
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines([
         "*mlcjit: policy=ON, devices=cpu (present), cuda (absent: *",
         "SKIPPED*device cuda is not present: *(--mlc-device=cpu,cuda)*",
     ])
-    assert len(project.compiles()) == 1, "only the cpu library was compiled"
+    assert project.compiles() == [], "nothing compiled for the absent cuda, nor prefetched"
     assert [m["key"]["target"] for m in project.manifests()] == [{"kind": "llvm"}]
+    assert len(project.libraries()) == 1
 
 
 @NO_CUDA
 def test_only_absent_devices_compile_nothing(project: Project) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
-    result = project.run("-n", "2", "--mlc-device=cuda:1", "-rs")
+    """Prefetch on (as -n 2 has it by default): it compiles nothing for them either."""
+    project.pytester.makepyfile(test_devs=DEVICE_TESTS)
+    result = project.run("--mlc-device=cuda:1", "-rs", "--mlc-jit-prefetch=on")
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["*device cuda:1 is not present*"])
     assert project.compiles() == []
@@ -57,7 +61,7 @@ def test_only_absent_devices_compile_nothing(project: Project) -> None:
 
 
 def test_device_restriction_marker(project: Project, warm_template: Path) -> None:
-    project.pytester.makepyfile(test_devices=DEVICE_TESTS)
+    project.pytester.makepyfile(test_devs=DEVICE_TESTS)
     project.warm(warm_template)  # the cpu library: compiling it proves nothing here
     result = project.run("--mlc-device=cpu", "-rs", "-v")
     result.assert_outcomes(passed=1, skipped=1)
@@ -69,7 +73,7 @@ def test_device_restriction_marker(project: Project, warm_template: Path) -> Non
 
 def test_auto_resolves_to_a_present_device(project: Project) -> None:
     project.pytester.makepyfile(test_auto=DEVICE_TESTS)  # in-process: not this module's name
-    result = project.run_inprocess("--co")  # default: auto; the header says what it chose
+    result = project.run("--co")  # default: auto; the header says what it chose
     result.assert_outcomes()  # collected, nothing run, no collection error
     present = "cuda" if probe([Device("cuda")])["cuda"].present else "cpu"
     result.stdout.fnmatch_lines([f"*mlcjit: policy=ON, devices={present} (present)*"])
@@ -98,9 +102,11 @@ def test_compile_only(compiled_model, mlc_device):
 def test_opencl_in_spec(compiled_model):
     assert compiled_model.target == {"kind": "opencl"}
 ''')
-    result = project.run("--mlc-device=cpu", "-v")
+    # Progress off: a compile that lasts would print its line inside the -v test line.
+    result = project.run("--mlc-device=cpu", "-v", "--mlc-jit-progress=off")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*test_compile_only?target-cuda? PASSED*"])
+    assert len(project.compiles()) == len(project.libraries()) == 2
     targets = sorted(m["target_str"] for m in project.manifests())
     assert any('"arch":"sm_90"' in t for t in targets), targets
     assert any('"kind":"opencl"' in t for t in targets), targets
@@ -121,7 +127,7 @@ def test_a_test_that_parametrizes_mlc_device_itself_gets_that_device(project: Pr
     """Indirect parameters of ``mlc_device`` are the device the test runs on (the same
     reading prepare mode makes), not the first ``--mlc-device``; a bad one is an error."""
     project.pytester.makepyfile(test_own=OWN_DEVICE_PARAMS)
-    result = project.run_inprocess("--mlc-device=cpu")
+    result = project.run("--mlc-device=cpu")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*mlc_device: invalid device 'tpu': expected one of auto, *"])
     assert project.compiles() == []

@@ -29,21 +29,21 @@ def test_on_miss_compiles_then_hits(project: Project) -> None:
     second.stdout.fnmatch_lines(["2 requests: 2 hits"])
 
 
-def test_off_errors_before_touching_the_cache(project: Project) -> None:
+def test_off_errors_before_touching_the_cache(project: Project, warm_template: Path) -> None:
     project.write_tests(ONE)
-    result = project.run_inprocess("--mlc-jit-policy=OFF", "--mlc-device=cpu")
+    result = project.run("--mlc-jit-policy=OFF", "--mlc-device=cpu")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*JitDisabledError: JIT compilation is disabled (policy OFF)*"])
     assert not project.cache.exists(), "OFF reads and writes nothing"
     # A hit is refused too: OFF means no cache at all.
-    project.run("--mlc-jit-policy=ON", "--mlc-device=cpu").assert_outcomes(passed=1)
-    project.run_inprocess("--mlc-jit-policy=OFF", "--mlc-device=cpu").assert_outcomes(errors=1)
-    assert len(project.compiles()) == 1
+    project.warm(warm_template)
+    project.run("--mlc-jit-policy=OFF", "--mlc-device=cpu").assert_outcomes(errors=1)
+    assert project.compiles() == []
 
 
 def test_readonly_miss_names_the_key(project: Project) -> None:
     project.write_tests(ONE)
-    result = project.run_inprocess("--mlc-jit-policy=READONLY", "--mlc-device=cpu")
+    result = project.run("--mlc-jit-policy=READONLY", "--mlc-device=cpu")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([
         "*CacheMissError: no cached library for key * (TVMModel('tinymodel:build'*READONLY*"
@@ -67,37 +67,43 @@ def test_readonly_hit_on_a_read_only_directory(project: Project, warm_template: 
     assert project.compiles() == []
 
 
-def test_redo_recompiles_once_per_run(project: Project, warm_template: Path) -> None:
+def test_redo_compiles_a_miss_and_recompiles_a_hit_once_per_run(project: Project) -> None:
     project.write_tests(ONE, per_config=3)
-    project.warm(warm_template)  # a hit, compiled by an earlier run
+    project.run("--mlc-jit-policy=REDO", "--mlc-device=cpu").assert_outcomes(passed=3)
+    assert len(project.compiles()) == 1, "REDO compiled the miss once, not once per test"
     first_created = project.manifests()[0]["created"]
     project.run("--mlc-jit-policy=REDO", "--mlc-device=cpu").assert_outcomes(passed=3)
-    assert len(project.compiles()) == 1, "REDO rebuilt the hit once, not once per test"
-    assert project.manifests()[0]["created"] != first_created
-    project.run("--mlc-jit-policy=REDO", "--mlc-device=cpu").assert_outcomes(passed=3)
-    assert len(project.compiles()) == 2, "each new run rebuilds once"
+    assert len(project.compiles()) == 2, "a new run rebuilt the hit, once"
+    (manifest,) = project.manifests()
+    assert manifest["created"] != first_created
+    assert len(project.libraries()) == 1
 
 
-def test_redo_on_a_miss_compiles(project: Project) -> None:
+def test_env_policy_and_precedence(project: Project, warm_template: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's policy applies, and the command line's beats it. The cache holds
+    the library (a hit: OFF refuses even that, ON serves it), so nothing compiles."""
     project.write_tests(ONE)
-    project.run("--mlc-jit-policy=REDO", "--mlc-device=cpu").assert_outcomes(passed=1)
-    assert len(project.compiles()) == 1
-
-
-def test_env_policy_and_precedence(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
-    project.write_tests(ONE)
-    monkeypatch.setenv("MLC_JIT_POLICY", "readonly")
-    project.run_inprocess("--mlc-device=cpu").assert_outcomes(errors=1)
+    project.warm(warm_template)
+    monkeypatch.setenv("MLC_JIT_POLICY", "off")
+    result = project.run("--mlc-device=cpu")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*JitDisabledError: JIT compilation is disabled (policy OFF)*"])
     project.run("--mlc-device=cpu", "--mlc-jit-policy=ON").assert_outcomes(passed=1)
-    assert len(project.compiles()) == 1, "the CLI option beat the environment"
+    assert project.compiles() == [], "the CLI option beat the environment: a hit"
 
 
-def test_ini_policy_is_below_env(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ini_policy_is_below_env(project: Project, warm_template: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     project.write_tests(ONE)
+    project.warm(warm_template)
     project.pytester.makeini("[pytest]\nmlc_jit_policy = OFF\n")
-    project.run_inprocess("--mlc-device=cpu").assert_outcomes(errors=1)
+    result = project.run("--mlc-device=cpu")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*JitDisabledError: JIT compilation is disabled (policy OFF)*"])
     monkeypatch.setenv("MLC_JIT_POLICY", "ON")
     project.run("--mlc-device=cpu").assert_outcomes(passed=1)
+    assert project.compiles() == [], "the environment beat the ini file: a hit"
 
 
 def test_per_test_policy_marker(project: Project) -> None:
@@ -115,7 +121,7 @@ def test_readonly(compiled_model):
 def test_bad(compiled_model):
     pass
 ''')
-    result = project.run_inprocess("--mlc-device=cpu")
+    result = project.run("--mlc-device=cpu")
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines([
         "*ERROR at setup of test_readonly*",

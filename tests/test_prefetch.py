@@ -1,56 +1,119 @@
 """Background prefetch: right after collection, each xdist worker compiles the next of the
 run's libraries no other worker holds; every library is still compiled exactly once
-(counted by the factory)."""
+(counted by the factory), a failing one too. Without xdist, ``--mlc-jit-prefetch=on``
+does the same in one process. That ``--mlc-jit-prefetch=off`` under ``-n 2`` compiles
+nothing ahead of time is tests/test_xdist.py's; the order prefetch compiles in and work
+stealing, tests/test_schedule.py's.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 from conftest import Project, hold_tests
 
 FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
 
+#: ``per_config`` tests of each config that use the library without loading it: a worker
+#: of a nested ``-n 2`` run then imports neither TVM nor numpy (seconds of CPU per worker);
+#: that the libraries run right is checked in this process, in tests/test_policies.py.
+PATH_TESTS = '''
+import pytest
+from pytest_mlcjit import TVMModel
 
-def test_prefetch_compiles_every_library_once_ahead_of_time(project: Project) -> None:
-    project.write_tests(FOUR, per_config=2)
-    hold_tests(project, 4)
-    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=auto")
-    result.assert_outcomes(passed=8)
-    assert len(project.compiles()) == 4
-    result.stdout.fnmatch_lines(["8 requests: 8 hits; 4 libraries compiled ahead of time, *"])
-    warm = project.run("-n", "2", "--mlc-device=cpu")
-    warm.assert_outcomes(passed=8)
+
+@pytest.mark.parametrize("i", range({per_config}))
+@pytest.mark.parametrize("compiled_model",
+                         [TVMModel("tinymodel:build", config=c) for c in {configs!r}],
+                         indirect=True)
+def test_library(compiled_model, i):
+    assert compiled_model.path.stat().st_size > 0
+'''
+
+
+def write_path_tests(project: Project, configs: list[dict[str, Any]], per_config: int) -> None:
+    project.pytester.makepyfile(test_library=PATH_TESTS.format(configs=configs,
+                                                               per_config=per_config))
+
+#: Holds every test until the cache holds ``count`` libraries and ``failed`` remembered
+#: failures (as conftest.hold_tests, failures included): "prefetch compiled them all,
+#: the failing one too" is then a fact to assert, not a race the tests might win.
+HOLD_TESTS = '''
+import pathlib, time
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _hold_until_prefetched():
+    root = pathlib.Path({root!r})
+    deadline = time.monotonic() + 300
+    while (len(list((root / "tvm").glob("*.manifest.json"))) < {count}
+           or len(list((root / ".mlcjit" / "failed").glob("*.json"))) < {failed}):
+        assert time.monotonic() < deadline, "prefetch did not get through the libraries"
+        time.sleep(0.01)
+'''
+
+
+def configs(project: Project) -> list[str]:
+    """The configs the factory was called with (its own counter), sorted."""
+    return sorted(line.split(maxsplit=1)[1] for line in project.compiles())
+
+
+def test_prefetch_compiles_every_library_once_ahead_of_time(
+        project: Project, warm_template: Path, tmp_path: Path) -> None:
+    """Two workers, five libraries: one already cached (compiled by an earlier run), one
+    that fails. Each of the others is compiled (or tried) once, ahead of time, the cached
+    one not at all, and the failing one's tests report its error. A warm run prefetches
+    nothing new, and the failure, a known one, is not tried again."""
+    project.warm(warm_template)  # hidden=4
+    write_path_tests(project, [*FOUR, {"hidden": 9, "fail": True}], per_config=2)
+    project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache), count=4,
+                                                    failed=1))
+    out = tmp_path / "report.json"
+    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=auto",
+                         f"--mlc-jit-report={out}")
+    result.assert_outcomes(passed=8, errors=2)
+    assert configs(project) == ["hidden=3", "hidden=5", "hidden=6", "hidden=9"]
+    assert len(project.libraries()) == len(project.manifests()) == 4
+    result.stdout.fnmatch_lines(
+        ["10 requests: 8 hits, 2 failed; 3 libraries compiled ahead of time, *"])
+    assert result.stdout.str().count("factory failed on purpose (hidden=9)") >= 2
+    data = json.loads(out.read_text())
+    assert data["prefetched"] == data["compiles"] == 3
+    assert sorted((lib["spec"], lib["outcome"], lib["prefetched"])
+                  for lib in data["libraries"]) == [
+        ("tinymodel-fail=True-hidden=9", "failed", False),
+        ("tinymodel-hidden=3", "compiled", True), ("tinymodel-hidden=4", "hit", False),
+        ("tinymodel-hidden=5", "compiled", True), ("tinymodel-hidden=6", "compiled", True)]
+
+    # (In this process, prefetch on: the same prefetch, without starting two workers.)
+    warm = project.run("--mlc-device=cpu", "--mlc-jit-prefetch=on")
+    warm.assert_outcomes(passed=8, errors=2)
     assert len(project.compiles()) == 4, "a warm run prefetches nothing new"
-    warm.stdout.fnmatch_lines(["8 requests: 8 hits"])
+    warm.stdout.fnmatch_lines(["10 requests: 8 hits, 2 failed"])
+    assert "ahead of time" not in warm.stdout.str()
 
 
-def test_prefetch_off_and_single_process(project: Project) -> None:
-    project.write_tests(FOUR[:2], per_config=2)
-    off = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off")
-    off.assert_outcomes(passed=4)
-    assert "ahead of time" not in off.stdout.str()
-    project.write_tests(FOUR[2:], per_config=2, name="test_more")
-    hold_tests(project, 4)
+def test_prefetch_on_in_a_single_process(project: Project, warm_template: Path) -> None:
+    project.write_tests(FOUR[:3], per_config=2)
+    project.warm(warm_template)  # hidden=4 is cached: nothing to prefetch for it
+    hold_tests(project, 3)
     single = project.run("-p", "no:xdist", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
-    single.assert_outcomes(passed=8)
-    single.stdout.fnmatch_lines(["8 requests: 8 hits; 2 libraries compiled ahead of time, *"])
-    assert len(project.compiles()) == 4
+    single.assert_outcomes(passed=6)
+    single.stdout.fnmatch_lines(["6 requests: 6 hits; 2 libraries compiled ahead of time, *"])
+    assert configs(project) == ["hidden=3", "hidden=5"]
+    assert len(project.libraries()) == 3
 
 
 def test_no_prefetch_when_the_policy_does_not_write(project: Project) -> None:
     project.write_tests(FOUR[:2])
-    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-policy=READONLY",
+    result = project.run("--mlc-device=cpu", "--mlc-jit-policy=READONLY",
                          "--mlc-jit-prefetch=on")
     result.assert_outcomes(errors=2)
     assert project.compiles() == []
-
-
-def test_a_failing_library_is_compiled_once_and_reported_by_its_tests(project: Project) -> None:
-    project.write_tests([{"hidden": 4, "fail": True}, {"hidden": 5}], per_config=3)
-    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
-    result.assert_outcomes(passed=3, errors=3)
-    assert len(project.compiles()) == 2, "the failing one was tried once, by prefetch"
-    assert result.stdout.str().count("factory failed on purpose (hidden=4)") >= 3
-
-
+    assert not project.cache.exists()
 
 
 def test_prefetch_builds_nothing_for_a_test_whose_own_policy_does_not_write(
@@ -70,7 +133,8 @@ def test_prefetch_builds_nothing_for_a_test_whose_own_policy_does_not_write(
         def test_plain(compiled_model):
             pass
     ''')
-    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=on")
+    result = project.run("--mlc-device=cpu", "--mlc-jit-prefetch=on")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*CacheMissError: no cached library*"])
-    assert [line.split()[1] for line in project.compiles()] == ["hidden=3"]
+    assert configs(project) == ["hidden=3"]
+    assert len(project.libraries()) == 1

@@ -1,19 +1,22 @@
-"""One compilation per key across xdist workers and across independent processes; and a
-failure is remembered for the rest of its run: a model that fails to compile, needed by
-ten tests on two xdist workers, is compiled once per run, and every one of those tests
-fails with the same message and the same log (the reliability suite, docs/reliability.md).
+"""One compilation per key across xdist workers; the workers' accounts merged into one
+summary; and a failure remembered for the rest of its run: a model that fails to compile,
+needed by ten tests on two xdist workers, is compiled once per run, and every one of those
+tests fails with the same message and the same log (the reliability suite,
+docs/reliability.md).
 
 Compilations are counted by the model factory itself (it runs once per compile, in the
-compile subprocess), not by the plugin's own statistics. tests/test_concurrency.py covers
-locks, kills and many processes on one cache.
+compile subprocess), libraries from the cache's files, not from the plugin's statistics.
+Two independent pytest processes on one cold key: tests/test_progress.py (the one that
+waits says whose compile it waits for); locks, kills and many processes on one cache:
+tests/test_concurrency.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,66 +24,88 @@ from conftest import Project, accounting
 
 TWO_CONFIGS = [{"hidden": 4}, {"hidden": 6}]
 
+#: ``per_config`` tests of each config that use the library without loading it: a worker
+#: of a nested ``-n 2`` run then imports neither TVM nor numpy (seconds of CPU per worker);
+#: that the libraries run right is checked in this process, in tests/test_policies.py.
+PATH_TESTS = '''
+import pytest
+from pytest_mlcjit import TVMModel
 
-def test_n2_compiles_each_config_once(project: Project) -> None:
-    project.write_tests(TWO_CONFIGS, per_config=3)
-    first = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off")
+
+@pytest.mark.parametrize("i", range({per_config}))
+@pytest.mark.parametrize("compiled_model",
+                         [TVMModel("tinymodel:build", config=c) for c in {configs!r}],
+                         indirect=True)
+def test_library(compiled_model, i):
+    assert compiled_model.path.stat().st_size > 0
+'''
+
+
+def write_path_tests(project: Project, configs: list[dict[str, Any]], per_config: int) -> None:
+    project.pytester.makepyfile(test_library=PATH_TESTS.format(configs=configs,
+                                                               per_config=per_config))
+
+
+def configs(lines: list[str]) -> list[str]:
+    """The configs of the factory's counter lines (``pid hidden=N``), sorted."""
+    return sorted(line.split()[1] for line in lines)
+
+
+def on_disk(project: Project) -> dict[int, Path]:
+    """hidden → library file, for each entry whose library and manifest are both there."""
+    found = {}
+    for manifest in (project.cache / "tvm").glob("*.manifest.json"):
+        library = manifest.with_name(manifest.name.removesuffix(".manifest.json") + ".so")
+        assert library.is_file(), f"{manifest} without its library"
+        hidden = json.loads(manifest.read_text())["key"]["config"]["hidden"]
+        assert hidden not in found, f"two entries of hidden={hidden}"
+        found[hidden] = library
+    assert len(project.libraries()) == len(found), "a library without its manifest"
+    return found
+
+
+def test_n2_compiles_each_key_once_and_redo_once_per_run(project: Project,
+                                                        tmp_path: Path) -> None:
+    """Two workers, prefetch off, so that the tests themselves race for the keys: each
+    key is compiled once, the other tests hit or wait; only the controller prints the
+    summary, and it counts every worker's requests. Then REDO (prefetch on, as -n 2 has it
+    by default): one rebuild per key per run, not per worker."""
+    write_path_tests(project, TWO_CONFIGS, per_config=3)
+    out = tmp_path / "cold.json"
+    first = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off",
+                        f"--mlc-jit-report={out}")
     first.assert_outcomes(passed=6)
-    assert len(project.compiles()) == 2, project.compiles()
-    assert len(project.manifests()) == 2
-    assert {m["key"]["config"]["hidden"] for m in project.manifests()} == {4, 6}
+    assert configs(project.compiles()) == ["hidden=4", "hidden=6"], project.compiles()
+    cold = on_disk(project)
+    assert sorted(cold) == [4, 6]
+    text = first.stdout.str()
+    assert text.count("pytest-mlcjit ---") == 1, "one summary, the controller's"
+    assert "ahead of time" not in text, "prefetch off: nothing compiled ahead of time"
     counts = accounting(first)  # the others hit, or waited for a compile
-    assert counts["compiled"] == 2
+    assert counts["requests"] == 6
+    assert counts["compiled"] == len(project.compiles()) == 2
     assert counts.get("hit", 0) + counts.get("waited", 0) == 4
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["compiles"] == 2
+    assert sorted(lib["requests"] for lib in data["libraries"]) == [3, 3]
+    assert {lib["worker"] for lib in data["libraries"]} <= {"gw0", "gw1"}
+    assert sorted(lib["size"] for lib in data["libraries"]) == sorted(
+        p.stat().st_size for p in cold.values())
 
-    second = project.run("-n", "2", "--mlc-device=cpu")
-    second.assert_outcomes(passed=6)
-    assert len(project.compiles()) == 2, "the second run compiles nothing"
-    second.stdout.fnmatch_lines(["6 requests: 6 hits"])
-
-
-def test_redo_under_n2_compiles_each_key_once_per_run(project: Project) -> None:
-    project.write_tests(TWO_CONFIGS, per_config=3)
-    project.run("-n", "2", "--mlc-device=cpu").assert_outcomes(passed=6)
-    assert len(project.compiles()) == 2
-    project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-policy=REDO").assert_outcomes(passed=6)
+    mtimes = {h: p.stat().st_mtime_ns for h, p in cold.items()}
+    out = tmp_path / "redo.json"
+    redo = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-policy=REDO",
+                       f"--mlc-jit-report={out}")
+    redo.assert_outcomes(passed=6)
     assert len(project.compiles()) == 4, "REDO: one rebuild per key per run, not per worker"
-
-
-def test_two_independent_processes_on_one_cold_key(
-    project: Project, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    project.write_tests([{"hidden": 5}], per_config=1)
-    # Slow the factory so both processes surely overlap on the cold key.
-    monkeypatch.setenv("MLCJIT_TEST_SLEEP", "2")
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-           "--mlc-device=cpu", "--mlc-jit-cache-dir", str(project.cache)]
-    procs = [subprocess.Popen(cmd, cwd=project.pytester.path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert len(project.compiles()) == 1, outputs
-    summaries = sorted(line for o in outputs for line in o.splitlines()
-                       if line.startswith("1 request: "))
-    assert [s.partition(";")[0] for s in summaries] == [
-        "1 request: 1 compiled", "1 request: 1 waited"], "one compiled, the other waited"
-
-
-def test_xdist_worker_stats_reach_the_controller(project: Project) -> None:
-    project.write_tests(TWO_CONFIGS, per_config=2)
-    result = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off")
-    result.assert_outcomes(passed=4)
-    # Only the controller prints the summary, and it counts every worker's requests.
-    assert result.stdout.str().count("pytest-mlcjit ---") == 1
-    counts = accounting(result)
-    assert (counts["requests"], counts["compiled"]) == (4, 2), counts
-
-
-def test_without_xdist(project: Project) -> None:
-    project.write_tests([{"hidden": 4}], per_config=2)
-    result = project.run("-p", "no:xdist", "--mlc-device=cpu")
-    result.assert_outcomes(passed=2)
-    assert len(project.compiles()) == 1
+    assert configs(project.compiles()[2:]) == ["hidden=4", "hidden=6"]
+    rebuilt = on_disk(project)
+    assert sorted(rebuilt) == [4, 6]
+    assert all(rebuilt[h].stat().st_mtime_ns != mtimes[h] for h in rebuilt), "rebuilt"
+    assert accounting(redo)["requests"] == 6
+    data = json.loads(out.read_text())
+    assert data["compiles"] == 2
+    assert {lib["outcome"] for lib in data["libraries"]} == {"compiled"}
 
 
 # -- a failing model: compiled once per run, one message for all its tests -----------------
@@ -100,6 +125,9 @@ def _errors(out: str) -> list[tuple[str, str]]:
 
 @pytest.mark.reliability
 def test_a_failing_model_compiles_once_per_run(project: Project) -> None:
+    """Ten tests of one failing model on two workers, three runs. The default tier keeps
+    the invariant in tests/test_prefetch.py (a failing library among others, -n 2: tried
+    once) and tests/test_accounting.py (failures across two workers counted, one compile)."""
     project.write_tests([{"fail": True}], per_config=10)
     first = project.run("-n", "2", "--mlc-device=cpu")
     first.assert_outcomes(errors=10)
@@ -128,3 +156,4 @@ def test_a_failing_model_compiles_once_per_run(project: Project) -> None:
     second.assert_outcomes(errors=10)
     assert len(project.compiles()) == 2
     assert set(_errors(second.stdout.str())) == {(head, log)}
+    assert project.libraries() == []

@@ -30,10 +30,14 @@ from pytest_mlcjit.errors import CompileInterrupted
 #: Environment variables (name prefixes) that can change how Python or TVM import, or
 #: what the zygote inherits from the moment it starts: a request whose value of any of
 #: them differs from the zygote's gets a new zygote. ``PYTHONPATH`` is not among them:
-#: every compile sets its own ``sys.path`` from it.
+#: every compile sets its own ``sys.path`` from it; nor are this plugin's own settings
+#: (:data:`OWN_ENV`), which change nothing TVM imports.
 IMPORT_ENV = ("PYTHON", "TVM", "LD_", "DYLD_", "OMP_", "KMP_", "GOMP", "MKL_", "OPENBLAS",
               "GOTO", "CUDA", "NVIDIA", "HIP_", "ROCM", "VULKAN", "MALLOC", "LLVM", "NUMPY",
               "MLC_")
+OWN_ENV = ("MLC_JIT_", "MLCJIT_")
+#: How long a finished compile's launcher gets to exit after its last word.
+LAUNCHER_EXIT_S = 5.0
 
 
 #: How long the first compile waits for a new zygote to import TVM.
@@ -67,7 +71,8 @@ def warm_module(argv: list[str]) -> str | None:
 
 
 def _import_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_ENV) and k != "PYTHONPATH"}
+    return {k: v for k, v in env.items()
+            if k.startswith(IMPORT_ENV) and not k.startswith(OWN_ENV) and k != "PYTHONPATH"}
 
 
 def _umask() -> int:
@@ -342,9 +347,21 @@ class WarmProcess:
 
     def _done(self, code: int) -> None:
         self.returncode = code
+        self._await_launcher_exit()
         _pool.conns.discard(self.conn)
         with contextlib.suppress(OSError):
             self.conn.close()
+
+    def _await_launcher_exit(self) -> None:
+        """After its last word the launcher exits: its end of the socket closes then (the
+        kernel closes it), so wait for that, briefly, and a compile that returned has left
+        no process behind, its launcher included."""
+        deadline = time.monotonic() + LAUNCHER_EXIT_S
+        with contextlib.suppress(OSError, ValueError):
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self.conn], [], [], left)
+                if not ready or not self.conn.recv(1 << 16):
+                    return
 
 
 def start(argv: list[str], log_path: Path, *, env: Mapping[str, str], head: int, tail: int,
