@@ -184,7 +184,9 @@ def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
             f"{path.name} would collide with the module {loaded} in this process: rename it"
     with warnings.catch_warnings():
         warnings.resetwarnings()
-        return pytester.runpytest_inprocess(*args)
+        # An inner run that is interrupted (a test raising KeyboardInterrupt) returns its
+        # result with ExitCode.INTERRUPTED instead of interrupting this run too.
+        return pytester.runpytest_inprocess(*args, no_reraise_ctrlc=True)
 
 
 # -- opt-in tests: each marker below runs only with its option ----------------------------------

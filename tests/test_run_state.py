@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_one(compiled_model):
 '''
 
 
-def _spied(project: Project) -> list[dict[str, object]]:
+def _spied(project: Project) -> list[dict[str, Any]]:
     out = project.pytester.path / "spy.jsonl"
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -86,7 +87,6 @@ def test_a_later_run_in_the_same_process_starts_from_nothing_of_the_earlier(
     assert spy["cancelled"] is False, "run 3's waits are its own"
     assert _warned(third) == 1, "the failed write is said again, once, in run 3"
     jobs = spy["jobs"]
-    assert isinstance(jobs, list)
     assert [j["id"] for j in jobs] == list(range(1, len(jobs) + 1)), jobs
     assert [j["kind"] for j in jobs] == ["wait", "compile"], jobs
     assert len(project.compiles()) == 2, "run 3 (REDO) compiled after its wait"
@@ -143,7 +143,7 @@ def test_runs_in_one_process_number_their_jobs_from_one(project: Project) -> Non
     assert first["run_id"] != second["run_id"]
     for spy in (first, second):
         jobs = spy["jobs"]
-        assert isinstance(jobs, list) and jobs
+        assert jobs
         assert [j["id"] for j in jobs] == list(range(1, len(jobs) + 1))
-    assert {j["digest"] for j in first["jobs"]}.isdisjoint(  # type: ignore[union-attr]
-        {j["digest"] for j in second["jobs"]})  # type: ignore[union-attr]
+    assert {j["digest"] for j in first["jobs"]}.isdisjoint(
+        {j["digest"] for j in second["jobs"]})
