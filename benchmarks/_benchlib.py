@@ -3,8 +3,12 @@
 Everything here works from outside the plugin: benchmark suites are generated into a
 scratch directory and run with ``python -m pytest`` in a subprocess, compilations are
 counted by the benchmark's own model factory (one line appended to a counter file per
-call, in whatever process compiles), and every figure is a median over repetitions in
-which the variants being compared alternate.
+call, in whatever process compiles), libraries are counted on the filesystem, and times
+are measured by the benchmark itself (never read from the plugin's summary, manifests or
+records). Every figure is a ratio of two quantities measured in the same repetition, the
+variants alternating (their order rotates every repetition), and its verdict against the
+stated target is computed (:meth:`Checks.figure`), printed as a ``verdict:`` line and
+turned into the exit status.
 """
 
 from __future__ import annotations
@@ -390,37 +394,6 @@ def xdist_args(workers: int) -> list[str]:
     return ["-n", str(workers)] if workers > 0 else ["-p", "no:xdist"]
 
 
-#: ``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s compiling,
-#: 52.10s waiting for other compiles``: the outcomes, then what compiles and waits cost.
-_SUMMARY_RE = re.compile(r"^(?P<requests>\d+) requests?: (?P<kinds>[^;\n]*)(?:; (?P<extra>.*))?$",
-                         re.MULTILINE)
-
-
-def plugin_summary(output: str) -> dict[str, float] | None:
-    """The plugin's terminal-summary counters, if its line is in ``output``: ``requests``,
-    ``hits`` (served from a cache: hit, remote hit or waited), ``compiles`` (all, ahead of
-    time included), ``prefetched``, ``compile_s``, ``wait_s``, and each outcome by name."""
-    match = _SUMMARY_RE.search(output)
-    if match is None:
-        return None
-    out = {"requests": float(match["requests"])}
-    for part in match["kinds"].split(", "):
-        n, _, word = part.partition(" ")
-        out[word.rstrip("s") if word.endswith("hits") else word] = float(n)
-    extra = match["extra"] or ""
-
-    def number(pattern: str) -> float:
-        found = re.search(pattern, extra)
-        return float(found[1]) if found else 0.0
-
-    out["prefetched"] = number(r"(\d+) librar(?:y|ies) compiled ahead of time")
-    out["compile_s"] = number(r"([\d.]+)s compiling")
-    out["wait_s"] = number(r"([\d.]+)s waiting")
-    out["hits"] = sum(out.get(k, 0.0) for k in ("hit", "remote hit", "waited"))
-    out["compiles"] = out.get("compiled", 0.0) + out["prefetched"]
-    return out
-
-
 _HELP_CACHE: dict[str, str] = {}
 
 
@@ -502,6 +475,69 @@ def best_makespan(times: Sequence[float], workers: int) -> float:
     return best
 
 
+def best_assignment(times: Sequence[float], workers: int) -> list[list[int]]:
+    """An optimal assignment of jobs ``times`` (by index) to ``workers`` identical
+    workers, each worker's jobs longest first (exhaustive with pruning: for K <= 12)."""
+    order = sorted(range(len(times)), key=lambda i: -times[i])
+    best_loads: list[list[int]] = [[] for _ in range(workers)]
+    for i in order:  # LPT to start from
+        min(best_loads, key=lambda js: sum(times[j] for j in js)).append(i)
+    best = max(sum(times[j] for j in js) for js in best_loads)
+    if len(times) > 12:
+        return best_loads
+    loads = [0.0] * workers
+    jobs: list[list[int]] = [[] for _ in range(workers)]
+
+    def place(k: int) -> None:
+        nonlocal best, best_loads
+        if k == len(order):
+            if max(loads) < best:
+                best, best_loads = max(loads), [list(js) for js in jobs]
+            return
+        i, seen = order[k], set()
+        for w in range(workers):
+            if loads[w] in seen or loads[w] + times[i] >= best:
+                continue
+            seen.add(loads[w])
+            loads[w] += times[i]
+            jobs[w].append(i)
+            place(k + 1)
+            jobs[w].pop()
+            loads[w] -= times[i]
+
+    place(0)
+    return best_loads
+
+
+class FileWatcher:
+    """Polls ``pattern`` under ``root`` (every 10 ms, in a thread) while something runs, and
+    records when the number of matching files first reached ``count``: the benchmark's own
+    observation of when the last library was published (a manifest is written last)."""
+
+    def __init__(self, root: Path, pattern: str, count: int) -> None:
+        import threading
+
+        self.root, self.pattern, self.count = root, pattern, count
+        self.reached: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            if len(list(self.root.glob(self.pattern))) >= self.count:
+                self.reached = time.time()
+                return
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> FileWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 # -- the machine ----------------------------------------------------------------------------
 def _version(dist: str) -> str:
     try:
@@ -550,7 +586,8 @@ def print_header(title: str, what: str) -> None:
 # -- arguments and scratch space ------------------------------------------------------------
 def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 1 repetition; asserts correctness only (CI)")
+                        help="tiny models, one or two rounds (CI): checks correctness and "
+                        "prints every figure's computed verdict without enforcing it")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scratch directory (default: a new temp dir, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -575,11 +612,82 @@ def work_dir(args: argparse.Namespace, name: str) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class Checks:
-    """Correctness checks: collected, printed at the end, and the exit status."""
+#: A figure's line: ``verdict: NAME = 1.2345x, target <= 1.2x: met`` (or ``missed by 3%``,
+#: ``not measured``), or ``verdict: NAME = 1.2345x, no target``. Parsed by
+#: tests/test_benchmarks_quick.py, which checks that each verdict follows from its ratio.
+VERDICT_RE = re.compile(r"^verdict: (?P<name>.+?) = (?P<ratio>-?[0-9.]+|nan|inf)x, "
+                        r"(?:target (?P<op><=|<) (?P<target>[0-9.]+)x: (?P<verdict>.+)"
+                        r"|no target)$", re.MULTILINE)
 
-    def __init__(self) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """One reported figure: a ratio of two quantities the benchmark measured in the same
+    repetitions, and its verdict against ``target`` (``ratio <= target``, or ``<`` when
+    ``strict``), or no target."""
+
+    name: str
+    ratio: float
+    target: float | None = None
+    strict: bool = False
+
+    @property
+    def rounded(self) -> float:
+        """The ratio as printed (4 decimals): the verdict is computed from this value."""
+        return round(self.ratio, 4)
+
+    @property
+    def measured(self) -> bool:
+        return self.ratio == self.ratio and self.ratio not in (float("inf"), float("-inf"))
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is met (None without a target)."""
+        if self.target is None:
+            return None
+        if not self.measured:
+            return False
+        return self.rounded < self.target if self.strict else self.rounded <= self.target
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return "no target"
+        if not self.measured:
+            return "not measured"
+        if self.met:
+            return "met"
+        return f"missed by {self.rounded / self.target - 1:.1%}" if self.target else "missed"
+
+    def line(self) -> str:
+        ratio = f"{self.rounded:.4f}" if self.measured else str(self.ratio).lower()
+        if self.target is None:
+            return f"verdict: {self.name} = {ratio}x, no target"
+        op = "<" if self.strict else "<="
+        return f"verdict: {self.name} = {ratio}x, target {op} {self.target:g}x: {self.verdict()}"
+
+
+def ratio_of(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of the per-repetition ratios ``numerators[i] / denominators[i]`` (each
+    pair measured side by side in one repetition); NaN unless both have the same length."""
+    if len(numerators) != len(denominators):
+        return float("nan")
+    pairs = [(a, b) for a, b in zip(numerators, denominators, strict=True) if b > 0]
+    return median([a / b for a, b in pairs]) if pairs else float("nan")
+
+
+class Checks:
+    """Correctness checks and figures: collected, printed at the end, and the exit status.
+
+    Exit status: 1 when a correctness check failed; else 3 when a figure missed its target
+    (not in ``--quick``: one or two rounds of tiny models on a shared CI machine measure
+    nothing worth a verdict, so there a missed target is printed and not enforced; the
+    quick-mode test checks that every verdict is computed from its ratio); else 0.
+    """
+
+    def __init__(self, *, quick: bool = False) -> None:
         self.failed: list[str] = []
+        self.figures: list[Figure] = []
+        self.quick = quick
 
     def expect(self, ok: bool, message: str) -> None:
         if not ok:
@@ -592,9 +700,31 @@ class Checks:
                                f"{run.tail()}")
         return run.ok
 
+    def figure(self, name: str, ratio: float, target: float | None = None, *,
+               strict: bool = False) -> Figure:
+        """Record a figure (printed with its verdict by :meth:`exit_code`)."""
+        fig = Figure(name, ratio, target, strict)
+        self.figures.append(fig)
+        return fig
+
     def exit_code(self) -> int:
+        if self.figures:
+            print("\nFigures (ratios of quantities measured side by side in the same "
+                  "repetitions; median of the per-repetition ratios):")
+            for fig in self.figures:
+                print(fig.line())
         if self.failed:
             print(f"\n{len(self.failed)} check(s) failed")
             return 1
         print("\nall correctness checks passed")
-        return 0
+        missed = [f for f in self.figures if f.met is False]
+        if not missed:
+            if any(f.target is not None for f in self.figures):
+                print("all targets met")
+            return 0
+        names = "; ".join(f"{f.name} ({f.verdict()})" for f in missed)
+        if self.quick:
+            print(f"{len(missed)} target(s) missed, not enforced in --quick: {names}")
+            return 0
+        print(f"{len(missed)} target(s) missed: {names}")
+        return 3

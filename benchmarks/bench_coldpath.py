@@ -11,19 +11,29 @@ alternate, their order rotating every repetition), printed as Markdown tables:
 (b) ``makespan``: one long and several short compiles (the factory sleeps: 8 s and eight
     of 1 s by default) on W workers, the long one last in first-use order; the tests wait
     until every library is published, so that all compiles are the background
-    prefetch's (W compile slots: the schedule under test). Run 1 has
-    no recorded compile times; then a data file the factory reads changes (a new input
-    state of every key), and run 2 compiles all of them again with the times of run 1
-    on record. The makespan of each run (first compile start to last compile end, from
-    the manifests' ``created`` and ``compile_seconds``) against the best schedule of
-    the same compile times over W workers (exact). Target (run 2): <= 1.1.
+    prefetch's (W compile slots: the schedule under test). Three variants, in an order
+    that rotates every repetition: "no record", a cold run on a fresh cache (no compile
+    times on record: first-use order); "on record", a run on a cache that a first run
+    (before the repetitions, without xdist) left its compile times in, after a data file
+    the factory reads changed (a new input state of every key: all compile again, with
+    times on record); and "limit", W processes that import TVM once and then run the best
+    schedule of the same jobs (exact, over the configured sleeps), each job the same
+    factory, export and ``tvm.compile``. Every time is taken by this benchmark: a job
+    starts when the factory is called (the factory writes the time), a plugin run's
+    makespan ends when this script sees the last of its K libraries published (a
+    manifest is written last; polled every 10 ms), the limit's when its last library is
+    exported. Target: on record / limit <= 1.1.
 (c) ``failures``: a warm run of K good models plus F models whose factory raises (their
     tests marked xfail), after a first run recorded the failures, against the warm run
     of the K good models alone. Target: <= 1.05.
 
+Every figure is the median of per-repetition ratios; nothing is read from the plugin
+(compiles are counted by the factory, libraries on the filesystem).
+
     python benchmarks/bench_coldpath.py               # full: every part, 5 reps
     python benchmarks/bench_coldpath.py --parts b     # one part
-    python benchmarks/bench_coldpath.py --quick       # CI: small sizes, 1 rep, checks only
+    python benchmarks/bench_coldpath.py --quick       # CI: small sizes, 1 rep, (c) without
+                                                      # xdist
 """
 
 from __future__ import annotations
@@ -31,22 +41,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from _benchlib import (
     Checks,
+    FileWatcher,
+    Run,
     bench_env,
-    best_makespan,
+    best_assignment,
     common_args,
     count_lines,
-    manifests,
-    median,
-    plugin_summary,
     print_header,
     pytest_argv,
     pytest_help,
+    ratio_of,
     rotate,
     run_timed,
     spread,
@@ -80,9 +89,9 @@ class Tiny(nn.Module):
 
 def build(hidden=4, sleep=0.0, broken=False):
     counter = os.environ.get("MLCJIT_BENCH_COUNT")
-    if counter:
+    if counter:  # one line per compile, with the time the job started
         with open(counter, "a") as f:
-            f.write(f"{os.getpid()} hidden={hidden}\\n")
+            f.write(f"{os.getpid()} hidden={hidden} start={time.time()!r}\\n")
     with open(os.path.join(HERE, "inputs.txt")) as f:
         f.read()
     if broken:
@@ -196,6 +205,62 @@ if __name__ == "__main__":
 '''
 
 
+#: (b) The limit: ``python limit.py OUT ASSIGNMENT_JSON`` (a list per worker of configs)
+#: starts one process per worker; each imports TVM and the model and compiles a throwaway
+#: config (TVM's one-time set-up), says it is ready, waits for the others, then compiles
+#: its configs in order (the same factory, export and tvm.compile as the plugin's compile
+#: child), and writes each job's (start, end) times.
+LIMIT_PY = '''\
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def compile_one(out, config):
+    import tvm
+
+    from benchmodel import build
+
+    module, spec = build(**config)
+    mod, params = module.export_tvm(spec=spec)
+    with tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    executable.export_library(str(out / f"h{config['hidden']}-{os.getpid()}.so"))
+
+
+def work(out, index, configs):
+    compile_one(out, {"hidden": 3})  # untimed: TVM's one-time set-up of a first compile
+    (out / f"ready{index}").touch()
+    while not (out / "go").exists():
+        time.sleep(0.002)
+    spans = []
+    for config in configs:
+        start = time.time()
+        compile_one(out, config)
+        spans.append([start, time.time()])
+    (out / f"spans{index}.json").write_text(json.dumps(spans))
+
+
+if __name__ == "__main__":
+    out, assignment = Path(sys.argv[1]), json.loads(sys.argv[2])
+    if len(sys.argv) > 3:
+        index = int(sys.argv[3])
+        work(out, index, assignment[index])
+        sys.exit(0)
+    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:3], str(i)])
+             for i in range(len(assignment))]
+    while not all((out / f"ready{i}").exists() for i in range(len(procs))):
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.002)
+    (out / "go").touch()
+    sys.exit(max(p.wait() for p in procs))
+'''
+
+
 #: (b) Holds every test until the cache holds $BENCH_HOLD manifests, so that every compile
 #: is the background prefetch's (W compile slots, the schedule under test), not a test's
 #: own on-demand compile running beside it.
@@ -239,6 +304,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--good", type=int, default=16, help="(c) good models K (default 16)")
     parser.add_argument("--broken", type=int, default=4,
                         help="(c) models whose factory raises F (default 4)")
+    parser.add_argument("--failures-workers", type=int, default=None,
+                        help="(c) xdist workers (default: --workers)")
     args = parser.parse_args(argv)
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not args.parts <= {"a", "b", "c"}:
@@ -247,6 +314,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.reps, args.models, args.tests = 1, 4, 1
         args.long, args.short, args.shorts = 1.0, 0.2, 3
         args.good, args.broken = 3, 2
+        args.failures_workers = 0  # (c) is not about xdist: one process, no TVM imports
+    if args.failures_workers is None:
+        args.failures_workers = args.workers
     return args
 
 
@@ -257,6 +327,7 @@ def write_suite(root: Path, configs: list[dict[str, Any]], n_tests: int, *,
     (root / "benchmodel.py").write_text(MODEL_PY, encoding="utf-8")
     (root / "benchbody.py").write_text(BODY_PY, encoding="utf-8")
     (root / "inproc.py").write_text(INPROC_PY, encoding="utf-8")
+    (root / "limit.py").write_text(LIMIT_PY, encoding="utf-8")
     (root / "inputs.txt").write_text("0\n", encoding="utf-8")
     (root / "conftest.py").write_text("# no conftest needed\n", encoding="utf-8")
     marks = broken or [False] * len(configs)
@@ -267,16 +338,12 @@ def write_suite(root: Path, configs: list[dict[str, Any]], n_tests: int, *,
 
 
 def plugin_run(suite: Path, cache: Path, workers: int, counter: Path, *extra: str,
-               basetemp: Path, hold: int = 0) -> Any:
+               basetemp: Path, hold: int = 0) -> Run:
     argv = pytest_argv("-n", str(workers), f"--basetemp={basetemp}", "--mlc-device=cpu",
                        f"--mlc-jit-cache-dir={cache}", *extra)
     return run_timed(argv, cwd=suite, env=bench_env(MLCJIT_BENCH_COUNT=str(counter),
                                                     BENCH_HOLD=str(hold),
                                                     BENCH_CACHE=str(cache)))
-
-
-def verdict(ratio: float, target: float) -> str:
-    return "met" if ratio <= target else f"missed by {ratio / target - 1:.0%}"
 
 
 # -- (a) cold run of many tiny models -----------------------------------------------------------
@@ -288,22 +355,20 @@ def part_cold(args: argparse.Namespace, root: Path, checks: Checks) -> None:
     plugin_suite = write_suite(root / "cold-plugin", configs, n)
     paths_suite = write_suite(root / "cold-paths", configs, n, paths=True)
     res: dict[str, list[float]] = {k: [] for k in (
-        "cold", "inproc", "off", "limit", "ratio", "cold_cpu", "limit_cpu", "compile_s")}
+        "cold", "inproc", "off", "limit", "cold_cpu", "limit_cpu")}
     for rep in range(args.reps):
         rep_dir = root / f"cold-rep{rep}"
         rep_dir.mkdir()
+        this: dict[str, float] = {}
         for variant in rotate(["plugin", "limit"], rep):
             if variant == "plugin":
                 counter = rep_dir / "compiles.txt"
                 cold = plugin_run(plugin_suite, rep_dir / "cache", w, counter,
                                   basetemp=rep_dir / "bt")
-                checks.run_ok(cold, f"(a) rep {rep} plugin cold run")
+                if checks.run_ok(cold, f"(a) rep {rep} plugin cold run"):
+                    this["cold"], this["cold_cpu"] = cold.seconds, cold.cpu_seconds
                 checks.expect(count_lines(counter) == m,
                               f"(a) rep {rep}: {count_lines(counter)} compiles, expected {m}")
-                summary = plugin_summary(cold.output) or {}
-                res["cold"].append(cold.seconds)
-                res["cold_cpu"].append(cold.cpu_seconds)
-                res["compile_s"].append(summary.get("compile_s", float("nan")))
             else:
                 libs = rep_dir / "libs"
                 libs.mkdir()
@@ -319,42 +384,73 @@ def part_cold(args: argparse.Namespace, root: Path, checks: Checks) -> None:
                                             f"--basetemp={rep_dir / 'bt-off'}"),
                                 cwd=paths_suite,
                                 env=bench_env(BENCH_LIB_PATHS=str(libs / "paths.json")))
-                checks.run_ok(off, f"(a) rep {rep} plugin-off run")
-                res["inproc"].append(inproc.seconds)
-                res["off"].append(off.seconds)
-                res["limit"].append(inproc.seconds + off.seconds)
-                res["limit_cpu"].append(inproc.cpu_seconds + off.cpu_seconds)
-        ratio = res["cold"][-1] / res["limit"][-1]
-        res["ratio"].append(ratio)
-        print(f"rep {rep}: plugin cold {res['cold'][-1]:.2f}s (CPU {res['cold_cpu'][-1]:.1f}s, "
-              f"compiling {res['compile_s'][-1]:.1f}s); in-process compiles "
-              f"{res['inproc'][-1]:.2f}s + plugin-off run {res['off'][-1]:.2f}s = "
-              f"{res['limit'][-1]:.2f}s (CPU {res['limit_cpu'][-1]:.1f}s); ratio {ratio:.2f}",
-              flush=True)
-    ratio = median(res["ratio"])
-    cpu_ratio = median([c / lim for c, lim in zip(res["cold_cpu"], res["limit_cpu"],
-                                                   strict=True)])
+                if checks.run_ok(off, f"(a) rep {rep} plugin-off run") and inproc.ok:
+                    this.update(inproc=inproc.seconds, off=off.seconds,
+                                limit=inproc.seconds + off.seconds,
+                                limit_cpu=inproc.cpu_seconds + off.cpu_seconds)
+        if len(this) != len(res):
+            continue  # a variant failed (reported): no ratio for this rep
+        for key, value in this.items():
+            res[key].append(value)
+        print(f"rep {rep}: plugin cold {this['cold']:.2f}s (CPU {this['cold_cpu']:.1f}s); "
+              f"in-process compiles {this['inproc']:.2f}s + plugin-off run {this['off']:.2f}s "
+              f"= {this['limit']:.2f}s (CPU {this['limit_cpu']:.1f}s); ratio "
+              f"{this['cold'] / this['limit']:.2f}", flush=True)
+    fig = checks.figure("(a) cold run / (in-process compiles + plugin-off run)",
+                        ratio_of(res["cold"], res["limit"]), COLD_TARGET)
+    cpu = checks.figure("(a) CPU time: cold run / (in-process compiles + plugin-off run)",
+                        ratio_of(res["cold_cpu"], res["limit_cpu"]))
     print()
     print(table(["plugin cold s", "in-process compiles s", "plugin-off run s", "limit s",
-                 "cold / limit", "CPU: cold / limit", "plugin's compile seconds (sum)",
-                 f"target <= {COLD_TARGET}"],
+                 "cold / limit", "CPU: cold / limit", f"target <= {COLD_TARGET}"],
                 [[spread(res["cold"]), spread(res["inproc"]), spread(res["off"]),
-                  spread(res["limit"]), f"{ratio:.2f}x", f"{cpu_ratio:.2f}x",
-                  spread(res["compile_s"], "{:.1f}"), verdict(ratio, COLD_TARGET)]]))
+                  spread(res["limit"]), f"{fig.ratio:.2f}x", f"{cpu.ratio:.2f}x",
+                  fig.verdict()]]))
     print(flush=True)
 
 
 # -- (b) makespan of a mix of compile times -----------------------------------------------------
-def _timeline(cache: Path, since: float) -> list[tuple[float, float]]:
-    """(start, end) of each compile published after ``since``, from the manifests (the
-    engine measures ``compile_seconds`` around the compile and stamps ``created`` at the
-    publish right after it); variants' entries included."""
-    out = []
-    for data in manifests(cache):
-        created = float(data.get("created", 0.0))
-        if created >= since:
-            out.append((created - float(data.get("compile_seconds", 0.0)), created))
-    return out
+def _starts(counter: Path) -> list[float]:
+    """The start times the factory wrote, one per compile."""
+    try:
+        lines = counter.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    return [float(line.rpartition("start=")[2]) for line in lines if "start=" in line]
+
+
+def _plugin_makespan(suite: Path, cache: Path, w: int, k: int, rep_dir: Path, *,
+                     checks: Checks, what: str) -> tuple[float, float] | None:
+    """One plugin run of the K jobs; (makespan, pytest wall s): the first factory call to
+    the moment this script saw the K-th new library published."""
+    counter = rep_dir / "compiles.txt"
+    before = len(list((cache / "tvm").glob("*.manifest.json")))
+    with FileWatcher(cache / "tvm", "*.manifest.json", before + k) as seen:
+        run = plugin_run(suite, cache, w, counter, basetemp=rep_dir / "bt", hold=before + k)
+    ok = checks.run_ok(run, what)
+    starts = _starts(counter)
+    checks.expect(len(starts) == k, f"{what}: {len(starts)} compiles, expected {k}")
+    checks.expect(seen.reached is not None, f"{what}: {k} new libraries were not published")
+    if not ok or not starts or seen.reached is None:
+        return None
+    return seen.reached - min(starts), run.seconds
+
+
+def _limit_makespan(suite: Path, configs: list[dict[str, Any]], assignment: list[list[int]],
+                    rep_dir: Path, *, checks: Checks, what: str) -> tuple[float, float] | None:
+    """The best schedule run for real by W processes; (makespan, process wall s)."""
+    out = rep_dir / "limit"
+    out.mkdir(parents=True)
+    jobs = [[configs[i] for i in worker] for worker in assignment]
+    run = run_timed([sys.executable, "limit.py", str(out), json.dumps(jobs)], cwd=suite,
+                    env=bench_env())
+    if not checks.run_ok(run, what):
+        return None
+    spans = [span for part in out.glob("spans*.json") for span in json.loads(part.read_text())]
+    checks.expect(len(spans) == len(configs), f"{what}: {len(spans)} libraries")
+    if not spans:
+        return None
+    return max(e for _, e in spans) - min(s for s, _ in spans), run.seconds
 
 
 def part_makespan(args: argparse.Namespace, root: Path, checks: Checks) -> None:
@@ -366,56 +462,64 @@ def part_makespan(args: argparse.Namespace, root: Path, checks: Checks) -> None:
     configs = [{"hidden": 4 + i, "sleep": s} for i, s in enumerate(sleeps)]
     suite = write_suite(root / "makespan", configs, 1)
     (suite / "conftest.py").write_text(HOLD_CONFTEST_PY, encoding="utf-8")
-    res: dict[str, dict[str, list[float]]] = {r: {"span": [], "best": [], "ratio": [],
-                                                  "sum": [], "wall": []}
-                                              for r in ("run 1", "run 2")}
+    assignment = best_assignment(sleeps, w)
+    on_record = root / "makespan-on-record"
+    (suite / "inputs.txt").write_text("first run\n", encoding="utf-8")
+    # Without xdist (cheaper): it only has to leave every job's compile time on record.
+    first = plugin_run(suite, on_record, 0, root / "makespan-first.txt",
+                       basetemp=root / "makespan-first-bt")
+    checks.run_ok(first, "(b) the first run (puts the compile times on record)")
+    variants = ("no record", "on record", "limit")
+    span: dict[str, list[float]] = {v: [] for v in variants}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(args.reps):
-        rep_dir = root / f"makespan-rep{rep}"
-        rep_dir.mkdir()
-        counter, cache = rep_dir / "compiles.txt", rep_dir / "cache"
-        for run in ("run 1", "run 2"):
-            (suite / "inputs.txt").write_text(f"{rep} {run}\n", encoding="utf-8")
-            before = count_lines(counter)
-            since = time.time()
-            result = plugin_run(suite, cache, w, counter, basetemp=rep_dir / f"bt-{run[-1]}",
-                                hold=k * int(run[-1]))
-            checks.run_ok(result, f"(b) rep {rep} {run}")
-            checks.expect(count_lines(counter) - before == k,
-                          f"(b) rep {rep} {run}: {count_lines(counter) - before} compiles, "
-                          f"expected {k}")
-            spans = _timeline(cache, since)
-            checks.expect(len(spans) == k, f"(b) rep {rep} {run}: {len(spans)} new entries")
-            if not spans:
-                continue
-            times = [end - start for start, end in spans]
-            span = max(e for _, e in spans) - min(s for s, _ in spans)
-            best = best_makespan(times, w)
-            r = res[run]
-            r["span"].append(span)
-            r["best"].append(best)
-            r["ratio"].append(span / best)
-            r["sum"].append(sum(times))
-            r["wall"].append(result.seconds)
-            print(f"rep {rep} {run}: makespan {span:.2f}s, best schedule {best:.2f}s, ratio "
-                  f"{span / best:.2f}; compiles {', '.join(f'{t:.2f}' for t in times)}; "
-                  f"wall {result.seconds:.2f}s", flush=True)
+        this: dict[str, tuple[float, float]] = {}
+        for variant in rotate(list(variants), rep):
+            rep_dir = root / f"makespan-rep{rep}" / variant.replace(" ", "-")
+            rep_dir.mkdir(parents=True)
+            what = f"(b) rep {rep} {variant}"
+            if variant == "limit":
+                got = _limit_makespan(suite, configs, assignment, rep_dir, checks=checks,
+                                      what=what)
+            else:
+                if variant == "on record":  # a new input state of every key
+                    (suite / "inputs.txt").write_text(f"rep {rep}\n", encoding="utf-8")
+                cache = on_record if variant == "on record" else rep_dir / "cache"
+                got = _plugin_makespan(suite, cache, w, k, rep_dir, checks=checks,
+                                       what=what)
+            if got is not None:
+                this[variant] = got
+        if len(this) != len(variants):
+            continue
+        for variant, (s, wall_s) in this.items():
+            span[variant].append(s)
+            wall[variant].append(wall_s)
+        lim = this["limit"][0]
+        print(f"rep {rep}: makespan no record {this['no record'][0]:.2f}s "
+              f"({this['no record'][0] / lim:.2f}x), on record {this['on record'][0]:.2f}s "
+              f"({this['on record'][0] / lim:.2f}x), limit {lim:.2f}s", flush=True)
     print()
     rows = []
-    for run, what in (("run 1", "no compile times on record (first-use order)"),
-                      ("run 2", "run 1's compile times on record (new input state)")):
-        r = res[run]
-        ratio = median(r["ratio"])
-        rows.append([run, what, spread(r["span"]), spread(r["best"]), spread(r["sum"]),
-                     f"{ratio:.2f}x", spread(r["wall"]),
-                     verdict(ratio, MAKESPAN_TARGET) if run == "run 2" else "-"])
-    print(table(["run", "what", "makespan s", f"best schedule on {w} s", "sum of compiles s",
-                 "makespan / best", "pytest wall s", f"target <= {MAKESPAN_TARGET}"], rows))
+    for variant, what, target in (
+            ("no record", "cold, nothing on record (first-use order)", None),
+            ("on record", "the first run's compile times on record (new input state)",
+             MAKESPAN_TARGET)):
+        fig = checks.figure(f"(b) {variant}: makespan / limit", ratio_of(span[variant],
+                                                                         span["limit"]),
+                            target)
+        rows.append([variant, what, spread(span[variant]), f"{fig.ratio:.2f}x",
+                     spread(wall[variant]), fig.verdict() if target else "-"])
+    rows.append(["limit", f"{w} processes with TVM imported run the best schedule "
+                 f"{[[sleeps[i] for i in a] for a in assignment]}", spread(span["limit"]),
+                 "1x", spread(wall["limit"]), ""])
+    print(table(["variant", "what", "makespan s", "makespan / limit", "process wall s",
+                 f"target <= {MAKESPAN_TARGET}"], rows))
     print(flush=True)
 
 
 # -- (c) a warm run with known failures ---------------------------------------------------------
 def part_failures(args: argparse.Namespace, root: Path, checks: Checks) -> None:
-    k, f, n, w = args.good, args.broken, args.tests, args.workers
+    k, f, n, w = args.good, args.broken, args.tests, args.failures_workers
     print(f"## (c) known failures: K={k} good models + F={f} broken (xfail), N={n} tests "
           f"each, warm, -n {w}, {args.reps} rep(s)\n", flush=True)
     good = [{"hidden": 4 + i} for i in range(k)]
@@ -430,14 +534,15 @@ def part_failures(args: argparse.Namespace, root: Path, checks: Checks) -> None:
         checks.run_ok(first, f"(c) first run in {suite.name}")
     checks.expect(count_lines(counter) == k + f,
                   f"(c) the first runs compiled {count_lines(counter)}, expected {k + f}")
-    res: dict[str, list[float]] = {"good": [], "all": [], "ratio": [], "recompiled": []}
+    res: dict[str, list[float]] = {"good": [], "all": [], "recompiled": []}
     for rep in range(args.reps):
         times: dict[str, float] = {}
         for variant in rotate(["good", "all"], rep):
             suite = only_good if variant == "good" else with_bad
             before = count_lines(counter)
             run = plugin_run(suite, cache, w, counter, basetemp=root / f"bt-{rep}-{variant}")
-            checks.run_ok(run, f"(c) rep {rep} {variant}")
+            if checks.run_ok(run, f"(c) rep {rep} {variant}"):
+                times[variant] = run.seconds
             recompiled = count_lines(counter) - before
             if variant == "all":
                 res["recompiled"].append(recompiled)
@@ -448,18 +553,20 @@ def part_failures(args: argparse.Namespace, root: Path, checks: Checks) -> None:
                               f"(c) rep {rep}: expected {f * n} xfailed\n{run.tail()}")
             else:
                 checks.expect(recompiled == 0, f"(c) rep {rep}: the warm run compiled")
-            times[variant] = run.seconds
-            res[variant].append(run.seconds)
-        res["ratio"].append(times["all"] / times["good"])
+        if len(times) != 2:
+            continue
+        res["good"].append(times["good"])
+        res["all"].append(times["all"])
         print(f"rep {rep}: good only {times['good']:.2f}s, with {f} known failures "
               f"{times['all']:.2f}s ({res['recompiled'][-1]:g} compiled again), ratio "
-              f"{res['ratio'][-1]:.3f}", flush=True)
-    ratio = median(res["ratio"])
+              f"{times['all'] / times['good']:.3f}", flush=True)
+    fig = checks.figure(f"(c) warm run with {f} known failures / without",
+                        ratio_of(res["all"], res["good"]), FAILURES_TARGET)
     print()
     print(table(["K good only s", f"K good + {f} known failures s", "compiled again per run",
                  "ratio", f"target <= {FAILURES_TARGET}"],
                 [[spread(res["good"]), spread(res["all"]), spread(res["recompiled"], "{:.0f}"),
-                  f"{ratio:.3f}x", verdict(ratio, FAILURES_TARGET)]]))
+                  f"{fig.ratio:.3f}x", fig.verdict()]]))
     if not remembers:
         print("(this plugin has no --mlc-jit-retry-failed: failures are compiled again on "
               "every run)")
@@ -471,7 +578,7 @@ def main(argv: list[str]) -> int:
     print_header("bench_coldpath: per-compile overhead, compile schedule, known failures",
                  f"parts {','.join(sorted(args.parts))}, W={args.workers}, "
                  f"{args.reps} rep(s){' (quick)' if args.quick else ''}")
-    checks = Checks()
+    checks = Checks(quick=args.quick)
     with work_dir(args, "coldpath") as root:
         if "a" in args.parts:
             part_cold(args, root, checks)

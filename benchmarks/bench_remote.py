@@ -1,23 +1,36 @@
-"""Benchmark 6, remote tier: a run on a fresh local cache whose libraries all come from
+"""Benchmark 7, remote tier: a run on a fresh local cache whose libraries all come from
 the remote, against a warm local run of the same suite. Target: at most 1.5x.
 
 The remote is moto's S3 server on 127.0.0.1 (an HTTP round trip per object, as with MinIO
 or S3 in the same region; the network latency of a real region comes on top). A first run
-fills the remote; then, alternating in each repetition, a warm run (every library in the
-local cache) and a fresh run (an empty local cache: every library downloaded, checked and
-published locally). Compiles are counted by the benchmark's model factory: the fresh runs
-must compile nothing.
+fills the remote; then, in an order that alternates every repetition, a warm run (every
+library in the local cache) and a fresh run (an empty local cache: every library
+downloaded, checked and published locally). Measured from the outside: the fresh runs must
+compile nothing (the benchmark's model factory counts compiles) and leave the K libraries
+in their local cache (counted on the filesystem).
+
+Part ``down`` (``--parts fresh,down``): what an unusable remote costs a cold run, against
+the same cold run with no remote configured, in rotating order: a remote whose server is
+gone (connection refused) and one that accepts connections and never answers (connect and
+read timeouts of 1 s): each run must compile every library locally and pass. These
+figures have no target (the old tests' bounds, 60 s and 120 s, were safety limits); they
+show the cost.
 
     python benchmarks/bench_remote.py            # full: layers=8, K=4, N=10, W=0 and 2, 5 reps
-    python benchmarks/bench_remote.py --quick    # CI: tiny model, 1 rep, checks counts only
+    python benchmarks/bench_remote.py --quick    # CI: tiny model, W=0, K=2, 2 rounds (down:
+                                                 # K=1, 1 round, refused only)
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import socket
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from _benchlib import (
@@ -26,33 +39,48 @@ from _benchlib import (
     common_args,
     count_lines,
     make_configs,
-    median,
     parse_ints,
     print_header,
     pytest_argv,
+    ratio_of,
     rotate,
     run_timed,
+    spread,
     table,
     work_dir,
     write_suite,
     xdist_args,
 )
 
-_DOWNLOADS_RE = re.compile(r"remote \S+: (\d+) downloads?")
+TARGET = 1.5
+PARTS = ("fresh", "down")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_args(parser)
+    parser.add_argument("--parts", default="fresh,down",
+                        help="fresh (remote hits vs warm local), down (an unusable remote vs "
+                        "none, cold); default fresh,down")
     parser.add_argument("--configs", type=int, default=4, help="K distinct libraries")
     parser.add_argument("--tests", type=int, default=10, help="N tests per library")
     parser.add_argument("--layers", type=parse_ints, default=[8], help="transformer layers")
     parser.add_argument("--workers", type=parse_ints, default=[0, 2],
                         help="xdist worker counts (0: without xdist)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--down-configs", type=int, default=None,
+                        help="K for the part down (default: --configs)")
+    parser.add_argument("--down-reps", type=int, default=None,
+                        help="rounds of the part down (default: --reps)")
     args = parser.parse_args(argv)
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts <= set(PARTS):
+        parser.error(f"--parts takes a comma-separated subset of {','.join(PARTS)}")
     if args.quick:
-        args.configs, args.tests, args.layers, args.workers, args.reps = 2, 2, [1], [2], 1
+        args.configs, args.tests, args.layers, args.workers, args.reps = 2, 2, [1], [0], 2
+        args.down_configs, args.down_reps = 1, 1
+    args.down_configs = args.down_configs or args.configs
+    args.down_reps = args.down_reps or args.reps
     return args
 
 
@@ -68,62 +96,174 @@ def start_server() -> tuple[Any, str]:
     return server, f"http://{host}:{port}"
 
 
+@contextmanager
+def stalled_endpoint() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        sock.close()
+
+
+def refused_endpoint() -> str:
+    """An endpoint where nothing listens (a port just closed)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def libraries(cache: Path) -> int:
+    return len(list((cache / "tvm").glob("*.so")))
+
+
+def part_fresh(args: argparse.Namespace, root: Path, suite: Path, aws: dict[str, str],
+               checks: Checks) -> list[list[object]]:
+    k = args.configs
+    counter = root / "compiles.txt"
+    env = bench_env(MLCJIT_BENCH_COUNT=str(counter), **aws)
+    warm_cache = root / "warm"
+    fill = run_timed(pytest_argv("--mlc-device=cpu", f"--mlc-jit-cache-dir={warm_cache}",
+                                 *xdist_args(max(args.workers))), cwd=suite, env=env)
+    checks.run_ok(fill, "filling the remote")
+    checks.expect(count_lines(counter) == k,
+                  f"the fill compiled {count_lines(counter)} times, expected K={k}")
+    rows: list[list[object]] = []
+    for workers in args.workers:
+        times: dict[str, list[float]] = {"warm": [], "fresh": []}
+        for rep in range(args.reps):
+            this: dict[str, float] = {}
+            for variant in rotate(["warm", "fresh"], rep):
+                cache = warm_cache if variant == "warm" else root / f"fresh-w{workers}-{rep}"
+                before = count_lines(counter)
+                run = run_timed(pytest_argv("--mlc-device=cpu", f"--mlc-jit-cache-dir={cache}",
+                                            *xdist_args(workers)), cwd=suite, env=env)
+                if checks.run_ok(run, f"{variant} run, W={workers}, rep {rep}"):
+                    this[variant] = run.seconds
+                checks.expect(count_lines(counter) == before,
+                              f"the {variant} run (W={workers}, rep {rep}) compiled")
+                checks.expect(libraries(cache) == k,
+                              f"the {variant} run (W={workers}, rep {rep}) left "
+                              f"{libraries(cache)} libraries in its local cache, expected K={k}")
+            if len(this) == 2:
+                for variant, seconds in this.items():
+                    times[variant].append(seconds)
+                print(f"W={workers} rep {rep}: warm {this['warm']:.2f}s, fresh (all remote "
+                      f"hits) {this['fresh']:.2f}s, ratio {this['fresh'] / this['warm']:.3f}",
+                      flush=True)
+        fig = checks.figure(f"W={workers}: fresh local cache, all remote hits / warm local",
+                            ratio_of(times["fresh"], times["warm"]), TARGET)
+        rows.append([f"W={workers}", spread(times["warm"]), spread(times["fresh"]),
+                     f"{fig.ratio:.3f}x", fig.verdict()])
+    return rows
+
+
+def part_down(args: argparse.Namespace, root: Path, aws: dict[str, str],
+              checks: Checks) -> list[list[object]]:
+    k = args.down_configs
+    suite = write_suite(root / "down-suite", "plugin", make_configs(k, args.layers), args.tests)
+    rows: list[list[object]] = []
+    with stalled_endpoint() as stalled:
+        endpoints = {"refused": refused_endpoint(), "stalled": stalled}
+        for workers in args.workers:
+            # --quick: the refused remote only (the stalled one waits for its timeouts).
+            times: dict[str, list[float]] = {"no remote": [], "refused": []}
+            if not args.quick:
+                times["stalled"] = []
+            for rep in range(args.down_reps):
+                this: dict[str, float] = {}
+                for variant in rotate(list(times), rep):
+                    rep_dir = root / f"down-w{workers}-{rep}-{variant.replace(' ', '-')}"
+                    counter, cache = rep_dir / "compiles.txt", rep_dir / "cache"
+                    extra = {} if variant == "no remote" else {
+                        **aws, "AWS_ENDPOINT_URL": endpoints[variant],
+                        "MLC_JIT_REMOTE": f"s3://down-{variant}/bench",
+                        "MLC_JIT_REMOTE_CONNECT_TIMEOUT": "1",
+                        "MLC_JIT_REMOTE_READ_TIMEOUT": "1"}
+                    run = run_timed(pytest_argv("--mlc-device=cpu",
+                                                f"--mlc-jit-cache-dir={cache}",
+                                                f"--basetemp={rep_dir / 'bt'}",
+                                                *xdist_args(workers)), cwd=suite,
+                                    env=bench_env(MLCJIT_BENCH_COUNT=str(counter), **extra))
+                    if checks.run_ok(run, f"down: {variant} W={workers} rep {rep}"):
+                        this[variant] = run.seconds
+                    checks.expect(count_lines(counter) == k and libraries(cache) == k,
+                                  f"down: {variant} W={workers} rep {rep}: "
+                                  f"{count_lines(counter)} compiles and {libraries(cache)} "
+                                  f"libraries, expected K={k} of each")
+                if len(this) == len(times):
+                    for variant, seconds in this.items():
+                        times[variant].append(seconds)
+                    print(f"down W={workers} rep {rep}: " + ", ".join(
+                        f"{v} {s:.2f}s" for v, s in this.items()), flush=True)
+            row: list[object] = [f"W={workers}", spread(times["no remote"])]
+            for variant in ("refused", "stalled"):
+                if variant not in times:
+                    row += ["-", "-"]
+                    continue
+                fig = checks.figure(f"W={workers}: cold, remote {variant} / no remote",
+                                    ratio_of(times[variant], times["no remote"]))
+                row += [spread(times[variant]), f"{fig.ratio:.3f}x"]
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     k = args.configs
-    print_header("bench_remote: fresh local cache, every library a remote hit, vs warm local",
-                 f"K={k} libraries (layers {args.layers}), N={args.tests} tests each, "
-                 f"workers {args.workers}, {args.reps} rep(s); remote: moto S3 on 127.0.0.1")
-    checks = Checks()
-    server, endpoint = start_server()
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    print_header("bench_remote: fresh local cache, every library a remote hit, vs warm local; "
+                 "an unusable remote vs none",
+                 f"parts {','.join(p for p in PARTS if p in args.parts)}; K={k} libraries "
+                 f"(layers {args.layers}), N={args.tests} tests each, workers {args.workers}, "
+                 f"{args.reps} rep(s); remote: moto S3 on 127.0.0.1")
+    checks = Checks(quick=args.quick)
     aws = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-           "MLC_JIT_REMOTE": f"s3://{bucket}/bench"}
-    import boto3  # type: ignore[import-untyped]
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    fresh_rows: list[list[object]] = []
+    down_rows: list[list[object]] = []
+    with work_dir(args, "remote") as root:
+        suite = write_suite(root / "suite", "plugin", make_configs(k, args.layers), args.tests)
+        if "fresh" in args.parts:
+            server, endpoint = start_server()
+            try:
+                bucket = f"bench-{uuid.uuid4().hex[:8]}"
+                import boto3  # type: ignore[import-untyped]
 
-    boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-        region_name="us-east-1").create_bucket(Bucket=bucket)
-    rows = []
-    try:
-        with work_dir(args, "remote") as root:
-            suite = write_suite(root / "suite", "plugin", make_configs(k, args.layers),
-                                args.tests)
-            counter = root / "compiles.txt"
-            env = bench_env(MLCJIT_BENCH_COUNT=str(counter), **aws)
-            warm_cache = root / "warm"
-            fill = run_timed(pytest_argv("--mlc-device=cpu", f"--mlc-jit-cache-dir={warm_cache}",
-                                         "-n", "2"), cwd=suite, env=env)
-            checks.run_ok(fill, "filling the remote")
-            checks.expect(count_lines(counter) == k,
-                          f"the fill compiled {count_lines(counter)} times, expected K={k}")
-            for workers in args.workers:
-                times: dict[str, list[float]] = {"warm": [], "fresh": []}
-                for rep in range(args.reps):
-                    for variant in rotate(["warm", "fresh"], rep):
-                        cache = warm_cache if variant == "warm" else (
-                            root / f"fresh-w{workers}-{rep}")
-                        before = count_lines(counter)
-                        run = run_timed(pytest_argv("--mlc-device=cpu",
-                                                    f"--mlc-jit-cache-dir={cache}",
-                                                    *xdist_args(workers)), cwd=suite, env=env)
-                        checks.run_ok(run, f"{variant} run, W={workers}, rep {rep}")
-                        checks.expect(count_lines(counter) == before,
-                                      f"the {variant} run (W={workers}) compiled")
-                        if variant == "fresh":
-                            found = _DOWNLOADS_RE.search(run.output)
-                            got = int(found.group(1)) if found else 0
-                            checks.expect(got == k, f"fresh run (W={workers}) downloaded {got} "
-                                                    f"libraries, expected K={k}")
-                        times[variant].append(run.seconds)
-                warm, fresh = median(times["warm"]), median(times["fresh"])
-                rows.append((f"W={workers}", f"{warm:.2f}", f"{fresh:.2f}",
-                             f"{fresh / warm:.3f}x", "<= 1.5x"))
-    finally:
-        server.stop()
-    print(table(["workers", "warm local s", "fresh, all remote hits s", "ratio", "target"],
-                rows))
+                boto3.session.Session().client(
+                    "s3", endpoint_url=endpoint, aws_access_key_id="bench",
+                    aws_secret_access_key="bench", region_name="us-east-1",
+                ).create_bucket(Bucket=bucket)
+                fresh_rows = part_fresh(args, root, suite, {
+                    **aws, "AWS_ENDPOINT_URL": endpoint,
+                    "MLC_JIT_REMOTE": f"s3://{bucket}/bench"}, checks)
+            finally:
+                server.stop()
+        if "down" in args.parts:
+            down_rows = part_down(args, root, aws, checks)
+    if fresh_rows:
+        print("\n" + table(["workers", "warm local s", "fresh, all remote hits s", "ratio",
+                            f"target <= {TARGET}x"], fresh_rows))
+    if down_rows:
+        print("\nA cold run with an unusable remote against the same run with none:\n")
+        print(table(["workers", "no remote s", "refused s", "refused / none", "stalled s",
+                     "stalled / none"], down_rows))
+    print("\nValues are median [min..max] over reps; ratios are medians of per-rep ratios.")
     return checks.exit_code()
 
 

@@ -11,15 +11,23 @@ raises if anything would compile).
   alternating): the first ``JIT.compile`` request of a key under READONLY (key, manifest,
   checksum) and under ON (the same plus rewriting the key's usage record), a repeated
   request (memoized), and ``LocalStore.read_manifest`` + ``LocalStore.verify`` on a fresh
-  ``LocalStore``.
-  Target: flat.
+  ``LocalStore``, each timed by the probe. Figure: 10,000 / 10, the median of the
+  per-repetition ratios; target "flat": <= 1.1x.
 * ``pytest-mlcjit prune`` over 10,000 entries (``python -m pytest_mlcjit prune``), evicting
-  half (``--keep-last-used``) and evicting nothing (the scan alone). Target: < 2 s.
+  half (``--keep-last-used``) and evicting nothing (the scan alone), against a plain script
+  that does the same job on a copy of the same cache with no locks and no manifest reads
+  (read every usage record and stat every entry file; unlink the evicted entries' files),
+  alternating. Figure: prune / plain script; no target (the old one, < 2 s, was an
+  absolute time on one machine). Both must leave exactly the most recently used entries.
 * memory of one process after 100 and after 1,000 hits: RSS (``/proc/self/status``) and
-  Python's allocated blocks. Target: no growth per hit.
+  Python's allocated blocks. Figure: blocks retained per hit; target < 1 (no object kept
+  per hit).
+
+No figure comes from the plugin: a lookup that missed would call the factory, which
+raises, and the libraries on disk are counted before and after.
 
     python benchmarks/bench_scale.py            # full: 10 vs 10,000 entries, 5 reps
-    python benchmarks/bench_scale.py --quick    # CI: 10 vs 300 entries, 1 rep
+    python benchmarks/bench_scale.py --quick    # CI: 10 vs 300 entries, 2 reps
 """
 
 from __future__ import annotations
@@ -40,9 +48,9 @@ from _benchlib import (
     Checks,
     bench_env,
     common_args,
-    median,
     parse_ints,
     print_header,
+    ratio_of,
     rotate,
     run_timed,
     spread,
@@ -50,7 +58,36 @@ from _benchlib import (
     work_dir,
 )
 
-PRUNE_TARGET_S = 2.0
+FLAT_TARGET = 1.1
+BLOCKS_PER_HIT_TARGET = 1.0
+LOOKUP_FIELDS = {"first_ro_us": "first request of a key, READONLY",
+                 "first_us": "first request of a key, ON (+ usage record)",
+                 "repeat_us": "repeated request", "read_verify_us": "read_manifest + verify"}
+
+#: The plain prune: ``python plain_prune.py ROOT KEEP`` keeps the KEEP most recently used
+#: entries (by their usage records) and unlinks the others' files; ``KEEP`` = ``all``
+#: only scans (reads every usage record, stats every entry file). No locks, no manifests.
+PLAIN_PRUNE_PY = '''\
+import os
+import sys
+
+root, keep = sys.argv[1], sys.argv[2]
+usage = os.path.join(root, ".mlcjit", "usage")
+stamps = {}
+for item in os.scandir(usage):
+    with open(item.path) as f:
+        stamps[item.name] = float(f.read())
+entries = os.path.join(root, "tvm")
+size = sum(item.stat().st_size for item in os.scandir(entries) if item.is_file())
+if keep != "all":
+    for digest in sorted(stamps, key=stamps.get, reverse=True)[int(keep):]:
+        for path in (os.path.join(entries, digest + suffix)
+                     for suffix in (".so", ".manifest.json", ".log")):
+            os.unlink(path)
+        os.unlink(os.path.join(usage, digest))
+        os.unlink(os.path.join(root, ".mlcjit", "locks", digest + ".lock"))
+print(size)
+'''
 FACTORY_PY = '''\
 """bench_scale's factory: every entry is synthesized, so a call means a lookup missed."""
 
@@ -79,7 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--_memory", nargs=2, metavar=("ROOT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.reps, args.sample, args.hits = [10, 300], 1, 20, 200
+        args.sizes, args.reps, args.sample, args.hits = [10, 300], 2, 20, 200
     return args
 
 
@@ -177,9 +214,7 @@ def lookup_probe(root: Path, n: int, seed: int, sample: int) -> dict[str, Any]:
     return {"first_ro_us": statistics.median(first_ro) * 1e6,
             "first_us": statistics.median(first) * 1e6,
             "repeat_us": statistics.median(repeat) * 1e6,
-            "read_verify_us": statistics.median(read_verify) * 1e6,
-            "compiles": engine.stats.compiles, "hits": engine.stats.hits,
-            "requests": engine.stats.requests}
+            "read_verify_us": statistics.median(read_verify) * 1e6}
 
 
 def rss_kib() -> int:
@@ -225,7 +260,6 @@ def memory_probe(root: Path, n: int, hits: int) -> dict[str, Any]:
         (rss_a, blocks_a), (rss_b, blocks_b) = marks[distinct // 10], marks[distinct]
         out.update(key_rss_kib=[rss_a, rss_b], key_blocks=[blocks_a, blocks_b],
                    keys=[distinct // 10, distinct])
-    out["compiles"] = engine.stats.compiles
     return out
 
 
@@ -250,7 +284,133 @@ def kept_by_recency(root: Path, keep: int) -> set[str]:
     return set(sorted(stamps, key=lambda d: stamps[d], reverse=True)[:keep])
 
 
-def main(argv: list[str]) -> int:  # noqa: PLR0912 - one benchmark, several phases
+def libraries(root: Path) -> int:
+    return len(list((root / "tvm").glob("*.so")))
+
+
+def measure_lookups(args: argparse.Namespace, sizes: list[int], roots: dict[int, Path],
+                    checks: Checks) -> None:
+    """Lookups at each size, sizes alternating; prints the table, records the figures."""
+    me, env = str(Path(__file__).resolve()), bench_env()
+    per_rep: list[dict[int, dict[str, float]]] = []
+    for rep in range(args.reps):
+        this: dict[int, dict[str, float]] = {}
+        for size in rotate([str(s) for s in sizes], rep):
+            n = int(size)
+            before = libraries(roots[n])
+            proc = subprocess.run([sys.executable, me, "--_lookup", str(roots[n]), size,
+                                   str(rep), "--sample", str(args.sample)],
+                                  capture_output=True, text=True, env=env, check=False)
+            # A miss would call the factory, which raises: the probe would fail.
+            checks.expect(libraries(roots[n]) == before, f"n={n}: a lookup added a library")
+            if proc.returncode != 0:
+                checks.expect(False, f"lookup probe n={n} failed (a miss raises):\n"
+                                     f"{proc.stderr[-3000:]}")
+                continue
+            this[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"rep {rep} n={n}: first READONLY {this[n]['first_ro_us']:.0f}us  first ON "
+                  f"{this[n]['first_us']:.0f}us  repeat {this[n]['repeat_us']:.1f}us  "
+                  f"read+verify {this[n]['read_verify_us']:.0f}us", flush=True)
+        if len(this) == len(sizes):
+            per_rep.append(this)
+    small, big = sizes[0], sizes[-1]
+    print("\nLookup time by cache size (fresh process per rep; median over keys, then over "
+          "reps):\n")
+    rows: list[list[object]] = [
+        [n, *[spread([r[n][f] for r in per_rep], "{:.1f}") for f in LOOKUP_FIELDS]]
+        for n in sizes]
+    ratios: list[object] = [f"{big} / {small}"]
+    for field, what in LOOKUP_FIELDS.items():
+        fig = checks.figure(f"lookup at {big} / at {small} entries: {what}",
+                            ratio_of([r[big][field] for r in per_rep],
+                                     [r[small][field] for r in per_rep]), FLAT_TARGET)
+        ratios.append(f"{fig.ratio:.2f}x ({fig.verdict()})")
+    rows.append(ratios)
+    print(table(["entries", *(f"{w} us" for w in LOOKUP_FIELDS.values())], rows))
+    print("\n(READONLY: key, manifest read, SHA-256 of the library. ON adds rewriting "
+          "the key's usage record, whose cost depends on how recently that file was last "
+          f"written: the {small}-entry cache's keys are all used again in every rep, the "
+          f"larger cache's are mostly fresh. Target for each ratio: <= {FLAT_TARGET}x.)")
+
+
+def measure_prune(args: argparse.Namespace, work: Path, pristine: Path, big: int,
+                  checks: Checks) -> None:
+    """The prune CLI against the plain script, alternating, on copies of ``pristine``."""
+    env = bench_env()
+    cli = prune_cli(env)
+    if cli is None:
+        checks.expect(False, "no 'python -m pytest_mlcjit prune' with --keep-last-used")
+        return
+    plain = work / "plain_prune.py"
+    plain.write_text(PLAIN_PRUNE_PY, encoding="utf-8")
+    keep = big // 2
+    scenarios = {f"evict {big - keep} (--keep-last-used {keep})":
+                 (["--keep-last-used", str(keep)], str(keep)),
+                 "evict none (--older-than 3650d: scan only)":
+                 (["--older-than", "3650d"], "all")}
+    rows = []
+    for label, (opts, plain_keep) in scenarios.items():
+        times: dict[str, list[float]] = {"prune": [], "plain": []}
+        for rep in range(args.reps):
+            this: dict[str, float] = {}
+            for variant in rotate(["prune", "plain"], rep):
+                copy = work / f"prune-{rep}-{variant}"
+                shutil.copytree(pristine, copy)
+                root = copy / "cache"
+                want = kept_by_recency(root, keep if plain_keep != "all" else big)
+                argv = ([*cli, "--cache-dir", str(root), "--json", *opts] if variant == "prune"
+                        else [sys.executable, str(plain), str(root), plain_keep])
+                run = run_timed(argv, cwd=work, env=env)
+                if checks.run_ok(run, f"{variant} {label} rep {rep}"):
+                    this[variant] = run.seconds
+                    left = {p.name.split(".")[0] for p in (root / "tvm").glob("*.manifest.json")}
+                    checks.expect(left == want,
+                                  f"{variant} {label}: {len(left)} entries left, expected the "
+                                  f"{len(want)} most recently used")
+                shutil.rmtree(copy, ignore_errors=True)
+            if len(this) == 2:
+                for variant, seconds in this.items():
+                    times[variant].append(seconds)
+        fig = checks.figure(f"prune of {big} entries, {label} / plain script",
+                            ratio_of(times["prune"], times["plain"]))
+        rows.append([label, big, spread(times["prune"]), spread(times["plain"]),
+                     f"{fig.ratio:.2f}x"])
+    print(f"\nprune over {big} entries (wall time of the process), against a plain script "
+          "doing the same job without locks or manifests:\n")
+    print(table(["prune", "entries", "pytest-mlcjit prune s", "plain script s",
+                 "prune / plain"], rows))
+
+
+def measure_memory(args: argparse.Namespace, root: Path, big: int, checks: Checks) -> None:
+    before = libraries(root)
+    mem = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_memory",
+                          str(root), str(big), "--hits", str(args.hits)],
+                         capture_output=True, text=True, env=bench_env(), check=False)
+    checks.expect(libraries(root) == before, "the memory probe added a library")
+    if mem.returncode != 0:
+        checks.expect(False, f"memory probe failed (a miss raises):\n{mem.stderr[-3000:]}")
+        return
+    memory = json.loads(mem.stdout.strip().splitlines()[-1])
+    a, b = memory["hits"]
+    rss, blocks = memory["hit_rss_kib"], memory["hit_blocks"]
+    fig = checks.figure("Python blocks retained per hit", (blocks[1] - blocks[0]) / (b - a),
+                        BLOCKS_PER_HIT_TARGET, strict=True)
+    mrows: list[list[object]] = [[
+        f"{a} -> {b} hits on 10 keys", f"{rss[0]} -> {rss[1]}", f"{rss[1] - rss[0]:+d}",
+        f"{blocks[0]} -> {blocks[1]}", f"{fig.ratio:+.3f} ({fig.verdict()})"]]
+    if "keys" in memory:
+        a, b = memory["keys"]
+        rss, blocks = memory["key_rss_kib"], memory["key_blocks"]
+        mrows.append([f"{a} -> {b} distinct keys (first requests)",
+                      f"{rss[0]} -> {rss[1]}", f"{rss[1] - rss[0]:+d}",
+                      f"{blocks[0]} -> {blocks[1]}",
+                      f"{(blocks[1] - blocks[0]) / (b - a):+.1f} (per key, no target)"])
+    print(f"\nMemory of one process (JIT on the {big}-entry cache):\n")
+    print(table(["phase", "RSS KiB", "RSS growth KiB", "Python allocated blocks",
+                 f"blocks per hit/key (target per hit < {BLOCKS_PER_HIT_TARGET:g})"], mrows))
+
+
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._lookup:
         root, n, seed = Path(args._lookup[0]), int(args._lookup[1]), int(args._lookup[2])
@@ -261,8 +421,8 @@ def main(argv: list[str]) -> int:  # noqa: PLR0912 - one benchmark, several phas
         return 0
     sizes = sorted(set(args.sizes))
     big = sizes[-1]
-    if sizes[0] < 2:
-        print("--sizes: every size must be at least 2", file=sys.stderr)
+    if len(sizes) < 2 or sizes[0] < 2:
+        print("--sizes: two sizes or more, each at least 2", file=sys.stderr)
         return 2
     # The same number of keys in every size, so that the medians are comparable (the first
     # few requests of a process are slower whatever the cache holds).
@@ -270,9 +430,7 @@ def main(argv: list[str]) -> int:  # noqa: PLR0912 - one benchmark, several phas
     print_header("bench_scale: lookups, prune and memory with many cache entries",
                  f"sizes {sizes}, {args.reps} rep(s), {args.sample} keys looked up per "
                  f"process, fake libraries of {args.lib_bytes} bytes, {args.hits} hits")
-    checks = Checks()
-    env = bench_env()
-    me = str(Path(__file__).resolve())
+    checks = Checks(quick=args.quick)
     with work_dir(args, "scale") as work:
         roots: dict[int, Path] = {}
         for n in sizes:
@@ -284,118 +442,10 @@ def main(argv: list[str]) -> int:  # noqa: PLR0912 - one benchmark, several phas
             print(f"synthesized {n} entries in {took:.1f}s", flush=True)
         pristine = work / "pristine"  # for prune: before any lookup touches usage records
         shutil.copytree(roots[big].parent, pristine)
-
-        lookups: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
-        for rep in range(args.reps):
-            for size in rotate([str(s) for s in sizes], rep):
-                n = int(size)
-                proc = subprocess.run([sys.executable, me, "--_lookup", str(roots[n]), size,
-                                       str(rep), "--sample", str(args.sample)],
-                                      capture_output=True, text=True, env=env, check=False)
-                if proc.returncode != 0:
-                    checks.expect(False, f"lookup probe n={n} failed:\n{proc.stderr[-3000:]}")
-                    continue
-                data = json.loads(proc.stdout.strip().splitlines()[-1])
-                checks.expect(data["compiles"] == 0 and data["hits"] == data["requests"],
-                              f"n={n}: lookups were not all hits: {data}")
-                lookups[n].append(data)
-                print(f"rep {rep} n={n}: first READONLY {data['first_ro_us']:.0f}us  "
-                      f"first ON {data['first_us']:.0f}us  repeat "
-                      f"{data['repeat_us']:.1f}us  read+verify {data['read_verify_us']:.0f}us",
-                      flush=True)
-
-        prune_rows: list[list[object]] = []
-        cli = prune_cli(env)
-        if cli is None:
-            print("TODO(prune): no 'pytest-mlcjit prune' (python -m pytest_mlcjit prune) with "
-                  "--keep-last-used in this checkout; prune not measured.", flush=True)
-        else:
-            keep = big // 2
-            scenarios = {f"evict {big - keep} (--keep-last-used {keep})":
-                         ["--keep-last-used", str(keep)],
-                         "evict none (--older-than 3650d: scan only)": ["--older-than", "3650d"]}
-            for label, opts in scenarios.items():
-                times = []
-                for rep in range(args.reps):
-                    copy = work / f"prune{rep}"
-                    shutil.copytree(pristine, copy)
-                    root = copy / "cache"
-                    expected = kept_by_recency(root, keep) if "keep" in opts[0] else None
-                    run = run_timed([*cli, "--cache-dir", str(root), "--json", *opts],
-                                    cwd=work, env=env)
-                    if checks.run_ok(run, f"prune {label} rep {rep}"):
-                        times.append(run.seconds)
-                        left = {p.name.split(".")[0]
-                                for p in (root / "tvm").glob("*.manifest.json")}
-                        want = expected if expected is not None else kept_by_recency(root, big)
-                        checks.expect(left == want,
-                                      f"prune {label}: {len(left)} entries left, expected the "
-                                      f"{len(want)} most recently used")
-                    shutil.rmtree(copy, ignore_errors=True)
-                med = median(times)
-                prune_rows.append([label, big, spread(times), "met" if med < PRUNE_TARGET_S
-                                   else f"missed by {med / PRUNE_TARGET_S - 1:.0%}"])
-
-        mem = subprocess.run([sys.executable, me, "--_memory", str(roots[big]), str(big),
-                              "--hits", str(args.hits)],
-                             capture_output=True, text=True, env=env, check=False)
-        memory: dict[str, Any] | None = None
-        if mem.returncode != 0:
-            checks.expect(False, f"memory probe failed:\n{mem.stderr[-3000:]}")
-        else:
-            memory = json.loads(mem.stdout.strip().splitlines()[-1])
-            checks.expect(memory["compiles"] == 0, f"memory probe compiled: {memory}")
-
-    print("\nLookup time by cache size (fresh process per rep; median over keys, then over "
-          "reps):\n")
-    rows = []
-    for n in sizes:
-        ds = lookups[n]
-        rows.append([n, spread([d["first_ro_us"] for d in ds], "{:.0f}"),
-                     spread([d["first_us"] for d in ds], "{:.0f}"),
-                     spread([d["repeat_us"] for d in ds], "{:.1f}"),
-                     spread([d["read_verify_us"] for d in ds], "{:.0f}")])
-    if len(sizes) >= 2 and all(lookups[n] for n in sizes):
-        def ratio(field: str) -> str:
-            big_med = median([d[field] for d in lookups[big]])
-            small_med = median([d[field] for d in lookups[sizes[0]]])
-            return f"{big_med / small_med:.2f}x"
-
-        rows.append([f"{big} / {sizes[0]}", ratio("first_ro_us"), ratio("first_us"),
-                     ratio("repeat_us"),
-                     ratio("read_verify_us")])
-    print(table(["entries", "first request of a key, READONLY us",
-                 "first request of a key, ON (+ usage record) us", "repeated request us",
-                 "read_manifest + verify us"], rows))
-    print("\n(READONLY: key, manifest read, SHA-256 of the library. ON adds rewriting "
-          "the key's usage record, whose cost depends on how recently that file was last "
-          f"written: the {sizes[0]}-entry cache's keys are all used again in every rep, the "
-          "larger cache's are mostly fresh.)")
-
-    print(f"\nprune over {big} entries (wall time of the CLI process):\n")
-    if prune_rows:
-        print(table(["prune", "entries", "wall s", f"target < {PRUNE_TARGET_S:g} s"],
-                    prune_rows))
-    else:
-        print("TODO(prune): not measured (the prune CLI is not in this checkout yet)")
-
-    if memory is not None:
-        a, b = memory["hits"]
-        rss, blocks = memory["hit_rss_kib"], memory["hit_blocks"]
-        mrows: list[list[object]] = [[
-            f"{a} -> {b} hits on 10 keys", f"{rss[0]} -> {rss[1]}", f"{rss[1] - rss[0]:+d}",
-            f"{blocks[0]} -> {blocks[1]}", f"{(blocks[1] - blocks[0]) / (b - a):+.3f}"]]
-        if "keys" in memory:
-            a, b = memory["keys"]
-            rss, blocks = memory["key_rss_kib"], memory["key_blocks"]
-            mrows.append([f"{a} -> {b} distinct keys (first requests)",
-                          f"{rss[0]} -> {rss[1]}", f"{rss[1] - rss[0]:+d}",
-                          f"{blocks[0]} -> {blocks[1]}",
-                          f"{(blocks[1] - blocks[0]) / (b - a):+.1f}"])
-        print(f"\nMemory of one process (JIT on the {big}-entry cache):\n")
-        print(table(["phase", "RSS KiB", "RSS growth KiB", "Python allocated blocks",
-                     "blocks per hit/key"], mrows))
-    print("\nValues are median [min..max] over reps.")
+        measure_lookups(args, sizes, roots, checks)
+        measure_prune(args, work, pristine, big, checks)
+        measure_memory(args, roots[big], big, checks)
+    print("\nValues are median [min..max] over reps; ratios are medians of per-rep ratios.")
     return checks.exit_code()
 
 

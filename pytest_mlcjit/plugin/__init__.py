@@ -155,7 +155,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         if state.engine_made:
             config.workeroutput["mlcjit_stats"] = state.engine.stats.to_json()
         config.workeroutput["mlcjit_used"] = sorted(state.used)
-    else:
+    elif state.used_the_plugin():
         from pytest_mlcjit.plugin.after_run import after_run
 
         after_run(session, state)
@@ -199,17 +199,18 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     at the default verbosity and above, so ``-q`` runs do not pay for it)."""
     if state_key not in config.stash:
         return None
-    from pytest_mlcjit.plugin.report import header_line
-
-    return header_line(config.stash[state_key])
+    return config.stash[state_key].header_line()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if state_key not in config.stash or hasattr(config, "workeroutput"):
         return
+    state = config.stash[state_key]
+    if not state.used_the_plugin():
+        return
     from pytest_mlcjit.plugin.report import write_summary
 
-    write_summary(terminalreporter, config.stash[state_key])
+    write_summary(terminalreporter, state)
 
 
 # -- collection: one test per device --------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What the plugin prints: one header line with the effective settings; a summary section
+"""What the plugin prints at the end of a run that used it (the header line is
+:meth:`..session.RunState.header_line`, printed by every run): a summary section
 (each request's outcome, the slowest compiles, what the size cap pruned); the JSON report
 (``--mlc-jit-report``); and the messages of a test whose compile failed or was
 interrupted."""
@@ -11,9 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_mlcjit._util.fs import write_json_atomic
-from pytest_mlcjit.cache.layout import default_cache_dir, mlc_llm_home
 from pytest_mlcjit.cache.store.remote import redact_url
-from pytest_mlcjit.device import Presence
 from pytest_mlcjit.engine.activity import describe_target, read_board
 from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 from pytest_mlcjit.errors import REMEMBERED_NOTE, CompileError
@@ -40,20 +39,6 @@ OUTCOME_WORDS = {
     "compiled": ("compiled", "compiled"), "waited": ("waited", "waited"),
     "failed": ("failed", "failed"), "missed": ("missed", "missed"),
 }
-
-
-def header_line(state: RunState) -> str:
-    """The policy, the devices as probed, and the cache (probes the devices)."""
-    s = state.settings
-    parts = []
-    for name in s.devices:
-        p = s.presence.get(name, Presence(True))
-        parts.append(f"{name} (present)" if p.present else f"{name} (absent: {p.reason})")
-    if s.cache_dir is not None:
-        where = f"cache={s.cache_dir}"
-    else:
-        where = f"cache={default_cache_dir()} (MLC: {mlc_llm_home()})"
-    return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
 
 
 # -- the summary ------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit.cache.layout import default_cache_dir, mlc_llm_home
+from pytest_mlcjit.device import Presence
 from pytest_mlcjit.engine.settings import Settings
 
 if TYPE_CHECKING:
@@ -124,6 +126,26 @@ class RunState:
     @classmethod
     def from_worker_input(cls, data: Mapping[str, Any]) -> RunState:
         return cls(Settings.from_json(data["settings"]), probed=True, board=data.get("board"))
+
+    def header_line(self) -> str:
+        """The policy, the devices as probed, and the cache (probes the devices)."""
+        s = self.settings
+        parts = []
+        for name in s.devices:
+            p = s.presence.get(name, Presence(True))
+            parts.append(f"{name} (present)" if p.present else f"{name} (absent: {p.reason})")
+        if s.cache_dir is not None:
+            where = f"cache={s.cache_dir}"
+        else:
+            where = f"cache={default_cache_dir()} (MLC: {mlc_llm_home()})"
+        return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
+
+    def used_the_plugin(self) -> bool:
+        """Whether this run has anything to report at its end (a request, a report to
+        write, a size cap): a run that never used the plugin pays for nothing more."""
+        return bool(self.engine_made or self.worker_stats or self.report_written
+                    or self.pruned or self.options.report_path is not None
+                    or self.options.max_size is not None)
 
     def progress_board(self) -> str | None:
         """The board where this run's processes publish their jobs (:mod:`..engine.activity`)."""

@@ -268,7 +268,13 @@ def remove_free_locks(root: Path, *, keep: Iterable[str] = ()) -> int:
     kept = set(keep)
     locks = layout.control_subdir(root, "locks")
     removed = 0
-    for path in list_dir(locks):
+    files = list_dir(locks)
+    owners: dict[str, list[Path]] = {}  # a key's owner records, a temporary one too
+    for path in files:
+        name = path.name.lstrip(".")
+        if ".owner" in name:
+            owners.setdefault(name.split(".", 1)[0], []).append(path)
+    for path in files:
         stem = path.name.split(".", 1)[0]
         if not path.name.endswith(".lock") or not DIGEST_RE.fullmatch(stem) or stem in kept:
             continue
@@ -278,10 +284,9 @@ def remove_free_locks(root: Path, *, keep: Iterable[str] = ()) -> int:
             continue  # another user's: left for its owner (clear and prune say nothing)
         if fd is None or fd == MISSING:
             continue  # held: a compile of this key is running
-        for leftover in list_dir(locks):  # its owner record, a temporary one
-            if leftover.name.lstrip(".").startswith(f"{stem}.owner"):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
+        for leftover in owners.get(stem, ()):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         release_and_remove(fd, path)
         removed += 1
     return removed
