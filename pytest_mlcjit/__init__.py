@@ -27,8 +27,8 @@ from pytest_mlcjit.errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.build.backends.mlc import MLCModel
     from pytest_mlcjit.cache.layout import default_cache_dir
+    from pytest_mlcjit.compiler.backends.mlc import MLCModel
     from pytest_mlcjit.device import Device
     from pytest_mlcjit.engine.jit import JIT, jit
     from pytest_mlcjit.engine.model import ArgSpec, CompiledModel, Shape, Signature
@@ -50,7 +50,7 @@ _LAZY = {
     "Signature": "engine.model",
     "Policy": "policy",
     "TVMModel": "spec",
-    "MLCModel": "build.backends.mlc",
+    "MLCModel": "compiler.backends.mlc",
     "default_cache_dir": "cache.layout",
 }
 

@@ -3,8 +3,8 @@
 The key of a library is a JSON-able dict of everything that changes its bytes; its digest
 is SHA-256 over the canonical JSON (sorted keys, compact separators, UTF-8), so the same
 inputs give the same digest in every process and on every machine. What goes into a key
-is the backends' business (:mod:`pytest_mlcjit.build`); the toolchain fingerprint is in
-:mod:`pytest_mlcjit.build.toolchain`. Only the standard library is imported here.
+is the backends' business (:mod:`pytest_mlcjit.compiler`); the toolchain fingerprint is in
+:mod:`pytest_mlcjit.compiler.toolchain`. Only the standard library is imported here.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pytest_mlcjit import JIT, MlcJitError, Policy, Settings, TVMModel
-from pytest_mlcjit.build.backends import locate
+from pytest_mlcjit.compiler.backends import locate
 from pytest_mlcjit.key import file_sha256
 
 

@@ -138,7 +138,7 @@ def test_specs_outside_pytest_still_raise_at_once() -> None:
 # -- 2. factory strings and paths in mlc_model ---------------------------------------------------
 MLC_PATHS = '''
 import pytest
-from pytest_mlcjit.build.backends.mlc import MLCModel
+from pytest_mlcjit.compiler.backends.mlc import MLCModel
 
 BAD_OVERRIDES = MLCModel("real-model-MLC", overrides={"context_size": 1})
 

@@ -21,8 +21,8 @@ from faultmodels import add_hold_model, files_under
 
 from conftest import Project
 from pytest_mlcjit import JIT, CompiledModel, Policy, Settings, TVMModel
-from pytest_mlcjit.build.launch import LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from pytest_mlcjit.cache.manage import info, prune
+from pytest_mlcjit.compiler.launch import LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from pytest_mlcjit.errors import CompileError
 
 NOISE_MB = 50

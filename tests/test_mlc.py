@@ -26,8 +26,8 @@ import pytest
 
 from conftest import Project
 from pytest_mlcjit import JIT, CacheMissError, CompileError, JitDisabledError, Settings, SpecError
-from pytest_mlcjit.build.backends import locate
-from pytest_mlcjit.build.backends.mlc import MLCModel, mlc_llm_installed, override_string
+from pytest_mlcjit.compiler.backends import locate
+from pytest_mlcjit.compiler.backends.mlc import MLCModel, mlc_llm_installed, override_string
 
 STANDIN = Path(__file__).parent / "mlc_standin"
 #: Whether a real ``mlc_llm`` is importable here: decided when this module is imported,

@@ -93,7 +93,7 @@ def _run(cmd: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None,
 
 
 #: What a copy of the checkout leaves out: anywhere, caches and metadata; at the top only,
-#: setuptools' output directories (``pytest_mlcjit/build`` is a subpackage, not output).
+#: setuptools' output directories (``pytest_mlcjit/compiler`` is a subpackage, not output).
 _SKIP_ANYWHERE = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache",
                   ".pytest_cache", ".tox"}
 _SKIP_AT_TOP = {"build", "dist"}

@@ -367,7 +367,7 @@ def test_mlc_entries_are_shared_under_mlc_file_names(
     lands on the second machine under MLC-LLM's own name, model_lib/<md5>.so, without
     compiling there."""
     from pytest_mlcjit import JIT, Settings
-    from pytest_mlcjit.build.backends.mlc import MLCModel
+    from pytest_mlcjit.compiler.backends.mlc import MLCModel
 
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -1,4 +1,4 @@
-"""Pre-warmed compile workers (pytest_mlcjit.build.warm): every compile is a fork of a worker
+"""Pre-warmed compile workers (pytest_mlcjit.compiler.warm): every compile is a fork of a worker
 that imported TVM once, and still a process of its own.
 
 Real TVM compiles of the tiny model, real processes and real signals throughout. The
@@ -31,7 +31,7 @@ from faultmodels import add_hold_model, alive, hold_request
 
 from conftest import Engine, Project, outcomes, wait_until
 from pytest_mlcjit import JIT, CompileError, Settings, TVMModel
-from pytest_mlcjit.build.warm import client as workers
+from pytest_mlcjit.compiler.warm import client as workers
 
 pytestmark = pytest.mark.skipif(not workers.supported(),
                                 reason="pre-warmed compile workers need Linux")
@@ -332,7 +332,7 @@ def test_one(compiled_model):
     if how == "default":
         assert fresh_workers() == 1
         assert seen["worker"] == workers.pool_state()["pid"], seen["worker_cmd"]
-        assert "pytest_mlcjit.build.warm" in seen["worker_cmd"]
+        assert "pytest_mlcjit.compiler.warm" in seen["worker_cmd"]
     else:
         assert fresh_workers() == 0, "no worker was started"
         assert seen["worker"] == os.getpid(), seen["worker_cmd"]

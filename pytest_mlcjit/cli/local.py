@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit.build.toolchain import tvm_fingerprint
 from pytest_mlcjit.cache import manage
 from pytest_mlcjit.cache.manage.prune import quarantined
 from pytest_mlcjit.cli.render import MODEL_WIDTH, out, roots
+from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
 from pytest_mlcjit.errors import CliUsageError
 from pytest_mlcjit.units import format_size, format_time, plural
 

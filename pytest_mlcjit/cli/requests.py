@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit._util.collect import OUT_ENV, PLUGIN, STATUS_ENV
-from pytest_mlcjit.build.backends.mlc import MLCModel
-from pytest_mlcjit.build.toolchain import tvm_fingerprint
 from pytest_mlcjit.cache import manage
 from pytest_mlcjit.cache.layout import default_roots
 from pytest_mlcjit.cli.render import EXIT_FAILURE, PROG, out
+from pytest_mlcjit.compiler.backends.mlc import MLCModel
+from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
 from pytest_mlcjit.engine.jit import JIT
 from pytest_mlcjit.engine.settings import Settings
 from pytest_mlcjit.errors import CliError, CliUsageError

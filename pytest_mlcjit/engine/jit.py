@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pytest_mlcjit._util.fs import WriteWarnings, fault_point, is_no_space
-from pytest_mlcjit.build.backends import BuildContext, BuildRequest, backend_for
-from pytest_mlcjit.build.launch import Builds
 from pytest_mlcjit.cache.layout import EntryPaths, backend_root
 from pytest_mlcjit.cache.store import Stores
 from pytest_mlcjit.cache.store.interface import (
@@ -41,6 +39,8 @@ from pytest_mlcjit.cache.store.interface import (
 )
 from pytest_mlcjit.cache.store.remote import RemoteOptions
 from pytest_mlcjit.cache.store.remote.signing import signing_key_from_env
+from pytest_mlcjit.compiler.backends import BuildContext, BuildRequest, backend_for
+from pytest_mlcjit.compiler.launch import Builds
 from pytest_mlcjit.device import Device, Presence, probe
 from pytest_mlcjit.engine.activity import Board, describe_spec, describe_target
 from pytest_mlcjit.engine.failures import log_tail, no_space, ran_out_of_space, readonly_miss

@@ -128,7 +128,7 @@ def remote_url(source: str, text: str) -> str:
 def compile_workers(source: str, text: str) -> str:
     value: str = choice("auto", "on", "off")(source, text)
     if value == "on":
-        from pytest_mlcjit.build.warm.client import supported  # noqa: PLC0415
+        from pytest_mlcjit.compiler.warm.client import supported  # noqa: PLC0415
 
         if not supported():
             raise ConfigError(f"{source}=on: pre-warmed compile workers need Linux (fork and "

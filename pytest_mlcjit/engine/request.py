@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from pytest_mlcjit import __version__
-from pytest_mlcjit.build.backends import Backend, BuildRequest
 from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.manifest import Manifest
+from pytest_mlcjit.compiler.backends import Backend, BuildRequest
 from pytest_mlcjit.engine.model import CompiledModel
 from pytest_mlcjit.engine.stats import Outcome
 

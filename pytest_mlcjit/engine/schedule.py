@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, TypeVar
 from pytest_mlcjit.key import sha256_digest
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.build.backends import BuildRequest
     from pytest_mlcjit.cache.store.interface import EntryQuery, Store
+    from pytest_mlcjit.compiler.backends import BuildRequest
 
 T = TypeVar("T")
 

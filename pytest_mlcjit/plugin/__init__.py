@@ -284,7 +284,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if spec is None or not plan.mlc_dir_ready(spec):
             continue
         if installed is None:
-            from pytest_mlcjit.build.backends.mlc import mlc_llm_installed
+            from pytest_mlcjit.compiler.backends.mlc import mlc_llm_installed
 
             installed = mlc_llm_installed()
         if not installed:

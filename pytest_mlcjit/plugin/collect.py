@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_mlcjit._util.collect import OUT_ENV, STATUS_ENV
-from pytest_mlcjit.build.backends import get_backend
+from pytest_mlcjit.compiler.backends import get_backend
 from pytest_mlcjit.plugin.plan import make_plan
 from pytest_mlcjit.plugin.session import get_engine, state_key
 

@@ -21,7 +21,7 @@ from pytest_mlcjit.errors import MlcJitError, SpecError
 from pytest_mlcjit.policy import Policy
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.build.backends import BuildRequest
+    from pytest_mlcjit.compiler.backends import BuildRequest
     from pytest_mlcjit.engine.jit import JIT
     from pytest_mlcjit.engine.settings import Settings
 
@@ -134,7 +134,7 @@ def spec_from_marker(marker: pytest.Mark) -> Any:
                             seed=spec.seed, name=spec.name, files=spec.files)
         return spec
     if is_mlc(spec):
-        from pytest_mlcjit.build.backends.mlc import MLCModel
+        from pytest_mlcjit.compiler.backends.mlc import MLCModel
 
         check_mlc_path(spec, "mlc_model")
         return MLCModel.coerce(spec, **options)
@@ -164,7 +164,7 @@ def requested_spec(node: pytest.Item, params: Mapping[str, Any]) -> tuple[Any, P
         if is_mlc(spec):
             check_mlc_path(spec, "compiled_model parameter")
         if isinstance(spec, str | os.PathLike):
-            from pytest_mlcjit.build.backends.mlc import MLCModel
+            from pytest_mlcjit.compiler.backends.mlc import MLCModel
 
             spec = MLCModel.coerce(spec)
     else:

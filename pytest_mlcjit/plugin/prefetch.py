@@ -26,7 +26,7 @@ from pytest_mlcjit.errors import MlcJitError
 from pytest_mlcjit.plugin.plan import make_plan, planned_key
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.build.backends import BuildRequest
+    from pytest_mlcjit.compiler.backends import BuildRequest
 
 #: After an interrupt, how long ``stop`` waits for the prefetch thread (it has nothing left
 #: to do but remove its staging directory; a wait for another process's lock is given up).

@@ -1,4 +1,4 @@
-"""Child entry point: ``python -m pytest_mlcjit.build.backends._tvm_compile request.json``.
+"""Child entry point: ``python -m pytest_mlcjit.compiler.backends._tvm_compile request.json``.
 
 Imports the factory (recording what it uses: :mod:`pytest_mlcjit.inputs.record`), builds the
 Relax module, compiles it with ``tvm.compile`` and exports

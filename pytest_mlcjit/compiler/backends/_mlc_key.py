@@ -1,4 +1,4 @@
-"""Child entry point: ``python -m pytest_mlcjit.build.backends._mlc_key job.json``.
+"""Child entry point: ``python -m pytest_mlcjit.compiler.backends._mlc_key job.json``.
 
 Does the two parts of MLC-LLM's cache key that need the installed ``mlc_llm`` itself:
 the model family's config normalization (``MODELS[model_type].config.from_dict(d).asdict()``)

@@ -1,7 +1,7 @@
 """The test process's side of the warm workers: its zygote (started on the first compile,
 replaced when it dies or when a request's import environment differs), and each compile
 running in a fork of it (:class:`WarmProcess`, the part of ``subprocess.Popen`` that
-:mod:`..launch` uses). See :mod:`pytest_mlcjit.build.warm` for the design.
+:mod:`..launch` uses). See :mod:`pytest_mlcjit.compiler.warm` for the design.
 
 The pool is the process's (like a thread pool, it is a resource, not a run's state:
 nothing of a run is kept in it), so a second run in the same process reuses the warm
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit.build.warm.protocol import frame, recv_frame, split
+from pytest_mlcjit.compiler.warm.protocol import frame, recv_frame, split
 from pytest_mlcjit.errors import CompileInterrupted
 
 #: Environment variables (name prefixes) that can change how Python or TVM import, or
@@ -126,7 +126,7 @@ class Zygote:
         self.import_env = _import_env(env)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.ctrl = mine
-        argv = [sys.executable, "-m", "pytest_mlcjit.build.warm.zygote", str(theirs.fileno()),
+        argv = [sys.executable, "-m", "pytest_mlcjit.compiler.warm.zygote", str(theirs.fileno()),
                 str(os.getpid()), " " * TITLE_ROOM]
         try:
             self.proc: subprocess.Popen[bytes] = keeper.call(lambda: subprocess.Popen(

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit._util.fs import WriteWarnings, write_json_atomic
-from pytest_mlcjit.build.backends.base import Backend, BuildContext, BuildRequest
-from pytest_mlcjit.build.launch import child_env
-from pytest_mlcjit.build.toolchain import tvm_fingerprint
 from pytest_mlcjit.cache import layout
 from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.locks import flocked
 from pytest_mlcjit.cache.manifest import Manifest
+from pytest_mlcjit.compiler.backends.base import Backend, BuildContext, BuildRequest
+from pytest_mlcjit.compiler.launch import child_env
+from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
 from pytest_mlcjit.device import Device
 from pytest_mlcjit.errors import CorruptEntryError, SpecError
 from pytest_mlcjit.key import canonical_json, file_sha256, sha256_digest
@@ -259,7 +259,7 @@ def _run_key_script(job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mlcjit-key-") as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job), encoding="utf-8")
-        proc = subprocess.run([sys.executable, "-m", "pytest_mlcjit.build.backends._mlc_key",
+        proc = subprocess.run([sys.executable, "-m", "pytest_mlcjit.compiler.backends._mlc_key",
                                str(job_file)], capture_output=True, text=True,
                               timeout=KEY_SCRIPT_TIMEOUT_S, check=False, env=child_env())
     if proc.returncode != 0:

@@ -8,7 +8,7 @@ class a ``backend`` attribute naming it, and add the name to :data:`REGISTRY`.
 
 from __future__ import annotations
 
-from pytest_mlcjit.build.backends.base import (
+from pytest_mlcjit.compiler.backends.base import (
     Backend,
     BuildContext,
     BuildRequest,

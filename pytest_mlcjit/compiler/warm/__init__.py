@@ -3,7 +3,7 @@
 
 A compile used to start a new interpreter (two, counting the launcher) and import TVM,
 1.5 to 2 s, for a compile that can take 0.2 s. Here each test process keeps one
-*zygote*: a process started on the first compile (``python -m pytest_mlcjit.build.warm.zygote``)
+*zygote*: a process started on the first compile (``python -m pytest_mlcjit.compiler.warm.zygote``)
 that imports TVM, nothing else, and then only forks. A compile whose command is
 ``python -m MODULE ARGS`` (both backends' are) is served by a fork of it::
 

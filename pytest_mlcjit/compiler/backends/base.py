@@ -21,8 +21,8 @@ from pytest_mlcjit.inputs.check import InputChecker
 #: Backend name (a spec's ``backend`` attribute) → ``module:class`` that implements it,
 #: imported on first use.
 REGISTRY: dict[str, str] = {
-    "tvm": "pytest_mlcjit.build.backends.tvm:TVMBackend",
-    "mlc": "pytest_mlcjit.build.backends.mlc:MLCBackend",
+    "tvm": "pytest_mlcjit.compiler.backends.tvm:TVMBackend",
+    "mlc": "pytest_mlcjit.compiler.backends.mlc:MLCBackend",
 }
 _instances: dict[str, Backend] = {}
 

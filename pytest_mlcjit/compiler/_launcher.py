@@ -1,4 +1,4 @@
-"""Subprocess launcher: ``python -m pytest_mlcjit.build._launcher [opts] PARENT -- argv...``.
+"""Subprocess launcher: ``python -m pytest_mlcjit.compiler._launcher [opts] PARENT -- argv...``.
 
 It stays the parent of the command it runs, so that the command's whole process tree
 dies with it, whatever the tree does:
@@ -28,7 +28,7 @@ import sys
 import time
 from types import FrameType
 
-from pytest_mlcjit.build.proctree import (
+from pytest_mlcjit.compiler.proctree import (
     PR_SET_CHILD_SUBREAPER,
     PR_SET_PDEATHSIG,
     BoundedLog,
@@ -38,7 +38,7 @@ from pytest_mlcjit.build.proctree import (
 )
 from pytest_mlcjit.errors import LauncherStop
 
-USAGE = ("usage: python -m pytest_mlcjit.build._launcher [--log PATH --head BYTES --tail BYTES] "
+USAGE = ("usage: python -m pytest_mlcjit.compiler._launcher [--log PATH --head BYTES --tail BYTES] "
          "PARENT_PID -- argv...")
 
 

@@ -1,9 +1,9 @@
-"""The zygote: ``python -m pytest_mlcjit.build.warm.zygote CONTROL_FD PARENT_PID [ROOM]``.
+"""The zygote: ``python -m pytest_mlcjit.compiler.warm.zygote CONTROL_FD PARENT_PID [ROOM]``.
 
 It imports TVM (:data:`WARM_MODULES`) and nothing else, says hello, then forks a launcher
 per compile socket the test process hands it; each launcher forks the compile, which
 becomes ``python -m MODULE ARGS`` with the request's environment, ``sys.path``, working
-directory and umask. See :mod:`pytest_mlcjit.build.warm` for the design. A child-process
+directory and umask. See :mod:`pytest_mlcjit.compiler.warm` for the design. A child-process
 entry point: only the standard library, :mod:`..proctree` and :mod:`.protocol`.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
-from pytest_mlcjit.build.proctree import (
+from pytest_mlcjit.compiler.proctree import (
     PR_SET_CHILD_SUBREAPER,
     PR_SET_PDEATHSIG,
     REAP_LIMIT_S,
@@ -34,7 +34,7 @@ from pytest_mlcjit.build.proctree import (
     kill_tree,
     prctl,
 )
-from pytest_mlcjit.build.warm.protocol import frame, recv_frame
+from pytest_mlcjit.compiler.warm.protocol import frame, recv_frame
 from pytest_mlcjit.errors import LauncherStop
 
 #: What a zygote imports before it forks anything: what the TVM compile child imports
@@ -96,7 +96,7 @@ def serve(ctrl_fd: int, parent: int) -> int:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return 1
-    _set_title([sys.executable, "-m", "pytest_mlcjit.build.warm.zygote",
+    _set_title([sys.executable, "-m", "pytest_mlcjit.compiler.warm.zygote",
                 f"(compile worker of {parent})"])
     ctrl = socket.socket(fileno=ctrl_fd)
     _BASE_PATH[:] = _base_path()

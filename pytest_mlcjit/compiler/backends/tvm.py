@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit.build.backends.base import Backend, BuildContext, BuildRequest
-from pytest_mlcjit.build.toolchain import host_fingerprint, nvcc_version, tvm_fingerprint
 from pytest_mlcjit.cache.layout import EntryPaths, tvm_entry
+from pytest_mlcjit.compiler.backends.base import Backend, BuildContext, BuildRequest
+from pytest_mlcjit.compiler.toolchain import host_fingerprint, nvcc_version, tvm_fingerprint
 from pytest_mlcjit.device import Device, TargetJSON, device_for_target, target_for, target_kind
 from pytest_mlcjit.errors import SpecError
 from pytest_mlcjit.inputs.closure import import_root, local_import_closure
@@ -92,7 +92,7 @@ class TVMBackend(Backend):
                "meta": str(staging / "meta.json"),
                "exclude": [str(staging), str(root)]}
         (staging / "request.json").write_text(json.dumps(job), encoding="utf-8")
-        argv = [sys.executable, "-m", "pytest_mlcjit.build.backends._tvm_compile",
+        argv = [sys.executable, "-m", "pytest_mlcjit.compiler.backends._tvm_compile",
                 str(staging / "request.json")]
         return argv, output
 

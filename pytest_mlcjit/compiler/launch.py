@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from pytest_mlcjit.build.warm import client
+from pytest_mlcjit.compiler.warm import client
 from pytest_mlcjit.errors import CompileInterrupted
 
 #: A compile log keeps the first and the last bytes of the compiler's output, with a line
@@ -91,7 +91,7 @@ class Builds:
         Its whole process tree is killed on timeout, when this call is interrupted, by
         :meth:`kill_all` (then CompileInterrupted is raised), and when this process dies.
         """
-        launcher = [sys.executable, "-m", "pytest_mlcjit.build._launcher", "--log",
+        launcher = [sys.executable, "-m", "pytest_mlcjit.compiler._launcher", "--log",
                     str(log_path), "--head", str(LOG_HEAD_BYTES), "--tail", str(LOG_TAIL_BYTES),
                     str(os.getpid()), "--", *argv]
         with open(log_path, "ab") as log:
