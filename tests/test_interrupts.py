@@ -4,9 +4,9 @@ tree: the compiler, its children, and theirs, even one that left the process gro
 Each compile runs under a launcher (``pytest_mlcjit.compiler._launcher``) that stays its
 parent, is a child subreaper (orphans of the tree come back to it), kills the tree on
 SIGTERM, SIGINT, SIGHUP and when the test process dies, and is stopped by the runner on
-timeout and on interrupt, the background prefetch's compile included. The model's factory starts a child
-in a session of its own (a grandchild of the compile that no process-group kill reaches)
-and then waits. No assertion depends on how long anything took: each test asserts what is
+timeout and on interrupt, the background prefetch's compile included. The model's factory
+starts a child in a session of its own (a grandchild of the compile that no process-group
+kill reaches) and then waits. No assertion depends on how long anything took: each test asserts what is
 left once the run, or the compile, has ended.
 """
 
