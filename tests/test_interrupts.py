@@ -6,8 +6,8 @@ parent, is a child subreaper (orphans of the tree come back to it), kills the tr
 SIGTERM, SIGINT, SIGHUP and when the test process dies, and is stopped by the runner on
 timeout and on interrupt, the background prefetch's compile included. The model's factory
 starts a child in a session of its own (a grandchild of the compile that no process-group
-kill reaches) and then waits. No assertion depends on how long anything took: each test asserts what is
-left once the run, or the compile, has ended.
+kill reaches) and then waits. No assertion depends on how long anything took: each test
+asserts what is left once the run, or the compile, has ended.
 """
 
 from __future__ import annotations
