@@ -234,6 +234,16 @@ def project(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
     return Project(pytester, root / "cache", counter)
 
 
+#: ``python -m pytest``, with Ctrl-C restored: a process started from a background job (a
+#: CI runner, ``cmd &``) inherits SIGINT ignored, and a test that sends SIGINT must reach a
+#: pytest that hears it, as a terminal's would.
+PYTEST_HEARING_SIGINT = [
+    sys.executable, "-c",
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "import pytest; sys.exit(pytest.main(sys.argv[1:]))",
+]
+
+
 def pids_alive(pids: list[int]) -> list[int]:
     alive = []
     for pid in pids:

@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,14 @@ from typing import Any
 import pytest
 from faultmodels import add_hold_model
 
-from conftest import Project, accounting, compilers_running, inprocess, wait_until
+from conftest import (
+    PYTEST_HEARING_SIGINT,
+    Project,
+    accounting,
+    compilers_running,
+    inprocess,
+    wait_until,
+)
 from pytest_mlcjit.engine import activity
 from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 from pytest_mlcjit.plugin.report import accounting_line, cause, durations_lines
@@ -508,7 +514,7 @@ def test_ctrl_c_during_a_compile_says_what_happened(project: Project) -> None:
     runs (its counter line is written, then it sleeps until killed)."""
     project.write_tests(TWO[:1], per_config=1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist",
+        [*PYTEST_HEARING_SIGINT, "-p", "no:cacheprovider", "-p", "no:xdist",
          "--mlc-device=cpu", f"--mlc-jit-cache-dir={project.cache}"],
         cwd=project.pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env={**os.environ, "MLCJIT_TEST_SLEEP": "600"})

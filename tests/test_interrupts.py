@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from faultmodels import add_hold_model, alive, hold_request, read_pid, staging_dirs
 
-from conftest import Engine, Project, wait_until
+from conftest import PYTEST_HEARING_SIGINT, Engine, Project, wait_until
 from pytest_mlcjit import JIT, CompileError, Settings, TVMModel
 
 #: A safety limit against hangs (never a timing assertion).
@@ -76,7 +75,7 @@ def _nothing_left_of(cache: Path) -> None:
 
 def _pytest(project: Project, workers: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+        [*PYTEST_HEARING_SIGINT, "-p", "no:cacheprovider",
          f"--mlc-jit-cache-dir={project.cache}", "--mlc-device=cpu", "-n", workers, *args],
         cwd=project.pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True)
