@@ -110,6 +110,23 @@ def test_forward(compiled_model, i):
 '''
 
 
+#: ``per_config`` tests of each config that use the library without loading it: a worker
+#: of a nested ``-n 2`` run then imports neither TVM nor numpy (seconds of CPU per worker);
+#: that the libraries run right is checked in this process, in tests/test_policies.py.
+PATH_TESTS = '''
+import pytest
+from pytest_mlcjit import TVMModel
+
+
+@pytest.mark.parametrize("i", range({per_config}))
+@pytest.mark.parametrize("compiled_model",
+                         [TVMModel("tinymodel:build", config=c) for c in {configs!r}],
+                         indirect=True)
+def test_library(compiled_model, i):
+    assert compiled_model.path.stat().st_size > 0
+'''
+
+
 @dataclasses.dataclass
 class Project:
     """A pytester project with its own cache dir and compile counter."""
@@ -157,6 +174,13 @@ class Project:
         model = (self.pytester.path / "tinymodel.py").read_bytes()
         assert (template / "tinymodel.py").read_bytes() == model, "keys would differ"
         shutil.copytree(template / "cache", self.cache)
+
+    def write_path_tests(self, configs: Sequence[Mapping[str, object]],
+                         per_config: int = 1) -> None:
+        """Tests of each config that use the library without loading it
+        (:data:`PATH_TESTS`)."""
+        self.pytester.makepyfile(test_library=PATH_TESTS.format(configs=list(configs),
+                                                                per_config=per_config))
 
     def write_tests(self, configs: Sequence[Mapping[str, object]], per_config: int = 1,
                     name: str = "test_tiny") -> None:

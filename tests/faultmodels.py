@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from conftest import Project, outcomes
+from pytest_mlcjit.key import file_sha256
 
 #: ``holdmodel.py``: ``build(hidden, hold, child, noise_mb, fail_if)``; each call appends a
 #: line to ``$MLCJIT_TEST_COUNT`` (one line = one compilation, counted in the compiler).
@@ -242,3 +243,17 @@ def cli_as(user: pwd.struct_passwd, home: Path, *commands: Sequence[str]
     assert proc.returncode == 0, proc.stderr
     results: list[dict[str, Any]] = json.loads(proc.stdout.splitlines()[-1])
     return results
+
+
+def distinct_old_entry(project: Project) -> str:
+    """Make the warm entry's library differ from what a compile writes now (compiles are
+    byte-for-byte reproducible): zeros appended (an ELF file ignores bytes after its
+    sections), its manifest updated to match. A whole, loadable entry; its sha256."""
+    (manifest,) = (project.cache / "tvm").glob("*.manifest.json")
+    data = json.loads(manifest.read_text())
+    library = manifest.with_name(data["library"])
+    with open(library, "ab") as f:
+        f.write(b"\0" * 4096)
+    data["sha256"], data["size"] = file_sha256(library), library.stat().st_size
+    manifest.write_text(json.dumps(data))
+    return str(data["sha256"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import stat
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faultmodels import distinct_old_entry
 
 from conftest import Engine, Project
 from pytest_mlcjit import JIT, CompiledModel, Policy, Settings, TVMModel
@@ -55,19 +55,6 @@ def check_numerics(model: CompiledModel) -> None:
     np.testing.assert_allclose(model.run("forward", x), np.maximum(x @ w.T + b, 0),
                                rtol=1e-5, atol=1e-5)
 
-
-def distinct_old_entry(project: Project) -> str:
-    """Make the warm entry's library differ from what a compile writes now (compiles are
-    byte-for-byte reproducible): zeros appended (an ELF file ignores bytes after its
-    sections), its manifest updated to match. A whole, loadable entry; its sha256."""
-    (manifest,) = (project.cache / "tvm").glob("*.manifest.json")
-    data = json.loads(manifest.read_text())
-    library = manifest.with_name(data["library"])
-    with open(library, "ab") as f:
-        f.write(b"\0" * 4096)
-    data["sha256"], data["size"] = file_sha256(library), library.stat().st_size
-    manifest.write_text(json.dumps(data))
-    return str(data["sha256"])
 
 
 def _can_mount() -> bool:

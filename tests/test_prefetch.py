@@ -10,32 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from conftest import Project, hold_tests
 
 FOUR = [{"hidden": h} for h in (3, 4, 5, 6)]
-
-#: ``per_config`` tests of each config that use the library without loading it: a worker
-#: of a nested ``-n 2`` run then imports neither TVM nor numpy (seconds of CPU per worker);
-#: that the libraries run right is checked in this process, in tests/test_policies.py.
-PATH_TESTS = '''
-import pytest
-from pytest_mlcjit import TVMModel
-
-
-@pytest.mark.parametrize("i", range({per_config}))
-@pytest.mark.parametrize("compiled_model",
-                         [TVMModel("tinymodel:build", config=c) for c in {configs!r}],
-                         indirect=True)
-def test_library(compiled_model, i):
-    assert compiled_model.path.stat().st_size > 0
-'''
-
-
-def write_path_tests(project: Project, configs: list[dict[str, Any]], per_config: int) -> None:
-    project.pytester.makepyfile(test_library=PATH_TESTS.format(configs=configs,
-                                                               per_config=per_config))
 
 #: Holds every test until the cache holds ``count`` libraries and ``failed`` remembered
 #: failures (as conftest.hold_tests, failures included): "prefetch compiled them all,
@@ -68,7 +46,7 @@ def test_prefetch_compiles_every_library_once_ahead_of_time(
     one not at all, and the failing one's tests report its error. A warm run prefetches
     nothing new, and the failure, a known one, is not tried again."""
     project.warm(warm_template)  # hidden=4
-    write_path_tests(project, [*FOUR, {"hidden": 9, "fail": True}], per_config=2)
+    project.write_path_tests([*FOUR, {"hidden": 9, "fail": True}], per_config=2)
     project.pytester.makeconftest(HOLD_TESTS.format(root=str(project.cache), count=4,
                                                     failed=1))
     out = tmp_path / "report.json"

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from faultmodels import distinct_old_entry
 
 from conftest import Engine, Project, wait_until
 from pytest_mlcjit import JIT, Policy, Settings, TVMModel
@@ -76,17 +77,7 @@ SPEC = TVMModel("tinymodel:build", config={"hidden": 4})
 PUBLISH_POINTS = ("publish:staged", "publish:library", "published")
 
 
-def distinct_old_entry(project: Project) -> str:
-    """Make the warm entry's library differ from what a compile writes now: zeros
-    appended, its manifest updated to match. Its sha256."""
-    (manifest,) = (project.cache / "tvm").glob("*.manifest.json")
-    data = json.loads(manifest.read_text())
-    library = manifest.with_name(data["library"])
-    with open(library, "ab") as f:
-        f.write(b"\0" * 4096)
-    data["sha256"], data["size"] = file_sha256(library), library.stat().st_size
-    manifest.write_text(json.dumps(data))
-    return str(data["sha256"])
+
 
 
 def test_a_lookup_at_each_step_of_a_republish_gets_a_whole_entry(

@@ -24,27 +24,6 @@ from conftest import Project, accounting
 
 TWO_CONFIGS = [{"hidden": 4}, {"hidden": 6}]
 
-#: ``per_config`` tests of each config that use the library without loading it: a worker
-#: of a nested ``-n 2`` run then imports neither TVM nor numpy (seconds of CPU per worker);
-#: that the libraries run right is checked in this process, in tests/test_policies.py.
-PATH_TESTS = '''
-import pytest
-from pytest_mlcjit import TVMModel
-
-
-@pytest.mark.parametrize("i", range({per_config}))
-@pytest.mark.parametrize("compiled_model",
-                         [TVMModel("tinymodel:build", config=c) for c in {configs!r}],
-                         indirect=True)
-def test_library(compiled_model, i):
-    assert compiled_model.path.stat().st_size > 0
-'''
-
-
-def write_path_tests(project: Project, configs: list[dict[str, Any]], per_config: int) -> None:
-    project.pytester.makepyfile(test_library=PATH_TESTS.format(configs=configs,
-                                                               per_config=per_config))
-
 
 def configs(lines: list[str]) -> list[str]:
     """The configs of the factory's counter lines (``pid hidden=N``), sorted."""
@@ -70,7 +49,7 @@ def test_n2_compiles_each_key_once_and_redo_once_per_run(project: Project,
     key is compiled once, the other tests hit or wait; only the controller prints the
     summary, and it counts every worker's requests. Then REDO (prefetch on, as -n 2 has it
     by default): one rebuild per key per run, not per worker."""
-    write_path_tests(project, TWO_CONFIGS, per_config=3)
+    project.write_path_tests(TWO_CONFIGS, per_config=3)
     out = tmp_path / "cold.json"
     first = project.run("-n", "2", "--mlc-device=cpu", "--mlc-jit-prefetch=off",
                         f"--mlc-jit-report={out}")

@@ -80,6 +80,17 @@ def write_temp(path: Path, chunks: Iterable[bytes]) -> tuple[Path, str]:
     return tmp, h.hexdigest()
 
 
+def read_json(path: str | os.PathLike[str], limit: int = 1 << 20) -> Any:
+    """A small JSON file's content (at most ``limit`` bytes read), or None when it is absent,
+    unreadable, not UTF-8 JSON, or nested too deep to parse: a record the cache keeps
+    beside its entries is then treated as absent, never as a crash."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(limit).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def write_json_tmp(path: Path, data: Any) -> Path:
     """Write JSON to a new temp file beside ``path`` and fsync it; returns the temp file."""
     text = json.dumps(data, indent=1, sort_keys=True)

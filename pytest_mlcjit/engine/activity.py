@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit._util.fs import WriteWarnings, read_json
 from pytest_mlcjit.cache.locks import pid_alive
 
 #: Ended jobs kept in a process's record, so that a reader polling it sees them end.
@@ -183,14 +183,6 @@ def _interrupted(exc: BaseException, job: Mapping[str, Any], seconds: float) -> 
             exc.mlcjit_interrupted = {**job, "seconds": seconds}  # type: ignore[attr-defined]
 
 
-def _read_record(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(RECORD_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
 def read_board(board: Path) -> list[dict[str, Any]]:
     """Every process record on ``board``; of a process that is gone (on this host), its
     ended jobs only, and its file is removed once a minute old (every reader has seen it)."""
@@ -204,7 +196,7 @@ def read_board(board: Path) -> list[dict[str, Any]]:
         if not name.endswith(".json") or name.startswith("."):
             continue
         path = board / name
-        data = _read_record(path)
+        data = read_json(path, RECORD_BYTES)
         if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
             continue
         pid = data.get("pid")

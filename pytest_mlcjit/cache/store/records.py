@@ -15,23 +15,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit._util.fs import DIR_MODE, FILE_MODE, WriteWarnings, write_json_atomic
+from pytest_mlcjit._util.fs import (
+    DIR_MODE,
+    FILE_MODE,
+    WriteWarnings,
+    read_json,
+    write_json_atomic,
+)
 from pytest_mlcjit.cache import layout
 from pytest_mlcjit.cache.manifest import MAX_TIME
 from pytest_mlcjit.cache.store.interface import KnownFailure
 from pytest_mlcjit.errors import CompileError
-
-#: The most bytes a record is read from (a record is a few hundred bytes).
-RECORD_BYTES = 1 << 20
-
-
-def _read_json(path: Path) -> Any:
-    """A small JSON file's content, or None if it is absent, unreadable or not JSON."""
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(RECORD_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
 
 
 def _seconds(data: Any) -> float | None:
@@ -53,7 +47,7 @@ class Records:
     def variants(self, entry_dir: Path, key_digest: str) -> list[dict[str, Any]]:
         """The input states recorded for a key, newest first (``[]`` if none, or if the
         record is unreadable: a miss, never a crash)."""
-        data = _read_json(layout.variants_file(entry_dir, key_digest))
+        data = read_json(layout.variants_file(entry_dir, key_digest))
         variants = data.get("variants") if isinstance(data, dict) else None
         if not isinstance(variants, list):
             return []
@@ -93,7 +87,7 @@ class Records:
     def read_failure(self, digest: str, run_id: str) -> CompileError | None:
         """The failure recorded for ``digest`` in run ``run_id``, if any."""
         record, _ = self.failure_paths(digest)
-        data = _read_json(record)
+        data = read_json(record)
         if not isinstance(data, dict) or data.get("run_id") != run_id:
             return None
         if isinstance(data.get("cause"), str):
@@ -107,7 +101,7 @@ class Records:
         """The key's failure record if it is a known failure (a deterministic one, from any
         run, with the fields this version writes)."""
         record, log = self.failure_paths(digest)
-        data = _read_json(record)
+        data = read_json(record)
         if (not isinstance(data, dict) or data.get("known") is not True
                 or not isinstance(data.get("cause"), str)
                 or not isinstance(data.get("inputs"), dict)
@@ -165,12 +159,12 @@ class Records:
                       ) -> float | None:
         """The spec's compile-time memo; else the ``compile_seconds`` of the first of
         ``manifests`` that has one (the key's other input states); else its failure's."""
-        memo = _seconds(_read_json(layout.timing_file(self.root, spec_digest)))
+        memo = _seconds(read_json(layout.timing_file(self.root, spec_digest)))
         if memo is not None:
             return memo
         for manifest in manifests:
-            found = _seconds(_read_json(manifest))
+            found = _seconds(read_json(manifest))
             if found is not None:
                 return found
         record, _ = self.failure_paths(key_digest)
-        return _seconds(_read_json(record))
+        return _seconds(read_json(record))
