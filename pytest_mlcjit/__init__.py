@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pytest_mlcjit._version import __version__
 from pytest_mlcjit.errors import (
     CacheMissError,
     CompileError,
@@ -23,8 +24,6 @@ from pytest_mlcjit.errors import (
     SpecError,
     UntrustedCacheError,
 )
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pytest_mlcjit.cache.layout import default_cache_dir

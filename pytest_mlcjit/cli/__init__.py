@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from pytest_mlcjit import __version__
+from pytest_mlcjit._version import __version__
 from pytest_mlcjit.cli.local import cmd_clear, cmd_info, cmd_list, cmd_prune, cmd_verify
 from pytest_mlcjit.cli.remote import cmd_remote
 from pytest_mlcjit.cli.render import EXIT_FAILURE, EXIT_USAGE, PROG, count_arg

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from pytest_mlcjit import __version__
+from pytest_mlcjit._version import __version__
 from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.compiler.backends import Backend, BuildRequest
