@@ -192,6 +192,11 @@ def _wants_xdist(args: Sequence[str]) -> bool:
     return any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
 
 
+#: What an inner run of :func:`inprocess` ignores (see there).
+ALREADY_IMPORTED = ("-Wignore:Module already imported so cannot be rewritten; pytest_mlcjit"
+                    ":pytest.PytestAssertRewriteWarning")
+
+
 def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     """``pytester.runpytest_inprocess(*args)``, made safe for this suite.
 
@@ -200,6 +205,12 @@ def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     The inner run starts from Python's default warning filters, as a subprocess would, not
     from this suite's ``filterwarnings = error``; its plugin state lives in its own
     objects (``Config.stash``), so nothing carries over from one run to the next.
+
+    Each inner run asks to rewrite the asserts of the plugin's package, which this process
+    imported already; where that import went through an editable install's finder (the
+    README's ``pip install -e`` then ``pytest``, not ``python -m pytest``), it was not
+    rewritten, and pytest would count a warning in every inner run's outcomes. That one
+    warning is ignored: a subprocess run has no such import before its own.
     """
     assert not _wants_xdist(args), "xdist runs need a subprocess (Project.run_subprocess)"
     for path in pytester.path.glob("*.py"):
@@ -210,7 +221,7 @@ def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
         warnings.resetwarnings()
         # An inner run that is interrupted (a test raising KeyboardInterrupt) returns its
         # result with ExitCode.INTERRUPTED instead of interrupting this run too.
-        return pytester.runpytest_inprocess(*args, no_reraise_ctrlc=True)
+        return pytester.runpytest_inprocess(ALREADY_IMPORTED, *args, no_reraise_ctrlc=True)
 
 
 # -- opt-in tests: each marker below runs only with its option ----------------------------------
