@@ -335,9 +335,12 @@ def _cli(*args: str) -> tuple[int, str]:
     return status, out.getvalue()
 
 
-def test_the_ci_key_follows_local_imports(project: Project) -> None:
+def test_the_ci_key_follows_local_imports(project: Project, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """``pytest-mlcjit key`` changes when a local module the factory imports (through
-    another local module) changes, before anything is compiled."""
+    another local module) changes, before anything is compiled. ``list`` and ``info`` show
+    the recorded inputs, also as JSON when the entry is in the first of the default roots
+    (the TVM cache, then MLC-LLM's home)."""
     models = _setup(project)
 
     def key() -> str:
@@ -361,3 +364,15 @@ def test_the_ci_key_follows_local_imports(project: Project) -> None:
         assert status == 0, text
         assert "models/consts.py" in text, text
         assert "data/w.npy" in text, text
+
+    monkeypatch.delenv("MLC_JIT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("MLC_LLM_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    shutil.copytree(project.cache, tmp_path / "xdg" / "pytest-mlcjit")
+    status, text = _cli("list", "--inputs", "--json")
+    assert status == 0, text
+    listed = json.loads(text)
+    assert len(listed["roots"]) == 2, listed["roots"]
+    assert listed["entries"], text
+    for entry in listed["entries"]:
+        assert "models/consts.py" in [m["path"] for m in entry["inputs"]["modules"]], entry

@@ -25,7 +25,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for root in roots(args):
         entries = manage.scan(root)
         data["roots"].append(str(root))
-        data["entries"] += [e.to_json() for e in entries]
+        data["entries"] += [{**e.to_json(), "inputs": e.fields.get("inputs")} if args.inputs
+                            else e.to_json() for e in entries]
         lines.append(f"{root}: {plural(len(entries), 'entry', 'entries')}"
                      + ("" if root.is_dir() else " (does not exist)"))
         if not entries:
@@ -46,10 +47,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             lines.append(line)
             if args.inputs:
                 lines += [f"      {text}" for text in _input_lines(e.manifest)]
-    if args.inputs:
-        for entry in data["entries"]:
-            found = next((e for e in entries if e.digest == entry["digest"]), None)
-            entry["inputs"] = found.fields.get("inputs") if found else None
     out(args, data, lines)
     return 0
 
