@@ -426,6 +426,26 @@ def test_clear(warm: Warm, tmp_path: Path) -> None:
     assert warm.json("info", cache=cache)["roots"][0]["runs"] == []
 
 
+def test_clear_removes_a_dead_writers_old_temp_file_and_keeps_a_young_one(
+        warm: Warm, tmp_path: Path) -> None:
+    """A temporary manifest whose writer died (``.<name>.<pid>.<hex>.tmp``, no entry of its
+    own) is litter ``clear`` removes once it is over an hour old. A young one stays, even
+    when its pid is not running here: its writer may live in another PID namespace or on
+    another host that shares the cache, between writing it and renaming it."""
+    cache = warm.copy(tmp_path / "cache")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(gone.stdout)  # a process that has exited
+    old, young = (cache / "tvm" / f".{c * 64}.manifest.json.{pid}.0123abcd.tmp" for c in "ab")
+    for temp in (old, young):
+        temp.write_text("{}")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    data = warm.json("clear", cache=cache)
+    assert len(data["roots"][0]["removed"]) == 4, data  # the 3 entries and the old litter
+    assert sorted(p.name for p in (cache / "tvm").iterdir()) == [young.name]
+
+
 def _hidden(entry: dict[str, Any]) -> int:
     return int(json.loads(entry["model"].split(" ", 1)[1])["hidden"])
 

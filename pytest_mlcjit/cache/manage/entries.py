@@ -2,7 +2,8 @@
 (``tvm/<sha256>.so``, ``model_lib/<md5>.<suffix>``, each with ``.manifest.json`` and
 ``.log`` beside it), so a cache restored to another path works as before. Recency is the
 cache's own usage record (``.mlcjit/usage/<digest>``), else the manifest's ``created``;
-file times are never read, because CI cache actions restore files with new mtimes.
+file times are never read for recency, because CI cache actions restore files with new
+mtimes (a writer's leftover temporary file is removed by its age: a restore only delays it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import stat
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ from pytest_mlcjit.cache.layout import (
 from pytest_mlcjit.cache.locks import is_key_locked, pid_alive, try_key_lock
 from pytest_mlcjit.cache.manifest import MAX_TIME, Manifest, read_manifest_file
 from pytest_mlcjit.cache.store.local import LocalStore
+
+#: A temporary file older than this, of no live process of this host, was left by a writer
+#: that died: ``prune`` and ``clear`` remove it (a writer renames its own within moments).
+TEMP_LITTER_AGE_S = 3600.0
 
 
 @dataclasses.dataclass
@@ -231,7 +237,7 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
             else:
                 groups.setdefault(stem, []).append(name)
         for digest, names in hidden.items():
-            if digest not in groups and all(_abandoned_temp(n) for n in names):
+            if digest not in groups and all(_abandoned_temp(found[n]) for n in names):
                 groups[digest] = []  # only a dead writer's temp files: litter to remove
         for digest, group in groups.items():
             manifest_name = f"{digest}{MANIFEST_SUFFIX}"
@@ -252,13 +258,20 @@ def scan(root: str | os.PathLike[str]) -> list[Entry]:
     return entries
 
 
-def _abandoned_temp(name: str) -> bool:
-    """Whether ``name`` is a temporary file (``.<name>.<pid>.<hex>.tmp``, as
-    :func:`pytest_mlcjit._util.fs.write_temp` names them) of a process of this host that is gone."""
-    parts = name.split(".")
+def _abandoned_temp(d: os.DirEntry[str]) -> bool:
+    """Whether ``d`` is a temporary file (``.<name>.<pid>.<hex>.tmp``, as
+    :func:`pytest_mlcjit._util.fs.write_temp` names them) that its writer left: older than
+    :data:`TEMP_LITTER_AGE_S` (a writer renames it within moments) and not of a live
+    process of this host. The age decides: a pid says nothing about a writer in another
+    PID namespace or on another host sharing the cache."""
+    parts = d.name.split(".")
     if len(parts) < 4 or parts[-1] != "tmp" or not parts[-3].isdigit():
         return False
-    return not pid_alive(int(parts[-3]))
+    try:
+        age = time.time() - d.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    return age > TEMP_LITTER_AGE_S and not pid_alive(int(parts[-3]))
 
 
 def _entry_size(d: os.DirEntry[str]) -> int:
