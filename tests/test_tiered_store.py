@@ -46,7 +46,7 @@ from pytest_mlcjit.cache.store.remote import (
     open_remote,
     parse_remote_url,
 )
-from pytest_mlcjit.cache.store.remote.base import Chunks, StoredObject, read_limited
+from pytest_mlcjit.cache.store.remote.base import Chunks, StoredObject
 from pytest_mlcjit.cache.store.tiered import RemoteStats
 from pytest_mlcjit.errors import (
     BadURL,
@@ -158,10 +158,6 @@ class MemRemote(Remote):
             found = sorted((n, item) for n, item in self.objects.items() if n.startswith(prefix))
         for name, (data, when) in found:
             yield StoredObject(name, len(data), when)
-
-    def _read(self, name: str) -> bytes | None:
-        item = self.objects.get(name)
-        return None if item is None else read_limited(iter([item[0]]), self._location(name))
 
     def _open_stream(self, name: str) -> Chunks | None:
         item = self.objects.get(name)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
-from pytest_mlcjit.cache.layout import LOG_SUFFIX, SIMPLE_NAME_RE
+from pytest_mlcjit.cache.layout import DIGEST_RE, LOG_SUFFIX, SIMPLE_NAME_RE
 from pytest_mlcjit.errors import CorruptEntryError
 from pytest_mlcjit.inputs.check import inputs_digest
 from pytest_mlcjit.inputs.paths import RecordedInputs
@@ -80,7 +80,6 @@ MAX_INT = 2**63 - 1
 #: (``float16x4``).
 DTYPE_RE = re.compile(r"(bool|handle|u?int\d{1,3}|b?float\d{1,3}(_e\d+m\d+[a-z]*)?"
                       r"|custom\[\w+\]\d{1,3})(x\d{1,4})?")
-DIGEST_RE = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 
 
 def _is_int(value: Any, low: int = 0, high: int = MAX_INT) -> bool:

@@ -35,9 +35,9 @@ def list_entries(remote: Remote) -> list[dict[str, Any]]:
 def verify(remote: Remote) -> dict[str, Any]:
     """Download every blob and check its digest, and every signature when a signing key
     is set; the entries with a problem."""
-    bad = [describe_entry(e) for e in remote.verify()]
-    checked = sum(1 for _ in remote.iter_entries())
-    return {"checked": checked, "bad": bad, "signatures_checked": remote.signed,
+    entries = list(remote.iter_entries())
+    bad = [describe_entry(e) for e in remote.verify(entries)]
+    return {"checked": len(entries), "bad": bad, "signatures_checked": remote.signed,
             "signing_key_env": ENV_SIGNING_KEY}
 
 

@@ -2,10 +2,11 @@
 
 Every tier implements :class:`Store`: the local cache (:class:`.local.LocalStore`), its
 read-only view (:class:`.readonly.ReadOnlyStore`, for READONLY), and the tiered store
-(:class:`.tiered.TieredStore`: local first, then a remote). The engine holds a ``Store``
-and never knows how many tiers are behind it: a lookup answers a :data:`Lookup` (where
-the bytes came from is :attr:`Hit.source`), a publish of a compiled library goes to every
-tier that takes writes. A store learns about a request only through :class:`EntryQuery`,
+(:class:`.tiered.TieredStore`: local first, then a remote); the two that wrap another
+store are :class:`ForwardingStore` subclasses. The engine holds a ``Store`` and never
+knows how many tiers are behind it: a lookup answers a :data:`Lookup` (where the bytes
+came from is :attr:`Hit.source`), a publish of a compiled library goes to every tier that
+takes writes. A store learns about a request only through :class:`EntryQuery`,
 which the engine makes from its build request, so this layer knows nothing of backends.
 """
 
@@ -190,3 +191,68 @@ class Store(Protocol):
 
     def recorded_time(self, query: EntryQuery, spec_digest: str) -> float | None:
         """How long ``query``'s spec is expected to take to compile, from the records."""
+
+
+class ForwardingStore:
+    """A :class:`Store` that passes every call to ``inner``: the base of a store that wraps
+    another and changes a few of its answers (:class:`.readonly.ReadOnlyStore` refuses the
+    writes, :class:`.tiered.TieredStore` adds a remote to ``fetch`` and ``publish``)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.root = inner.root
+
+    @property
+    def writable(self) -> bool:
+        return self.inner.writable
+
+    def lookup(self, query: EntryQuery, *, redo_run: str | None = None) -> Lookup:
+        return self.inner.lookup(query, redo_run=redo_run)
+
+    def fetch(self, query: EntryQuery, *, job: Job = no_job) -> Lookup:
+        return self.inner.fetch(query, job=job)
+
+    def publish(self, query: EntryQuery, library: Path, log: Path | None,
+                manifest: Manifest, *, replace: bool = False) -> Hit:
+        return self.inner.publish(query, library, log, manifest, replace=replace)
+
+    def lock(self, digest: str, timeout: float, what: str = "", *,
+             cancelled: threading.Event | None = None) -> AbstractContextManager[float]:
+        return self.inner.lock(digest, timeout, what, cancelled=cancelled)
+
+    def new_staging_dir(self, digest: str, parent: Path | None = None) -> Path:
+        return self.inner.new_staging_dir(digest, parent)
+
+    def remove_staging(self, path: Path) -> None:
+        self.inner.remove_staging(path)
+
+    def clean_staging(self, *, where: Path | None = None) -> list[Path]:
+        return self.inner.clean_staging(where=where)
+
+    def quarantine(self, paths: EntryPaths, reason: str) -> Path | None:
+        return self.inner.quarantine(paths, reason)
+
+    def is_verified(self, paths: EntryPaths) -> bool:
+        return self.inner.is_verified(paths)
+
+    def record_use(self, digest: str) -> None:
+        self.inner.record_use(digest)
+
+    def record_failure(self, digest: str, run_id: str, error: CompileError, *,
+                       known: Mapping[str, Any] | None = None) -> None:
+        self.inner.record_failure(digest, run_id, error, known=known)
+
+    def read_failure(self, digest: str, run_id: str) -> CompileError | None:
+        return self.inner.read_failure(digest, run_id)
+
+    def read_known_failure(self, digest: str) -> KnownFailure | None:
+        return self.inner.read_known_failure(digest)
+
+    def failure_log(self, digest: str) -> Path:
+        return self.inner.failure_log(digest)
+
+    def record_time(self, spec_digest: str, key_digest: str, seconds: float) -> None:
+        self.inner.record_time(spec_digest, key_digest, seconds)
+
+    def recorded_time(self, query: EntryQuery, spec_digest: str) -> float | None:
+        return self.inner.recorded_time(query, spec_digest)

@@ -16,24 +16,12 @@ from typing import Any
 
 from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.manifest import Manifest
-from pytest_mlcjit.cache.store.interface import (
-    EntryQuery,
-    Hit,
-    Job,
-    KnownFailure,
-    Lookup,
-    Store,
-    no_job,
-)
+from pytest_mlcjit.cache.store.interface import EntryQuery, ForwardingStore, Hit
 from pytest_mlcjit.errors import CompileError
 
 
-class ReadOnlyStore:
+class ReadOnlyStore(ForwardingStore):
     """A :class:`Store` that answers lookups from ``inner`` and refuses every write."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.root = inner.root
 
     def __repr__(self) -> str:
         return f"ReadOnlyStore({self.inner!r})"
@@ -41,27 +29,6 @@ class ReadOnlyStore:
     @property
     def writable(self) -> bool:
         return False
-
-    def lookup(self, query: EntryQuery, *, redo_run: str | None = None) -> Lookup:
-        return self.inner.lookup(query, redo_run=redo_run)
-
-    def fetch(self, query: EntryQuery, *, job: Job = no_job) -> Lookup:
-        return self.inner.fetch(query, job=job)
-
-    def is_verified(self, paths: EntryPaths) -> bool:
-        return self.inner.is_verified(paths)
-
-    def read_failure(self, digest: str, run_id: str) -> CompileError | None:
-        return self.inner.read_failure(digest, run_id)
-
-    def read_known_failure(self, digest: str) -> KnownFailure | None:
-        return self.inner.read_known_failure(digest)
-
-    def failure_log(self, digest: str) -> Path:
-        return self.inner.failure_log(digest)
-
-    def recorded_time(self, query: EntryQuery, spec_digest: str) -> float | None:
-        return self.inner.recorded_time(query, spec_digest)
 
     # -- writes: none -------------------------------------------------------------------------
     def _refuse(self, what: str) -> AssertionError:

@@ -26,18 +26,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.cache.store.interface import (
     MISSING,
     EntryQuery,
+    ForwardingStore,
     Hit,
     Job,
-    KnownFailure,
     Lookup,
     Store,
     no_job,
@@ -46,7 +44,6 @@ from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions, open_remote
 from pytest_mlcjit.cache.store.remote.base import RemoteEntry
 from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD
 from pytest_mlcjit.errors import (
-    CompileError,
     RemoteAuthError,
     RemoteError,
     RemoteIntegrityError,
@@ -220,6 +217,16 @@ class RemoteTier:
                 self._private_dir = Path(tempfile.mkdtemp(prefix="mlcjit-remote-"))
             return self._private_dir
 
+    def private_hit(self, digest: str) -> Hit | None:
+        """The private download of key ``digest`` made earlier in this run, if any."""
+        with self._lock:
+            return self._private.get(digest)
+
+    def keep_private(self, digest: str, hit: Hit) -> None:
+        """Remember ``hit``, downloaded under :meth:`private_root`, as key ``digest``'s."""
+        with self._lock:
+            self._private[digest] = hit
+
     # -- writing -------------------------------------------------------------------------
     def upload(self, query: EntryQuery, hit: Hit, *, replace: bool) -> bool:
         """Upload a freshly published local entry (``readwrite`` only); ``replace`` for
@@ -238,27 +245,20 @@ class RemoteTier:
         return done
 
 
-class TieredStore:
-    """The local store, then ``tier``: a :class:`.interface.Store` (see the module doc)."""
+class TieredStore(ForwardingStore):
+    """The local store (``inner``), then ``tier``: a :class:`.interface.Store` (see the
+    module doc). Everything but :meth:`fetch` and :meth:`publish` is the local store's."""
 
     def __init__(self, local: Store, tier: RemoteTier, *, checker: InputChecker) -> None:
-        self.local = local
+        super().__init__(local)
         self.tier = tier
-        self.root = local.root
         self.checker = checker
 
     def __repr__(self) -> str:
-        return f"TieredStore({self.local!r}, {self.tier.url!r})"
-
-    @property
-    def writable(self) -> bool:
-        return self.local.writable
-
-    def lookup(self, query: EntryQuery, *, redo_run: str | None = None) -> Lookup:
-        return self.local.lookup(query, redo_run=redo_run)
+        return f"TieredStore({self.inner!r}, {self.tier.url!r})"
 
     def fetch(self, query: EntryQuery, *, job: Job = no_job) -> Lookup:
-        if self.local.writable:
+        if self.inner.writable:
             return self._pull(query, job)
         return self._pull_private(query, job)
 
@@ -268,22 +268,21 @@ class TieredStore:
         entry = self.tier.select(query, self.tier.fits(query, self.checker))
         if entry is None:
             return MISSING
-        staging = self.local.new_staging_dir(query.digest)
+        staging = self.inner.new_staging_dir(query.digest)
         try:
             with job("download"):
                 manifest = self.tier.download(entry, staging / "library")
             if manifest is None:
                 return MISSING
-            hit = self.local.publish(query, staging / "library", None, manifest)
+            hit = self.inner.publish(query, staging / "library", None, manifest)
         finally:
-            self.local.remove_staging(staging)
+            self.inner.remove_staging(staging)
         return Hit(hit.paths, hit.manifest, "remote")
 
     def _pull_private(self, query: EntryQuery, job: Job) -> Lookup:
         """Over a read-only local store (READONLY): the remote entry that fits, downloaded
         into the run's private directory (so a read-only cache directory still works)."""
-        with self.tier._lock:
-            found = self.tier._private.get(query.digest)
+        found = self.tier.private_hit(query.digest)
         fits = self.tier.fits(query, self.checker)
         if found is not None and found.paths.library.is_file() and fits(found.manifest):
             return found
@@ -304,54 +303,11 @@ class TieredStore:
                               "sha256": entry.manifest["sha256"],
                               "size": entry.manifest["size"]}
         hit = Hit(paths, complete, "remote")
-        with self.tier._lock:
-            self.tier._private[query.digest] = hit
+        self.tier.keep_private(query.digest, hit)
         return hit
 
     def publish(self, query: EntryQuery, library: Path, log: Path | None,
                 manifest: Manifest, *, replace: bool = False) -> Hit:
-        hit = self.local.publish(query, library, log, manifest, replace=replace)
+        hit = self.inner.publish(query, library, log, manifest, replace=replace)
         self.tier.upload(query, hit, replace=replace)
         return hit
-
-    # -- the rest is the local store's -----------------------------------------------------
-    def lock(self, digest: str, timeout: float, what: str = "", *,
-             cancelled: threading.Event | None = None) -> AbstractContextManager[float]:
-        return self.local.lock(digest, timeout, what, cancelled=cancelled)
-
-    def new_staging_dir(self, digest: str, parent: Path | None = None) -> Path:
-        return self.local.new_staging_dir(digest, parent)
-
-    def remove_staging(self, path: Path) -> None:
-        self.local.remove_staging(path)
-
-    def clean_staging(self, *, where: Path | None = None) -> list[Path]:
-        return self.local.clean_staging(where=where)
-
-    def quarantine(self, paths: EntryPaths, reason: str) -> Path | None:
-        return self.local.quarantine(paths, reason)
-
-    def is_verified(self, paths: EntryPaths) -> bool:
-        return self.local.is_verified(paths)
-
-    def record_use(self, digest: str) -> None:
-        self.local.record_use(digest)
-
-    def record_failure(self, digest: str, run_id: str, error: CompileError, *,
-                       known: Mapping[str, Any] | None = None) -> None:
-        self.local.record_failure(digest, run_id, error, known=known)
-
-    def read_failure(self, digest: str, run_id: str) -> CompileError | None:
-        return self.local.read_failure(digest, run_id)
-
-    def read_known_failure(self, digest: str) -> KnownFailure | None:
-        return self.local.read_known_failure(digest)
-
-    def failure_log(self, digest: str) -> Path:
-        return self.local.failure_log(digest)
-
-    def record_time(self, spec_digest: str, key_digest: str, seconds: float) -> None:
-        self.local.record_time(spec_digest, key_digest, seconds)
-
-    def recorded_time(self, query: EntryQuery, spec_digest: str) -> float | None:
-        return self.local.recorded_time(query, spec_digest)

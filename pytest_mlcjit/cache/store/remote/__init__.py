@@ -3,7 +3,7 @@
 A remote is an S3 bucket (``s3://BUCKET[/PREFIX]``, needs the ``remote`` extra: boto3) or a
 directory (``file:///ABSOLUTE/PATH``, e.g. a shared mount): two *adapters* of one interface,
 :class:`.base.Remote`, which implements everything once over a few storage primitives
-(list, read, stream, put, delete). A new kind of remote is one module with a ``Remote``
+(list, stream, put, delete). A new kind of remote is one module with a ``Remote``
 subclass and one line in :data:`ADAPTERS`. Every remote holds the same layout under its
 root::
 

@@ -13,11 +13,12 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from pytest_mlcjit._util.fs import FILE_MODE
+from pytest_mlcjit.cache.layout import DIGEST_RE
 from pytest_mlcjit.cache.store.remote.signing import (
     SIGNATURE_FIELD,
     manifest_signature,
@@ -35,9 +36,6 @@ CHUNK = 1 << 20
 
 #: An object's bytes, in chunks: a generator, closed when the reader stops early.
 Chunks = Generator[bytes, None, None]
-
-
-_HEX_DIGEST_RE = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -75,7 +73,7 @@ def _manifest_problem(manifest: Any, key_digest: str | None,
 
 
 def _check_digest(digest: str, what: str) -> str:
-    if not isinstance(digest, str) or not _HEX_DIGEST_RE.fullmatch(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise RemoteConfigError(f"invalid {what} {digest!r}: expected 32 or 64 lowercase hex "
                                 "digits")
     return digest
@@ -278,13 +276,14 @@ class Remote(abc.ABC):
                                   create_only=not replace)
 
     # -- maintenance ---------------------------------------------------------------------
-    def verify(self) -> list[RemoteEntry]:
-        """Check every entry: its manifest (and signature, if a key is set) and its blob's
-        bytes (read in full and hashed). Returns the entries with a problem (each blob is
-        read once however many entries name it)."""
+    def verify(self, entries: Iterable[RemoteEntry] | None = None) -> list[RemoteEntry]:
+        """Check every entry (or those of ``entries``, from :meth:`iter_entries`): its
+        manifest (and signature, if a key is set) and its blob's bytes (read in full and
+        hashed). Returns the entries with a problem (each blob is read once however many
+        entries name it)."""
         bad: list[RemoteEntry] = []
         blobs: dict[tuple[str, int], str | None] = {}
-        for entry in self.iter_entries():
+        for entry in self.iter_entries() if entries is None else entries:
             if entry.problem is not None or entry.manifest is None:
                 bad.append(entry)
                 continue
@@ -373,6 +372,15 @@ class Remote(abc.ABC):
                            None if problem is None else f"manifest {where} {problem}",
                            obj.modified)
 
+    def _read(self, name: str) -> bytes | None:
+        """A small object's bytes (at most MAX_MANIFEST_BYTES, else RemoteIntegrityError),
+        None if absent."""
+        stream = self._open_stream(name)
+        if stream is None:
+            return None
+        with contextlib.closing(stream):
+            return read_limited(stream, self._location(name))
+
     # -- storage primitives: names are "/"-separated, relative to the remote's root -------
     @abc.abstractmethod
     def _location(self, name: str) -> str:
@@ -381,11 +389,6 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def _list(self, prefix: str) -> Iterator[StoredObject]:
         """The objects whose names start with ``prefix`` (a directory-like "x/y/")."""
-
-    @abc.abstractmethod
-    def _read(self, name: str) -> bytes | None:
-        """A small object's bytes (at most MAX_MANIFEST_BYTES, else RemoteIntegrityError),
-        None if absent."""
 
     @abc.abstractmethod
     def _open_stream(self, name: str) -> Chunks | None:

@@ -18,7 +18,6 @@ from pytest_mlcjit.cache.store.remote.base import (
     Remote,
     RemoteOptions,
     StoredObject,
-    read_limited,
 )
 from pytest_mlcjit.cache.store.remote.url import RemoteURL
 from pytest_mlcjit.errors import (
@@ -102,13 +101,6 @@ class FileRemote(Remote):
                         continue
                     yield StoredObject(path.relative_to(self.root).as_posix(), st.st_size,
                                        st.st_mtime)
-
-    def _read(self, name: str) -> bytes | None:
-        stream = self._open_stream(name)
-        if stream is None:
-            return None
-        with contextlib.closing(stream):
-            return read_limited(stream, self._location(name))
 
     def _open_stream(self, name: str) -> Chunks | None:
         with self._calling("reading", name):

@@ -17,7 +17,6 @@ from pytest_mlcjit.cache.store.remote.base import (
     Remote,
     RemoteOptions,
     StoredObject,
-    read_limited,
 )
 from pytest_mlcjit.cache.store.remote.url import RemoteURL, object_path, redact_url
 from pytest_mlcjit.errors import (
@@ -203,22 +202,17 @@ class S3Remote(Remote):
                     return None
                 raise
 
-    def _read(self, name: str) -> bytes | None:
-        response = self._get(name)
-        if response is None:
-            return None
-        body = response["Body"]
-        with contextlib.closing(body), self._calling("reading", name):
-            return read_limited(body.iter_chunks(CHUNK), self._location(name))
-
     def _open_stream(self, name: str) -> Chunks | None:
         response = self._get(name)
         if response is None:
             return None
-        return self._chunks(name, response["Body"])
+        # A failure mid-body names what was being fetched: a blob is downloaded, anything
+        # else (a manifest, through Remote._read) is read.
+        action = "downloading" if name.startswith("blobs/") else "reading"
+        return self._chunks(action, name, response["Body"])
 
-    def _chunks(self, name: str, body: Any) -> Chunks:
-        with contextlib.closing(body), self._calling("downloading", name):
+    def _chunks(self, action: str, name: str, body: Any) -> Chunks:
+        with contextlib.closing(body), self._calling(action, name):
             yield from body.iter_chunks(CHUNK)
 
     def _blob_present(self, name: str, sha256: str, size: int) -> bool:
