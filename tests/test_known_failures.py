@@ -189,6 +189,7 @@ def test_a_crash_or_a_missing_module_is_not_remembered_past_its_run(
         assert _broken_compiles(failing) == run, "compiled again by the next run"
     (record,) = _list_failed(failing, capsys)
     assert record["known"] is False
+    assert "failmodel" in record["model"], "a run's failure names its model too"
 
 
 def test_known_failures_under_xdist_compile_nothing(failing: Project) -> None:

@@ -27,15 +27,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from pytest_mlcjit._util.fs import FILE_MODE, WriteWarnings, fault_point, write_json_atomic
+from pytest_mlcjit._util.fs import (
+    FILE_MODE,
+    WriteWarnings,
+    fault_point,
+    read_json,
+    write_json_atomic,
+)
 from pytest_mlcjit.cache.layout import check_digest, lock_file, owner_file
 from pytest_mlcjit.errors import LockTimeoutError, LockWaitCancelled, MlcJitError
 
@@ -290,15 +296,22 @@ def key_lock(root: Path, digest: str, timeout: float, what: str = "", *,
         os.close(fd)  # releases the flock
 
 
+def owner_record(owner: Path) -> dict[str, Any] | None:
+    """What a lock's owner record says (``pid``, ``host``, ``since``…), or None when it is
+    absent or unreadable: it words messages only."""
+    data = read_json(owner)
+    return data if isinstance(data, dict) else None
+
+
 def _timeout_message(owner: Path, digest: str, timeout: float, what: str) -> str:
     try:
-        info = json.loads(owner.read_text(encoding="utf-8"))
+        info: Any = owner_record(owner)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
         held = (f"held by pid {info['pid']} on {info['host']} since {since} "
                 f"({time.time() - info['since']:.0f}s ago)")
         if info["host"] == socket.gethostname() and not pid_alive(int(info["pid"])):
             held += " (that process has exited: the record is stale, the holder unknown)"
-    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         held = "holder unknown"
     return (f"timed out after {timeout:g}s waiting for the lock of key {digest}"
             f"{' (' + what + ')' if what else ''}: {held}; raise --mlc-jit-lock-timeout "

@@ -14,14 +14,22 @@ from pytest_mlcjit.errors import CompileError
 LOG_TAIL_LINES = 20
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = 8192) -> str:
-    """The last ``lines`` lines of a log, at most its last ``limit`` bytes (a failure
-    record and its message stay small, however much the compiler printed)."""
+def read_end(path: str | os.PathLike[str], limit: int) -> str | None:
+    """The last ``limit`` bytes of a file as text, or None when it cannot be read: what is
+    shown of a log stays small, however much the compiler printed."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-            text = f.read().decode("utf-8", errors="replace")
+            return f.read().decode("utf-8", errors="replace")
     except OSError:
+        return None
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = 8192) -> str:
+    """The last ``lines`` lines of a log, at most its last ``limit`` bytes (a failure
+    record and its message stay small)."""
+    text = read_end(path, limit)
+    if text is None:
         return "(no log)"
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -29,12 +37,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = 8192) -> str:
 def ran_out_of_space(root: Path, log: Path) -> str | None:
     """Why a failed compile looks like a full disk (its log says so, or the cache's
     filesystem has no space left), else None."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16)))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        text = ""
+    text = read_end(log, 1 << 16) or ""
     for code in (errno.ENOSPC, errno.EDQUOT):
         if os.strerror(code) in text:
             return f"its log says {os.strerror(code)!r}"

@@ -20,7 +20,6 @@ Nothing is shown while nothing takes long.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit.cache.layout import owner_file
+from pytest_mlcjit.cache.locks import owner_record
 from pytest_mlcjit.engine import activity
 from pytest_mlcjit.engine.activity import Board
 from pytest_mlcjit.engine.settings import Settings
@@ -54,12 +54,7 @@ def _label(record: Mapping[str, Any], job: Mapping[str, Any]) -> str:
 
 
 def _owner(root: str, digest: str) -> Mapping[str, Any] | None:
-
-    try:
-        data = json.loads(owner_file(root, digest).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return owner_record(owner_file(root, digest))
 
 
 def holder(job: Mapping[str, Any], records: Iterable[Mapping[str, Any]], run_id: str) -> str:

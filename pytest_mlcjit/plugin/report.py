@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_mlcjit._util.fs import write_json_atomic
 from pytest_mlcjit.cache.store.remote import redact_url
 from pytest_mlcjit.engine.activity import describe_target, read_board
+from pytest_mlcjit.engine.failures import read_end
 from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 from pytest_mlcjit.errors import REMEMBERED_NOTE, CompileError
 from pytest_mlcjit.plugin.progress import holder
@@ -23,10 +24,11 @@ from pytest_mlcjit.units import format_size, plural
 if TYPE_CHECKING:
     from pytest_mlcjit.cache.store.tiered import RemoteStats
     from pytest_mlcjit.engine.activity import Board
-    from pytest_mlcjit.engine.stats import Stats
 
 #: Lines of the compile log a failed test's report section shows.
 LOG_SECTION_LINES = 50
+#: ... read from at most its last this many bytes (a log may be many megabytes).
+LOG_SECTION_BYTES = 1 << 16
 #: With no --mlc-jit-durations, the slowest compiles are listed when one took this long.
 SLOW_COMPILE_S = 10.0
 DEFAULT_DURATIONS = 5
@@ -83,15 +85,9 @@ def durations_lines(s: Stats, wanted: int | None) -> list[str]:
         what = r.spec or r.digest[:12]
         note = ", failed" if r.outcome == "failed" else (
             ", ahead of time" if r.prefetched else "")
-        target = _target_words(r.target)
-        lines.append(f"  {r.compile_seconds:8.2f}s  {what} ({target}) on {r.worker}"
-                     f"{note}  {r.digest[:12]}")
+        lines.append(f"  {r.compile_seconds:8.2f}s  {what} ({describe_target(r.target)}) on "
+                     f"{r.worker}{note}  {r.digest[:12]}")
     return lines
-
-
-def _target_words(target: Any) -> str:
-
-    return describe_target(target)
 
 
 def remote_lines(remote: RemoteStats, url: str | None) -> list[str]:
@@ -160,7 +156,6 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
     """The run's accounting as plain data: ``requests``, ``outcomes`` (every kind, summing
     to ``requests``) and ``libraries`` (one record per library), merged across workers."""
     s = state.stats() or Stats()
-    settings = state.settings
     libraries = [{
         "spec": r.spec, "digest": r.digest, "target": r.target,
         "outcome": r.outcome, "requests": r.requests,
@@ -170,8 +165,9 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
         "size": r.size, "worker": r.worker, "prefetched": r.prefetched,
     } for r in s.library_records()]
     return {
-        "version": REPORT_VERSION, "run_id": settings.run_id, "policy": settings.policy.value,
-        "prepare": state.options.prepare, "exitstatus": exitstatus,
+        "version": REPORT_VERSION, "run_id": state.options.run_id,
+        "policy": state.options.policy.value, "prepare": state.options.prepare,
+        "exitstatus": exitstatus,
         "requests": s.requests, "outcomes": {k: s.outcomes.get(k, 0) for k in OUTCOMES},
         "compiles": s.compiles, "prefetched": s.prefetched,
         "compile_seconds": round(s.compile_seconds, 3),
@@ -200,11 +196,8 @@ _CAUSE_RE = re.compile(
 def _log_tail(path: str | None, lines: int = LOG_SECTION_LINES) -> list[str] | None:
     if not path:
         return None
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return text.rstrip().splitlines()[-lines:]
+    text = read_end(path, LOG_SECTION_BYTES)
+    return None if text is None else text.rstrip().splitlines()[-lines:]
 
 
 def cause(log_lines: list[str], fallback: str) -> str:

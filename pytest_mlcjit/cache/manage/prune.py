@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit._util.fs import WriteWarnings, read_json
 from pytest_mlcjit.cache import layout
 from pytest_mlcjit.cache.layout import BACKEND_DIRS, DIGEST_RE
 from pytest_mlcjit.cache.locks import (
@@ -119,11 +118,8 @@ def read_failures(root: Path) -> list[dict[str, Any]]:
         record = next((p for p in files if p.name == f"{key}.json"), None)
         if record is None or not DIGEST_RE.fullmatch(key):
             continue
-        try:
-            data = json.loads(record.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not a record")
-        except (OSError, ValueError):
+        data = read_json(record)
+        if not isinstance(data, dict):
             data = {"error": "unreadable record"}
         message = str(data.get("message") or "")
         when = data.get("time")
@@ -132,7 +128,7 @@ def read_failures(root: Path) -> list[dict[str, Any]]:
             "digest": key, "known": data.get("known") is True,
             "time": float(when) if isinstance(when, int | float) else None,
             "run_id": data.get("run_id"),
-            "model": str(data.get("spec") or data.get("describe") or ""),
+            "model": str(data.get("spec") or data.get("describe") or data.get("model") or ""),
             "error": str(data.get("error") or message.partition("\n")[0]),
             "log": str(log) if log.exists() else None})
     return sorted(found, key=lambda f: -(f["time"] or 0.0))
