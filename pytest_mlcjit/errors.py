@@ -197,11 +197,6 @@ class CliUsageError(CliError):
     status = 2
 
 
-# -- warnings ---------------------------------------------------------------------------------
-class WriteFailedWarning(UserWarning):
-    """A write the cache could do without (a usage stamp, a record, a cleanup) failed."""
-
-
 def argparse_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse ``type=`` that shows our error's message (argparse would replace a
     ValueError's by a generic 'invalid value')."""

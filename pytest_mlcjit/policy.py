@@ -1,4 +1,5 @@
-"""The four JIT policies MLC-LLM users know, and how CLI, environment and ini resolve to one."""
+"""The four JIT policies MLC-LLM users know (resolved from the command line, environment and
+ini like every option: :mod:`pytest_mlcjit.engine.settings`)."""
 
 from __future__ import annotations
 
@@ -44,15 +45,3 @@ class Policy(str, enum.Enum):
         """Whether this policy may write to the cache (create locks, compile, publish)."""
         return self in (Policy.ON, Policy.REDO)
 
-
-def resolve(
-    cli: str | None, env: str | None, ini: str | None, *, default: str = "ON"
-) -> Policy:
-    """Resolve the policy with precedence CLI > env (``MLC_JIT_POLICY``) > ini > default."""
-    if cli is not None:
-        return Policy.parse(cli, source="--mlc-jit-policy")
-    if env:
-        return Policy.parse(env, source="MLC_JIT_POLICY")
-    if ini:
-        return Policy.parse(ini, source="ini mlc_jit_policy")
-    return Policy.parse(default)

@@ -6,18 +6,15 @@ import argparse
 import os
 
 from pytest_mlcjit.cache.manage import remote as jobs
-from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions, open_remote
-from pytest_mlcjit.cache.store.remote.signing import signing_key_from_env
+from pytest_mlcjit.cache.store.remote import Remote, open_remote
 from pytest_mlcjit.cli.render import EXIT_FAILURE, out
+from pytest_mlcjit.engine.jit import remote_options
 from pytest_mlcjit.engine.settings import from_environment
 from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.units import format_size, format_time, plural
 
 
-# -- clear --------------------------------------------------------------------------------------
-# -- remote -------------------------------------------------------------------------------------
 def cmd_remote(args: argparse.Namespace) -> int:
-
     remote = open_for_cli(args.remote)
     if args.remote_command == "ls":
         entries = jobs.list_entries(remote)
@@ -55,7 +52,4 @@ def open_for_cli(url: str | None) -> Remote:
     if not url:
         raise ConfigError("no remote: pass --remote s3://bucket/prefix (or file:///path), or "
                           "set MLC_JIT_REMOTE")
-    settings = from_environment()
-    return open_remote(url, RemoteOptions(signing_key=signing_key_from_env(),
-                                          connect_timeout=settings.remote_connect_timeout,
-                                          read_timeout=settings.remote_read_timeout))
+    return open_remote(url, remote_options(from_environment()))

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -83,8 +83,7 @@ class Builds:
         self._killed: set[int] = set()
         self._mutex = threading.Lock()
 
-    def run_logged(self, argv: list[str], log_path: Path, *, timeout: float,
-                   env: Mapping[str, str] | None = None) -> int | None:
+    def run_logged(self, argv: list[str], log_path: Path, *, timeout: float) -> int | None:
         """Run ``argv`` with its output appended to ``log_path`` (bounded); its exit code
         (negative: killed by that signal), or None if it timed out.
 
@@ -94,18 +93,18 @@ class Builds:
         launcher = [sys.executable, "-m", "pytest_mlcjit.compiler._launcher", "--log",
                     str(log_path), "--head", str(LOG_HEAD_BYTES), "--tail", str(LOG_TAIL_BYTES),
                     str(os.getpid()), "--", *argv]
+        env = child_env()
         with open(log_path, "ab") as log:
             log.write(f"$ {shlex.join(argv)}\n".encode())
             log.flush()
             proc: Build | None = None
             if self.warm:
-
-                proc = client.start(argv, log_path, env=dict(env or child_env()),
+                proc = client.start(argv, log_path, env=env,
                                     head=LOG_HEAD_BYTES, tail=LOG_TAIL_BYTES,
                                     cancelled=self.cancelled.is_set)
             if proc is None:
                 proc = subprocess.Popen(launcher, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=dict(env or child_env()),
+                                        stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
         with self._mutex:
             self._live[proc.pid] = proc
@@ -170,8 +169,3 @@ class Builds:
         finally:
             if signal.getsignal(signal.SIGINT) is on_sigint:
                 signal.signal(signal.SIGINT, previous)
-
-    def in_flight(self) -> int:
-        """How many builds this run has in flight now."""
-        with self._mutex:
-            return len(self._live)

@@ -111,11 +111,6 @@ class Board:
         return {"pid": os.getpid(), "host": socket.gethostname(), "worker": self.worker,
                 "run_id": self.run_id, "jobs": jobs}
 
-    def active(self) -> list[Job]:
-        """This process's jobs now (copies)."""
-        with self._lock:
-            return [dict(j) for j in self._active.values()]
-
     def _publish(self) -> None:
         """Rewrite this process's file on the board (atomically); best effort."""
         board = self.path

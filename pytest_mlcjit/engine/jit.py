@@ -63,6 +63,12 @@ from pytest_mlcjit.policy import Policy
 REMOTE_RETRIES = 2
 
 
+def remote_options(settings: Settings) -> RemoteOptions:
+    """How a run or the CLI reaches the remote (``$MLC_JIT_REMOTE_SIGNING_KEY``, timeouts)."""
+    return RemoteOptions(signing_key_from_env(), settings.remote_connect_timeout,
+                         settings.remote_read_timeout, REMOTE_RETRIES)
+
+
 class JIT:
     """Compile-or-fetch libraries under one set of :class:`Settings`; thread-safe.
 
@@ -82,10 +88,7 @@ class JIT:
             allow_untrusted=settings.allow_untrusted, warnings=self.warnings,
             checker=self.checker, remote=settings.remote, remote_mode=settings.remote_mode,
             remote_required=settings.remote_required, remote_stats=self.stats.remote,
-            remote_options=RemoteOptions(
-                signing_key=signing_key_from_env(),
-                connect_timeout=settings.remote_connect_timeout,
-                read_timeout=settings.remote_read_timeout, retries=REMOTE_RETRIES))
+            remote_options=remote_options(settings))
         self._presence: dict[str, Presence] = dict(settings.presence)
         self._requests: dict[tuple[Any, str | None, bool], BuildRequest] = {}
         self._done: dict[tuple[str, Path], CompiledModel] = {}
@@ -321,11 +324,10 @@ class JIT:
             if note:
                 log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
             argv, output = backend.command(req, staging, store.root)
-            t0 = time.perf_counter()
             fault_point("compile")
             with self._job(state, "compile", store):
                 rc = self.builds.run_logged(argv, log, timeout=timeout)
-            seconds = time.perf_counter() - t0
+            seconds = state.job_seconds
             fault_point("compiled")
             if rc != 0 and (why := ran_out_of_space(store.root, log)) is not None:
                 # Not remembered as this config's failure: freeing space fixes it.
@@ -456,9 +458,9 @@ class JIT:
             lock.release()
 
     @contextlib.contextmanager
-    def _locked(self, state: RequestState, store: Store) -> Iterator[float]:
+    def _locked(self, state: RequestState, store: Store) -> Iterator[None]:
         """Hold the key's lock in the store (:meth:`Store.lock`), the wait for it shown as a
-        job; yields the seconds waited (also counted as this request's wait)."""
+        job; the seconds waited are counted as this request's wait."""
         req = state.req
         assert req is not None
         cancelled = self.builds.cancelled
@@ -475,7 +477,7 @@ class JIT:
                         req.digest, self.settings.effective_lock_timeout, req.describe,
                         cancelled=cancelled))
             state.waited += waited
-            yield waited
+            yield
 
 
 _default_jit: JIT | None = None

@@ -265,8 +265,9 @@ class Settings:
             row = field.metadata.get("option")
             if workers and row is not None and not row.workers:
                 continue
-            data[field.name] = _plain(getattr(self, field.name))
-        data["presence"] = {k: v.to_json() for k, v in self.presence.items()}
+            value = getattr(self, field.name)
+            data[field.name] = ({k: v.to_json() for k, v in value.items()}
+                                if field.name == "presence" else _plain(value))
         return data
 
     @classmethod
@@ -304,11 +305,6 @@ def rows() -> list[tuple[str, Option]]:
             if "option" in f.metadata]
 
 
-def default_of(name: str) -> Any:
-    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
-    return field.default
-
-
 #: ``name -> (text or value, where from)``: what a source holds for an option.
 Source = Callable[[str, Option], tuple[Any, str] | None]
 
@@ -322,12 +318,15 @@ def resolve(*, cli: Source | None = None, ini: Source | None = None,
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    for name, row in rows():
-        found = _lookup(name, row, cli, ini, env)
-        if found is None:
-            values[name] = default_of(name)
+    for field in dataclasses.fields(Settings):
+        row = field.metadata.get("option")
+        if row is None:
             continue
-        values[name], origins[name] = found
+        found = _lookup(field.name, row, cli, ini, env)
+        if found is None:
+            values[field.name] = field.default
+            continue
+        values[field.name], origins[field.name] = found
     return values, origins
 
 

@@ -20,6 +20,12 @@ Outcome = Literal["hit", "remote_hit", "compiled", "waited", "failed", "missed"]
 OUTCOMES: tuple[Outcome, ...] = ("hit", "remote_hit", "compiled", "waited", "failed", "missed")
 
 
+def _add_counts(mine: dict[str, int], theirs: Mapping[str, int]) -> None:
+    """Add the counts ``theirs`` into ``mine``."""
+    for kind, n in theirs.items():
+        mine[kind] = mine.get(kind, 0) + n
+
+
 @dataclasses.dataclass
 class LibraryStats:
     """What happened to one library (one key) in a run."""
@@ -53,8 +59,7 @@ class LibraryStats:
     def merge(self, theirs: LibraryStats) -> None:
         for name in ("requests", "compiles", "compile_seconds", "wait_seconds"):
             setattr(self, name, getattr(self, name) + getattr(theirs, name))
-        for kind, n in theirs.outcomes.items():
-            self.outcomes[kind] = self.outcomes.get(kind, 0) + n
+        _add_counts(self.outcomes, theirs.outcomes)
         self.compile_failed = self.compile_failed or theirs.compile_failed
         self.prefetched = self.prefetched or theirs.prefetched
         if theirs.compiles or (theirs.compile_failed and not self.compiles):
@@ -111,10 +116,6 @@ class Stats:
     def failures(self) -> int:
         return self.outcomes.get("failed", 0)
 
-    @property
-    def lock_wait_seconds(self) -> float:
-        return self.wait_seconds
-
     # -- counting ---------------------------------------------------------------------------
     def library(self, digest: str, *, spec: str = "", target: Any = None,
                 worker: str = "") -> LibraryStats:
@@ -159,11 +160,11 @@ class Stats:
     # -- merging and reporting ----------------------------------------------------------
     def merge(self, other: Mapping[str, Any]) -> None:
         """Add another process's :meth:`to_json`."""
-        for name in ("requests", "compiles", "prefetched", "compile_seconds", "wait_seconds",
-                     "bytes_compiled", "corrupt"):
-            setattr(self, name, getattr(self, name) + other.get(name, 0))
-        for kind, n in (other.get("outcomes") or {}).items():
-            self.outcomes[kind] = self.outcomes.get(kind, 0) + n
+        for field in dataclasses.fields(self):  # the numeric totals
+            value = other.get(field.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                setattr(self, field.name, getattr(self, field.name) + value)
+        _add_counts(self.outcomes, other.get("outcomes") or {})
         self.remote.merge(other.get("remote") or {})
         for data in other.get("libraries") or ():
             theirs = LibraryStats.from_json(data)
@@ -180,7 +181,7 @@ class Stats:
 
     def to_json(self) -> dict[str, Any]:
         """Plain data: what a worker sends its controller, and what the run history keeps
-        (with the older names ``hits``, ``failures`` and ``lock_wait_seconds``)."""
+        (with the older names ``hits`` and ``failures``)."""
         return {
             "requests": self.requests, "outcomes": dict(self.outcomes),
             "compiles": self.compiles, "prefetched": self.prefetched,
@@ -189,5 +190,4 @@ class Stats:
             "libraries": [lib.to_json() for lib in self.libraries.values()],
             "remote": self.remote.to_json(),
             "hits": self.hits, "failures": self.failures,
-            "lock_wait_seconds": self.lock_wait_seconds,
         }

@@ -1,7 +1,7 @@
 """Finding a factory's local modules without running it: the import root of a module, and
 the closure of its local imports (read with ``ast``, not run), for a CI cache key.
 
-Only the standard library is imported here, ``ast`` only when used.
+Only the standard library is imported here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pytest_mlcjit.errors import SpecError
 from pytest_mlcjit.inputs.paths import PathLike, abspath, classify, real_dir
 
 if TYPE_CHECKING:
-    import ast
     from importlib.machinery import ModuleSpec
 
 

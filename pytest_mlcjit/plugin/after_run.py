@@ -30,18 +30,17 @@ def after_run(session: pytest.Session, state: RunState) -> None:
                                             exitstatus=int(session.exitstatus))
     if not opts.policy.writes or (not requests and opts.max_size is None):
         return
-    settings = state.settings
-    roots = [r for r in default_roots(settings.cache_dir)
-             if control_dir(r).is_dir() and _trusted(r, settings.allow_untrusted)]
+    roots = [r for r in default_roots(opts.cache_dir)
+             if control_dir(r).is_dir() and _trusted(r, opts.allow_untrusted)]
     started = state.started or time.time()
     if stats is not None and requests:
         data = stats.to_json()
-        del data["libraries"], data["lock_wait_seconds"]  # one short line per run: totals
-        if not settings.remote:
+        del data["libraries"]  # one short line per run: totals
+        if not opts.remote:
             del data["remote"]
         data["outcomes"] = {k: n for k, n in data["outcomes"].items() if n}
-        record = {"time": time.time(), "started": started, "run_id": settings.run_id,
-                  "policy": settings.policy.value, "devices": list(settings.devices),
+        record = {"time": time.time(), "started": started, "run_id": opts.run_id,
+                  "policy": opts.policy.value, "devices": list(state.settings.devices),
                   "prepare": opts.prepare, "exitstatus": int(session.exitstatus), **data}
         for root in roots:
             record_run(root, record, state.warnings)

@@ -80,8 +80,7 @@ class RunState:
         if self._settings is None:
             from pytest_mlcjit.device import devices_to_probe, probe, resolve_auto
 
-            names = ["auto"] if self.options.device == "auto" else \
-                self.options.device.split(",")
+            names = self.options.device.split(",")
             presence = probe(devices_to_probe(names))
             self._settings = dataclasses.replace(
                 self.options, presence=presence, devices=tuple(resolve_auto(names, presence)))
@@ -143,8 +142,8 @@ class RunState:
     def used_the_plugin(self) -> bool:
         """Whether this run has anything to report at its end (a request, a report to
         write, a size cap): a run that never used the plugin pays for nothing more."""
-        return bool(self.engine_made or self.worker_stats or self.report_written
-                    or self.pruned or self.options.report_path is not None
+        return bool(self.engine_made or self.worker_stats
+                    or self.options.report_path is not None
                     or self.options.max_size is not None)
 
     def progress_board(self) -> str | None:

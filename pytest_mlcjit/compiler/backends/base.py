@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pytest_mlcjit._util.fs import WriteWarnings
-from pytest_mlcjit.cache.layout import EntryPaths, backend_root
+from pytest_mlcjit.cache.layout import EntryPaths
 from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.device import Device, Presence, TargetJSON
 from pytest_mlcjit.errors import SpecError
@@ -120,10 +120,6 @@ class Backend(abc.ABC):
     def staging_parent(self, req: BuildRequest, root: Path) -> tuple[Path | None, str]:
         """Where to stage compiles (None: the cache's own staging dir), and a note why."""
         return None, ""
-
-    def default_root(self) -> Path:
-        """The cache root of this backend's entries when no cache dir is configured."""
-        return backend_root(self.name, None)
 
 
 def get_backend(name: str) -> Backend:

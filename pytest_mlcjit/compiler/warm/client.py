@@ -214,8 +214,8 @@ class _Pool:
         while self.broken is None:
             z = self.zygote
             if z is not None and (not z.alive() or z.import_env != _import_env(env)):
-                z.close()
-                self.zygote = z = None
+                self.drop()
+                z = None
             if z is None:
                 if self.keeper is None:
                     self.keeper = _Keeper()
@@ -223,9 +223,7 @@ class _Pool:
                 try:
                     z = self.zygote = Zygote(env, self.keeper)
                 except OSError:  # no process or descriptor to spare: a fresh subprocess
-                    self.failures += 1
-                    if self.failures >= MAX_START_FAILURES:
-                        self.broken = "the compile worker could not be started"
+                    self._failed("the compile worker could not be started")
                     return None
                 self.started += 1
             hello = z.wait_ready(READY_TIMEOUT_S, cancelled)
@@ -235,14 +233,25 @@ class _Pool:
             elif hello is not None:
                 return z
             else:
-                self.failures += 1
-                if self.failures >= MAX_START_FAILURES:
-                    self.broken = "the compile worker failed to start"
-            z.close()
-            with contextlib.suppress(OSError):
-                z.proc.kill()
-            self.zygote = None
+                self._failed("the compile worker failed to start")
+            self.drop(kill=True)
         return None
+
+    def _failed(self, why: str) -> None:
+        """A zygote failed to start: past :data:`MAX_START_FAILURES`, give up (``why``)."""
+        self.failures += 1
+        if self.failures >= MAX_START_FAILURES:
+            self.broken = why
+
+    def drop(self, *, kill: bool = False) -> None:
+        """Let the zygote go, if there is one (``kill``: it is stuck or unusable, kill it
+        too); call with ``mutex``."""
+        z, self.zygote = self.zygote, None
+        if z is not None:
+            z.close()
+            if kill:
+                with contextlib.suppress(OSError):
+                    z.proc.kill()
 
 
 _pool = _Pool()
@@ -287,9 +296,6 @@ class WarmProcess:
         #: the launcher's first frame).
         self._buf = buf if buf is not None else bytearray()
 
-    def poll(self) -> int | None:
-        return self._read(0.0)
-
     def wait(self, timeout: float | None = None) -> int:
         code = self._read(timeout)
         if code is None:
@@ -308,12 +314,6 @@ class WarmProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
     def _read(self, timeout: float | None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -386,8 +386,7 @@ def start(argv: list[str], log_path: Path, *, env: Mapping[str, str], head: int,
                 z.send(theirs)
             except OSError:  # it died: replace it
                 conn.close()
-                z.close()
-                _pool.zygote = None
+                _pool.drop()
                 continue
             finally:
                 theirs.close()
@@ -406,10 +405,7 @@ def start(argv: list[str], log_path: Path, *, env: Mapping[str, str], head: int,
         conn.close()
         with _pool.mutex:
             if _pool.zygote is z:
-                z.close()
-                with contextlib.suppress(OSError):
-                    z.proc.kill()
-                _pool.zygote = None
+                _pool.drop(kill=True)
     return None
 
 
@@ -428,6 +424,4 @@ def _at_exit() -> None:
 def shutdown() -> None:
     """Let this process's zygote go (it exits once its control socket is closed)."""
     with _pool.mutex:
-        if _pool.zygote is not None:
-            _pool.zygote.close()
-            _pool.zygote = None
+        _pool.drop()
