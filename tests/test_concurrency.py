@@ -2,12 +2,13 @@
 processes, real signals, real compiles.
 
 * Killed processes never leave a partial entry, a held lock or a running compiler. The
-  engine's test-only fault points (``MLCJIT_TEST_PAUSE``, see pytest_mlcjit/_util/fs.py)
-  announce each step of a compile on stderr and pause there, which makes even the publish
-  step a window a test can hit. The default tier SIGKILLs one key's compile once at each
-  named point, in order (the test reads the announcements as they are written and kills at
-  once, then checks where the kill landed); the ``reliability`` tier kills at random points
-  and random delays after them. A waiter is killed while it waits, and a pytest-xdist
+  engine's test-only fault points (``MLCJIT_TEST_PAUSE``, ``MLCJIT_TEST_STOP``, see
+  pytest_mlcjit/_util/fs.py) announce each step of a compile on stderr and pause there, or
+  stop the process at one of them, which makes even the publish step a point a test can
+  hit. The default tier SIGKILLs one key's compile once at each named point, in order, the
+  driver stopped at that point (the test reads the announcements as they are written, kills,
+  then checks where the kill landed); the ``reliability`` tier kills at random points and
+  random delays after them. A waiter is killed while it waits, and a pytest-xdist
   worker kills itself mid-compile while the other worker waits for the key.
 * A waiter that exceeds --mlc-jit-lock-timeout fails with a message naming the key and
   the process that holds the lock (pid, host, since when); after the holder dies, the
@@ -119,14 +120,13 @@ def _read_until(proc: subprocess.Popen[str], point: str) -> list[str]:
     raise AssertionError(f"{proc.pid} ended before {point}: announced {seen}")
 
 
-def _kill_at(engine: Engine, request: dict[str, Any], point: str, *, pause: float,
-             env: dict[str, str] | None = None, once: Any = None, **job: Any) -> Killed:
-    """Start a driver with the fault points on and SIGKILL it the moment it announces
-    ``point`` (its stderr is read as it is written), or, with ``once``, as soon as
-    ``once()`` holds after that. Returns where it was killed; waits until its process
-    tree is gone."""
-    with engine.popen([request], env={"MLCJIT_TEST_PAUSE": str(pause), **(env or {})},
-                      **job) as proc:
+def _kill_at(engine: Engine, request: dict[str, Any], point: str, *, env: dict[str, str],
+             once: Any = None, **job: Any) -> Killed:
+    """Start a driver with the fault points on (``env``: ``MLCJIT_TEST_STOP`` or
+    ``MLCJIT_TEST_PAUSE``) and SIGKILL it once it announces ``point`` (its stderr is read as
+    it is written), or, with ``once``, as soon as ``once()`` holds after that. Returns
+    where it was killed; waits until its process tree is gone."""
+    with engine.popen([request], env=env, **job) as proc:
         try:
             seen = _read_until(proc, point)
             if once is not None:
@@ -153,16 +153,11 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 # -- SIGKILL of the lock holder: once at each fault point, then at random points ---------------
-#: The pause at each fault point (the test kills within it; a kill that lands later, on a
-#: machine that stalled the test longer, is tried again before the commit point).
-PAUSE_S = 0.15
-TRIES = 3
-
-
 def test_sigkill_at_each_fault_point_in_turn(engine: Engine, project: Project) -> None:
-    """One key, one driver per fault point in order, each SIGKILLed there (at ``compile``:
-    once its factory runs, inside the compiler subprocess). After each kill the lock is
-    free, the compile's tree is gone and the whole cache holds its invariants; before
+    """One key, one driver per fault point in order, each SIGKILLed there: stopped at the
+    point (``MLCJIT_TEST_STOP``), so the kill lands exactly there; at ``compile``, once its
+    factory runs, inside the compiler subprocess. After each kill the lock is free, the
+    compile's tree is gone and the whole cache holds its invariants; before
     ``publish:staged`` nothing in the entry's directory changed; a kill at
     ``publish:library`` leaves the library named only by a pending manifest. The compile
     killed at ``published`` had committed: the entry is whole, and the next process hits
@@ -171,28 +166,18 @@ def test_sigkill_at_each_fault_point_in_turn(engine: Engine, project: Project) -
     entries = project.cache / "tvm"
     commit = POINTS.index("published")
     for i, point in enumerate(POINTS):
-        for attempt in range(TRIES):
-            before, compiles = _files(entries), len(project.compiles())
-            killed = _kill_at(
-                engine, request, point, pause=PAUSE_S,
-                policy="REDO" if point == "published" and attempt else "ON",
-                env={"MLCJIT_TEST_SLEEP": "600"} if point == "compile" else None,
-                once=(lambda n=compiles: len(project.compiles()) > n)
-                if point == "compile" else None)
-            where = (f"kill at {point} (try {attempt + 1}): announced {killed.points}, "
-                     f"status {killed.status}")
-            assert killed.status in (0, -signal.SIGKILL), where
-            assert killed.points == list(POINTS[:len(killed.points)]), where
-            assert engine.lock_is_free(killed.digest), where
-            state = engine.check_cache()
-            if killed.status == -signal.SIGKILL and killed.points[-1] == point:
-                break
-            # Landed later (the test was stalled longer than the pause): tried again, on
-            # a compile that has not committed (for "published": with REDO).
-            assert point == "published" or POINTS.index(killed.points[-1]) < commit, \
-                f"{where}: the test was stalled past the commit point; rerun"
-        else:
-            raise AssertionError(f"{TRIES} kills at {point} all landed later: {where}")
+        before, compiles = _files(entries), len(project.compiles())
+        killed = _kill_at(
+            engine, request, point,
+            env={"MLCJIT_TEST_PAUSE": "0", "MLCJIT_TEST_SLEEP": "600"} if point == "compile"
+            else {"MLCJIT_TEST_STOP": point},
+            once=(lambda n=compiles: len(project.compiles()) > n)
+            if point == "compile" else None)
+        where = f"kill at {point}: announced {killed.points}, status {killed.status}"
+        assert killed.status == -signal.SIGKILL, where
+        assert killed.points == list(POINTS[:i + 1]), where
+        assert engine.lock_is_free(killed.digest), where
+        state = engine.check_cache()
         ran = POINTS.index("compile") <= i
         assert len(project.compiles()) == compiles + ran, where
         committed = [m for m in state.manifests if m["key_digest"] == killed.digest]

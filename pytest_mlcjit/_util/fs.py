@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -27,20 +28,27 @@ FILE_MODE = 0o644
 #: Test-only fault injection (docs/reliability.md), off unless these are set in the
 #: environment. ``MLCJIT_TEST_PAUSE=SECONDS``: at each named point of a compile, announce
 #: ``mlcjit-test-point <name> <pid>`` on stderr and sleep, so a test can SIGKILL the process
-#: inside that window. ``MLCJIT_TEST_ENOSPC=<name>``: raise ENOSPC at that point.
+#: inside that window. ``MLCJIT_TEST_STOP=<name>``: announce each point the same way, and
+#: stop (SIGSTOP) at that one, so the kill lands exactly there. ``MLCJIT_TEST_ENOSPC=<name>``:
+#: raise ENOSPC at that point.
 TEST_PAUSE_ENV = "MLCJIT_TEST_PAUSE"
+TEST_STOP_ENV = "MLCJIT_TEST_STOP"
 TEST_ENOSPC_ENV = "MLCJIT_TEST_ENOSPC"
 
 log = logging.getLogger("pytest_mlcjit")
 
 
 def fault_point(name: str) -> None:
-    """A named point of a compile where tests may pause or inject ENOSPC (off by default)."""
-    pause = os.environ.get(TEST_PAUSE_ENV)
-    if pause:
+    """A named point of a compile where tests may pause, stop or inject ENOSPC (off by
+    default)."""
+    pause, stop = os.environ.get(TEST_PAUSE_ENV), os.environ.get(TEST_STOP_ENV)
+    if pause or stop:
         sys.stderr.write(f"mlcjit-test-point {name} {os.getpid()}\n")
         sys.stderr.flush()
-        time.sleep(float(pause))
+        if stop == name:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif pause:
+            time.sleep(float(pause))
     if os.environ.get(TEST_ENOSPC_ENV) == name:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {name})")
 
