@@ -73,8 +73,8 @@ def on_disk(project: Project) -> dict[int, tuple[str, int, int]]:
     library found beside its manifest, its size and time from the filesystem."""
     found = {}
     for manifest in sorted((project.cache / "tvm").glob("*.manifest.json")):
-        library = manifest.with_name(manifest.name.removesuffix(".manifest.json") + ".so")
         data = json.loads(manifest.read_text())
+        library = manifest.with_name(data["library"])  # the file the manifest names
         st = library.stat()  # a manifest without its library fails here
         hidden = data["key"]["config"]["hidden"]
         assert hidden not in found, f"two entries of hidden={hidden}"

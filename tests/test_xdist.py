@@ -34,9 +34,10 @@ def on_disk(project: Project) -> dict[int, Path]:
     """hidden → library file, for each entry whose library and manifest are both there."""
     found = {}
     for manifest in (project.cache / "tvm").glob("*.manifest.json"):
-        library = manifest.with_name(manifest.name.removesuffix(".manifest.json") + ".so")
+        data = json.loads(manifest.read_text())
+        library = manifest.with_name(data["library"])  # the file the manifest names
         assert library.is_file(), f"{manifest} without its library"
-        hidden = json.loads(manifest.read_text())["key"]["config"]["hidden"]
+        hidden = data["key"]["config"]["hidden"]
         assert hidden not in found, f"two entries of hidden={hidden}"
         found[hidden] = library
     assert len(project.libraries()) == len(found), "a library without its manifest"
