@@ -168,10 +168,14 @@ def _recorded_inputs(root: Path) -> dict[str, int]:
     how many entries were built from it."""
     seen: dict[str, int] = {}
     for entry in manage.scan(root):
-        for text in _input_lines(entry.manifest):
-            if not text.startswith("("):
-                name = " ".join(text.split()[:2])
-                seen[name] = seen.get(name, 0) + 1
+        recorded = entry.fields.get("inputs")
+        if not isinstance(recorded, dict):
+            continue
+        names = [f"module {m.get('path')}" for m in recorded.get("modules") or []]
+        names += [f"file {f.get('path')}" for f in recorded.get("files") or []]
+        names += [f"dist {name}" for name in recorded.get("dists") or {}]
+        for name in names:
+            seen[name] = seen.get(name, 0) + 1
     return dict(sorted(seen.items()))
 
 
