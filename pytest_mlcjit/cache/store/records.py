@@ -92,10 +92,7 @@ class Records:
             return None
         if isinstance(data.get("cause"), str):
             return CompileError.from_fields(data, remembered=True)
-        if isinstance(data.get("message"), str):  # a record of an earlier version
-            return CompileError(f"{data['message']}\n(remembered from an earlier attempt in "
-                                "this run)", remembered=True)
-        return None
+        return None  # a record of this run is always written with its fields
 
     def read_known_failure(self, digest: str) -> KnownFailure | None:
         """The key's failure record if it is a known failure (a deterministic one, from any
