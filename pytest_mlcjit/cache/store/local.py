@@ -279,8 +279,11 @@ class LocalStore:
                 f"library {paths.library} is corrupt: sha256 {actual[:16]}…, manifest says "
                 f"{str(manifest['sha256'])[:16]}…"
             )
+        self._remember_verified(paths.library, st, actual)
+
+    def _remember_verified(self, library: Path, st: os.stat_result, sha256: str) -> None:
         with self._verified_lock:
-            self._verified[paths.library] = (st.st_ino, st.st_size, st.st_mtime_ns, actual)
+            self._verified[library] = (st.st_ino, st.st_size, st.st_mtime_ns, sha256)
 
     def is_verified(self, paths: EntryPaths) -> bool:
         """Whether the library was verified in this run and is unchanged since (one stat)."""
@@ -403,6 +406,8 @@ class LocalStore:
             with contextlib.suppress(FileNotFoundError):
                 tmp_manifest.unlink()
         fsync_dir(paths.library.parent)
+        with contextlib.suppress(OSError):  # hashed above: the next lookup need not again
+            self._remember_verified(paths.library, paths.library.stat(), written["sha256"])
         fault_point("published")
         key_digest = written.get("key_digest")
         for digest in {paths.digest, key_digest if isinstance(key_digest, str) else ""}:
