@@ -7,7 +7,8 @@ default: the plugin keeps every state of a run in the run's own objects, so a ru
 nothing behind; compiles still run in processes of their own), and
 :meth:`Project.run_subprocess`, a real subprocess, where a process is the subject: xdist
 (``-n``, which :meth:`Project.run` sends there by itself), signals, a pty, a parent that
-dies, start-up cost.
+dies, start-up cost. The ``pytest-mlcjit`` command runs in this process through
+:func:`run_cli`, which fails a command that leaves ``sys.path`` changed.
 
 The benchmarks' ``--quick`` modes are marked ``bench`` and deselected unless ``--run-bench``
 is given (``.ci/run`` runs them once, on their own).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import os
 import pkgutil
@@ -222,6 +224,54 @@ def inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
         # An inner run that is interrupted (a test raising KeyboardInterrupt) returns its
         # result with ExitCode.INTERRUPTED instead of interrupting this run too.
         return pytester.runpytest_inprocess(ALREADY_IMPORTED, *args, no_reraise_ctrlc=True)
+
+
+# -- the pytest-mlcjit command, in this process --------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CliRun:
+    """What one ``pytest-mlcjit`` command did (:func:`run_cli`): its exit status and
+    what it printed to each stream."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path | None = None,
+            env: Mapping[str, str] | None = None) -> CliRun:
+    """``pytest-mlcjit ARGS`` through :func:`pytest_mlcjit.cli.main`, in this process:
+    in ``cwd`` and with ``env`` added to the environment when given (both undone
+    afterwards), its output captured (``sys.stdout`` and ``sys.stderr`` redirected), its
+    exit status from the return value or from argparse's ``SystemExit`` (``--help``,
+    ``--version``, usage errors). Any other exception (a traceback for a user) propagates.
+
+    A command must leave ``sys.path`` as it found it (``explain`` of one spec puts the
+    working directory there while it imports the factory, and takes it off again): this
+    asserts that, rather than restoring it, so that a command that leaks an entry fails
+    the test that ran it (the entry is then taken off, so that it fails no other test).
+    """
+    from pytest_mlcjit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    path = sys.path[:]
+    with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as exc:  # argparse: --help, --version, usage errors
+                rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    left = sys.path[:]
+    if left != path:
+        sys.path[:] = path
+        raise AssertionError(
+            f"pytest-mlcjit {' '.join(args)} changed sys.path: added "
+            f"{[p for p in left if p not in path]}, removed {[p for p in path if p not in left]}"
+            f" (was {path}, left {left})")
+    return CliRun(rc, out.getvalue(), err.getvalue())
 
 
 # -- opt-in tests: each marker below runs only with its option ----------------------------------

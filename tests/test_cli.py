@@ -1,12 +1,13 @@
 """The ``pytest-mlcjit`` command on a real cache built by real compiles: every subcommand,
 its human output and its ``--json`` output parsed back.
 
-Every command runs in this process, through :func:`pytest_mlcjit.cli.main` (its output from
-``capsys``, its exit status from the return value or argparse's ``SystemExit``); ``key`` and
-``explain`` start their own ``pytest --collect-only`` subprocess, as they do for users. Real
-processes only where a process is the subject: the installed console script and
-``python -m pytest_mlcjit`` (one smoke test), what a fresh process imports, a lock held by
-another process, a faked toolchain on a new ``PYTHONPATH``.
+Every command runs in this process, through :func:`pytest_mlcjit.cli.main`
+(:func:`conftest.run_cli`: its output redirected, its exit status from the return value or
+argparse's ``SystemExit``, ``sys.path`` checked unchanged); ``key`` and ``explain`` start
+their own ``pytest --collect-only`` subprocess, as they do for users. Real processes only
+where a process is the subject: the installed console script and ``python -m
+pytest_mlcjit`` (one smoke test), what a fresh process imports, a lock held by another
+process, a faked toolchain on a new ``PYTHONPATH``.
 
 One cache is warmed per session (three configs of the tiny model, compiled by a prepare
 run; shared by the xdist workers); tests that change a cache work on a copy of it.
@@ -14,7 +15,6 @@ run; shared by the xdist workers); tests that change a cache work on a copy of i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -27,51 +27,27 @@ from typing import Any
 
 import pytest
 
-from conftest import ENV_VARS, TESTS_TEMPLATE, TINY_MODEL
+from conftest import ENV_VARS, TESTS_TEMPLATE, TINY_MODEL, CliRun, run_cli
 from pytest_mlcjit import JIT, Settings, TVMModel, __version__
-from pytest_mlcjit.cli import main
 
 CONFIGS = [{"hidden": 4}, {"hidden": 6}, {"hidden": 8}]
 CLI = str(Path(sys.executable).with_name("pytest-mlcjit"))
 SUBCOMMANDS = ("list", "info", "verify", "prune", "clear", "key", "explain")
 
 
-@dataclasses.dataclass(frozen=True)
-class Ran:
-    """What one command did: its exit status and its output."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 class Warm:
     """A project directory with the tiny model, its tests and a warm cache, and the
     ``pytest-mlcjit`` command run in this process from that directory."""
 
-    def __init__(self, path: Path, capsys: pytest.CaptureFixture[str] | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.cache = path / "cache"
         self.counter = path / "compiles.txt"
-        self.capsys = capsys
 
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> Ran:
-        """``pytest-mlcjit ARGS`` through :func:`pytest_mlcjit.cli.main`, in this directory,
-        with ``env`` added to the environment (both undone afterwards, and ``sys.path``,
-        which ``explain`` of one spec extends as a command may)."""
-        assert self.capsys is not None, "a Warm of the session fixture: use the warm fixture"
-        self.capsys.readouterr()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(self.path)
-            patch.setattr(sys, "path", sys.path[:])
-            for name, value in (env or {}).items():
-                patch.setenv(name, value)
-            try:
-                rc = main(list(args))
-            except SystemExit as exc:  # argparse: --help, --version, usage errors
-                rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        out, err = self.capsys.readouterr()
-        return Ran(rc, out, err)
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> CliRun:
+        """``pytest-mlcjit ARGS`` in this process (:func:`conftest.run_cli`), in this
+        directory, with ``env`` added to the environment (both undone afterwards)."""
+        return run_cli(*args, cwd=self.path, env=env)
 
     def json(self, command: str, *args: str, cache: Path | None = None, rc: int = 0) -> Any:
         ran = self.cli(command, "--cache-dir", str(cache or self.cache), "--json", *args)
@@ -89,7 +65,7 @@ class Warm:
     def clone(self, dest: Path) -> Warm:
         """A copy of the whole project (tests, model, cache), to add tests to."""
         shutil.copytree(self.path, dest)
-        return Warm(dest, self.capsys)
+        return Warm(dest)
 
 
 def _pytest(project: Path, *args: str) -> None:
@@ -135,8 +111,8 @@ def warm_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def warm(warm_project: Path, capsys: pytest.CaptureFixture[str]) -> Warm:
-    return Warm(warm_project, capsys)
+def warm(warm_project: Path) -> Warm:
+    return Warm(warm_project)
 
 
 def _tests(hidden: int, per_config: int = 2) -> list[str]:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project, inprocess
+from conftest import Project, inprocess, run_cli
 from pytest_mlcjit import CompiledModel, SpecError, TVMModel
-from pytest_mlcjit.cli import main as cli_main
 from pytest_mlcjit.device import Device, probe
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -329,18 +328,11 @@ def test_the_gpu_marker_selects_gpu_tests(project: Project) -> None:
 
 
 # -- 7. the small things ------------------------------------------------------------------------
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``pytest-mlcjit ARGS`` in this process: (exit status, stdout, stderr). ``explain``
-    of one spec puts the working directory on ``sys.path`` (as a command may): undone."""
-    path = sys.path[:]
-    try:
-        rc = cli_main(list(args))
-    except SystemExit as exc:  # argparse's own usage errors
-        rc = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.path[:] = path
-    out, err = capsys.readouterr()
-    return rc, out, err
+def _cli(*args: str) -> tuple[int, str, str]:
+    """``pytest-mlcjit ARGS`` in this process (:func:`conftest.run_cli`): (exit status,
+    stdout, stderr)."""
+    ran = run_cli(*args)
+    return ran.returncode, ran.stdout, ran.stderr
 
 
 @pytest.mark.parametrize(("args", "rc", "message"), [
@@ -351,49 +343,45 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
     (["explain", "--factory", "a:b", "--device", "tpu"], 2, "invalid device 'tpu'"),
     (["nosuch"], 2, "invalid choice: 'nosuch'"),
 ])
-def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                 args: list[str], rc: int, message: str) -> None:
-    status, _, err = _cli(capsys, *args, "--cache-dir", str(tmp_path))
+def test_cli_usage_errors_exit_2(tmp_path: Path, args: list[str], rc: int, message: str) -> None:
+    status, _, err = _cli(*args, "--cache-dir", str(tmp_path))
     assert status == rc
     assert message in err
     assert not any(tmp_path.iterdir()), "a usage error writes nothing"
 
 
-def test_cli_runtime_failures_exit_1(project: Project, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_runtime_failures_exit_1(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     project.pytester.makepyfile(test_broken="this is not python\n")
     monkeypatch.chdir(project.pytester.path)
-    rc, _, err = _cli(capsys, "key", "--", "--mlc-device=cpu")
+    rc, _, err = _cli("key", "--", "--mlc-device=cpu")
     assert rc == 1, "a runtime failure, not a usage error"
     assert "collecting the tests failed (pytest exit 2)" in err
     assert "test_broken.py" in err, "the collection error's file"
-    rc, _, err = _cli(capsys, "key", "--", "--mlc-device=cpu", "--no-such-option")
+    rc, _, err = _cli("key", "--", "--mlc-device=cpu", "--no-such-option")
     assert rc == 2, "pytest's usage error is a usage error"
     assert "--no-such-option" in err
 
 
 def test_explain_check_gates_a_readonly_run(project: Project, warm_template: Path,
-                                            capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     project.write_tests([{"hidden": 4}])
     monkeypatch.chdir(project.pytester.path)
     args = ["explain", "--check", "--cache-dir", str(project.cache), "--", "--mlc-device=cpu"]
-    rc, out, _ = _cli(capsys, *args)
+    rc, out, _ = _cli(*args)
     assert rc == 1
     assert "1 library requested: 0 cached, 1 would miss under READONLY" in out
     assert not project.cache.exists(), "explain writes nothing"
     project.warm(warm_template)  # the library the test requests, compiled by another run
-    rc, out, _ = _cli(capsys, *args)
+    rc, out, _ = _cli(*args)
     assert rc == 0
     assert "1 library requested: 1 cached, 0 would miss under READONLY" in out
     project.run("--mlc-device=cpu", "--mlc-jit-policy=READONLY").assert_outcomes(passed=1)
-    rc, out, _ = _cli(capsys, *args, "-k", "nothing-matches")
+    rc, out, _ = _cli(*args, "-k", "nothing-matches")
     assert rc == 0
     assert "0 libraries requested" in out
 
 
-def test_dry_runs_name_the_quarantine(project: Project, warm_template: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_runs_name_the_quarantine(project: Project, warm_template: Path) -> None:
     project.warm(warm_template)  # hidden=4; the run compiles hidden=6
     project.write_tests([{"hidden": 4}, {"hidden": 6}])
     project.run("--mlc-device=cpu").assert_outcomes(passed=2)
@@ -405,18 +393,18 @@ def test_dry_runs_name_the_quarantine(project: Project, warm_template: Path,
     corrupt.write_bytes(b"corrupt" + library.read_bytes())
     corrupt.replace(library)
     cache = ["--cache-dir", str(project.cache)]
-    assert _cli(capsys, "verify", "--fix", *cache)[0] == 0
+    assert _cli("verify", "--fix", *cache)[0] == 0
     quarantine = project.cache / ".mlcjit" / "quarantine"
     assert len(list(quarantine.iterdir())) == 1
 
-    rc, out, _ = _cli(capsys, "prune", "--dry-run", "--max-size", "0", *cache)
+    rc, out, _ = _cli("prune", "--dry-run", "--max-size", "0", *cache)
     assert rc == 0
     assert "  would remove 1 quarantined entry" in out
     assert "  removed" not in out
-    rc, out, _ = _cli(capsys, "clear", "--dry-run", *cache)
+    rc, out, _ = _cli("clear", "--dry-run", *cache)
     assert f"{project.cache}: would remove 1 entry and 1 quarantined entry (" in out
     assert len(list(quarantine.iterdir())) == 1, "a dry run removes nothing"
-    rc, out, _ = _cli(capsys, "clear", *cache)
+    rc, out, _ = _cli("clear", *cache)
     assert f"{project.cache}: removed 1 entry and 1 quarantined entry (" in out
     assert not quarantine.exists() or not list(quarantine.iterdir())
 
@@ -441,18 +429,17 @@ def build(hidden=4, note=""):
 '''
 
 
-def test_list_shows_the_name_and_cuts_long_configs(project: Project,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_shows_the_name_and_cuts_long_configs(project: Project) -> None:
     project.pytester.makepyfile(widemodel=WIDE_MODEL, test_long=LONG_CONFIG)
     project.run("--mlc-device=cpu").assert_outcomes(passed=1)
-    rc, out, _ = _cli(capsys, "list", "--cache-dir", str(project.cache))
+    rc, out, _ = _cli("list", "--cache-dir", str(project.cache))
     assert rc == 0
     (row,) = [line for line in out.splitlines() if " tvm " in line]
     model = re.search(r" tvm +(wide .*?\u2026) ", row)
     assert model is not None, row
     assert len(model.group(1)) == 60
     assert model.group(1).startswith('wide {"hidden": 4, "note": "nnn')
-    rc, out, _ = _cli(capsys, "list", "--json", "--cache-dir", str(project.cache))
+    rc, out, _ = _cli("list", "--json", "--cache-dir", str(project.cache))
     assert "n" * 150 in out, "--json keeps all of it"
 
 

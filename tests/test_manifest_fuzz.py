@@ -20,7 +20,6 @@ quarantines it and compiles once, READONLY then hits.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import shutil
@@ -34,13 +33,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Project
+from conftest import Project, run_cli
 from pytest_mlcjit import JIT, Policy, Settings, TVMModel
 from pytest_mlcjit.cache.layout import tvm_entry
 from pytest_mlcjit.cache.manage import info, prune, scan, verify
 from pytest_mlcjit.cache.manifest import FIELDS, MAX_SECONDS, MAX_TIME, Manifest, parse_manifest
 from pytest_mlcjit.cache.store.local import LocalStore
-from pytest_mlcjit.cli import main as cli_main
 from pytest_mlcjit.device import Device
 from pytest_mlcjit.engine.model import CompiledModel
 from pytest_mlcjit.errors import CacheMissError, CorruptEntryError, MlcJitError
@@ -116,10 +114,9 @@ def _cache_with(manifest: bytes) -> Iterator[Path]:
 
 
 def _cli(*args: str) -> int:
-    """Run the CLI in this process (output discarded); its exit status. Any exception
-    (a traceback for a user) fails the test."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return cli_main(list(args))
+    """Run the CLI in this process (:func:`conftest.run_cli`; output discarded): its exit
+    status. Any exception (a traceback for a user) fails the test."""
+    return run_cli(*args).returncode
 
 
 def _tools_cope(root: Path) -> None:

@@ -8,8 +8,6 @@ on which input state of a key each compiles (one compile per state across them).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -19,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Project, inprocess
-from pytest_mlcjit.cli import main as cli_main
+from conftest import Project, inprocess, run_cli
 
 FACTORY = '''
 import os
@@ -328,11 +325,10 @@ def test_upgrading_an_imported_distribution_makes_the_entry_stale(
 
 
 def _cli(*args: str) -> tuple[int, str]:
-    """``pytest-mlcjit ARGS`` in this process: its status and what it printed."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        status = cli_main(list(args))
-    return status, out.getvalue()
+    """``pytest-mlcjit ARGS`` in this process (:func:`conftest.run_cli`): its status and
+    what it printed (stdout, then stderr)."""
+    ran = run_cli(*args)
+    return ran.returncode, ran.stdout + ran.stderr
 
 
 def test_the_ci_key_follows_local_imports(project: Project, tmp_path: Path,
@@ -344,9 +340,9 @@ def test_the_ci_key_follows_local_imports(project: Project, tmp_path: Path,
     models = _setup(project)
 
     def key() -> str:
-        status, text = _cli("key", "--", "-p", "no:randomly", "--mlc-device=cpu")
-        assert status == 0, text
-        return text.strip().splitlines()[-1]
+        ran = run_cli("key", "--", "-p", "no:randomly", "--mlc-device=cpu")
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        return ran.stdout.strip().splitlines()[-1]
 
     first = key()
     assert key() == first

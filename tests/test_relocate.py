@@ -9,8 +9,6 @@ the others are compiled here. The CLI runs in this process (``cli.main``)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -21,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Project
-from pytest_mlcjit.cli import main as cli_main
+from conftest import Project, run_cli
 
 
 def _ids(*hidden: int, per_config: int = 1) -> list[str]:
@@ -31,11 +28,11 @@ def _ids(*hidden: int, per_config: int = 1) -> list[str]:
 
 
 def _cli(*args: str) -> Any:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli_main([*args, "--json"])
-    assert status == 0, err.getvalue()
-    return json.loads(out.getvalue())
+    """``pytest-mlcjit ARGS --json`` in this process (:func:`conftest.run_cli`), which must
+    succeed: its output, parsed."""
+    ran = run_cli(*args, "--json")
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout)
 
 
 def _entries(cache: Path) -> dict[int, dict[str, Any]]:

@@ -30,9 +30,8 @@ import pytest
 from s3server import StallingServer, closed_port
 from test_mlc import STANDIN_ONLY, model_dir, standin  # noqa: F401 (fixtures)
 
-from conftest import Project, wait_until
+from conftest import Project, run_cli, wait_until
 from pytest_mlcjit.cache.store.remote import open_remote
-from pytest_mlcjit.cli import main as cli_main
 from pytest_mlcjit.engine.jit import REMOTE_RETRIES
 
 pytest_plugins = ["s3server"]
@@ -89,12 +88,11 @@ def run(project: Project, *args: str) -> tuple[int, str]:
     return result.ret, result.stdout.str() + result.stderr.str()
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """``pytest-mlcjit remote ARGS`` (in this process); its exit status and output."""
-    capsys.readouterr()
-    rc = cli_main(["remote", *args])
-    captured = capsys.readouterr()
-    return rc, captured.out + captured.err
+def cli(*args: str) -> tuple[int, str]:
+    """``pytest-mlcjit remote ARGS`` in this process (:func:`conftest.run_cli`); its exit
+    status and output (stdout, then stderr)."""
+    ran = run_cli("remote", *args)
+    return ran.returncode, ran.stdout + ran.stderr
 
 
 #: A conftest recording, after each test, the libraries in the run's private download
@@ -200,8 +198,7 @@ def test_read_mode_uploads_nothing(project: Project, remote: Bucket) -> None:
 
 # -- integrity and signatures --------------------------------------------------------------------
 def test_a_tampered_library_is_never_loaded(
-        project: Project, remote: Bucket, warm_template: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        project: Project, remote: Bucket, warm_template: Path) -> None:
     """A library on the remote whose bytes were changed fails its digest check: reported,
     never loaded; READONLY fails, ON compiles instead; ``remote verify`` finds it and
     ``remote prune`` removes it. (A valid library of another entry in its place is refused
@@ -217,10 +214,10 @@ def test_a_tampered_library_is_never_loaded(
     tampered[len(tampered) // 2] ^= 0xFF
     remote.write(blob, bytes(tampered))
 
-    rc, out = cli(capsys, "ls")
+    rc, out = cli("ls")
     assert rc == 0, out
     assert out.startswith(f"{remote.url}: 1 entry"), out
-    rc, out = cli(capsys, "verify")
+    rc, out = cli("verify")
     assert rc == 1, out
     assert "1 entry checked" in out, out
     assert "1 bad" in out, out
@@ -240,9 +237,9 @@ def test_a_tampered_library_is_never_loaded(
     [library] = builder.libraries()
     assert library.read_bytes() != bytes(tampered)
 
-    rc, out = cli(capsys, "prune", "--older-than", "0s")
+    rc, out = cli("prune", "--older-than", "0s")
     assert rc == 0, out
-    rc, out = cli(capsys, "ls")
+    rc, out = cli("ls")
     assert out.startswith(f"{remote.url}: 0 entries"), out
 
 
@@ -388,8 +385,7 @@ def test_mlc_entries_are_shared_under_mlc_file_names(
 # -- reliability: machines at once -------------------------------------------------------------
 @pytest.mark.reliability
 def test_two_machines_cold_at_once_publish_one_entry_per_key(
-        project: Project, remote: Bucket,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        project: Project, remote: Bucket) -> None:
     """Two machines (each pytest -n 2) start cold on the same keys at the same moment:
     every test passes and the remote holds exactly one valid entry per key. (The default
     tier's deterministic case: test_tiered_store.py, two machines publishing one entry.)"""
@@ -404,5 +400,5 @@ def test_two_machines_cold_at_once_publish_one_entry_per_key(
     entries = remote.manifests()
     assert len(entries) == len(CONFIGS)
     assert all(len(names) == 1 for names in entries.values()), entries
-    rc, out = cli(capsys, "verify", "--remote", remote.url)
+    rc, out = cli("verify", "--remote", remote.url)
     assert rc == 0, out
