@@ -20,7 +20,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import shutil
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_DIR = Path(__file__).resolve().parent
 
 #: Environment variables that would change how the plugin or pytest behaves in a run.
 _SCRUBBED_ENV = ("MLC_JIT_POLICY", "MLC_JIT_CACHE_DIR", "MLC_LLM_HOME", "MLC_DSO_SUFFIX",
@@ -92,7 +90,9 @@ import sys
 from pathlib import Path
 
 
-def _compile_here(config, out):
+def _compile_library(config, out):
+    """Build, export and ``tvm.compile`` ``config`` to the library ``out``; returns its
+    parameter list (nothing else is written)."""
     import tvm
 
     from benchmodel import build
@@ -102,8 +102,12 @@ def _compile_here(config, out):
     with tvm.transform.PassContext(opt_level=3):
         executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
     executable.export_library(str(out))
-    meta = [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
+    return [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
             for n, p in params]
+
+
+def _compile_here(config, out):
+    meta = _compile_library(config, out)
     Path(str(out) + ".json").write_text(json.dumps(meta))
 
 
@@ -340,6 +344,11 @@ def manifests(cache: Path, backend: str = "tvm") -> list[dict[str, Any]]:
     """Every manifest under ``cache/<backend>`` (read back as JSON)."""
     return [json.loads(p.read_text(encoding="utf-8"))
             for p in sorted((cache / backend).glob("*.manifest.json"))]
+
+
+def libraries(cache: Path) -> int:
+    """Libraries (``*.so``) in ``cache/tvm``."""
+    return len(list((cache / "tvm").glob("*.so")))
 
 
 # -- running --------------------------------------------------------------------------------
@@ -610,14 +619,6 @@ def work_dir(args: argparse.Namespace, name: str) -> Iterator[Path]:
             print(f"(scratch kept in {path})")
         else:
             shutil.rmtree(path, ignore_errors=True)
-
-
-#: A figure's line: ``verdict: NAME = 1.2345x, target <= 1.2x: met`` (or ``missed by 3%``,
-#: ``not measured``), or ``verdict: NAME = 1.2345x, no target``. Parsed by
-#: tests/test_benchmarks_quick.py, which checks that each verdict follows from its ratio.
-VERDICT_RE = re.compile(r"^verdict: (?P<name>.+?) = (?P<ratio>-?[0-9.]+|nan|inf)x, "
-                        r"(?:target (?P<op><=|<) (?P<target>[0-9.]+)x: (?P<verdict>.+)"
-                        r"|no target)$", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)

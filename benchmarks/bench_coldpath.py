@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from _benchlib import (
+    COMPILE_PY,
     Checks,
     FileWatcher,
     Run,
@@ -165,32 +166,24 @@ def test_model(lib, i):
 '''
 
 #: The in-process limit: ``python inproc.py OUT_DIR W CONFIGS_JSON`` starts W processes,
-#: each importing TVM once and compiling its share (i mod W) of the configs with the same
-#: build, export and tvm.compile as the plugin's compile child, then waits for them.
+#: each importing TVM once and compiling its share (i mod W) of the configs with the
+#: suite's own ``benchcompile`` (the same build, export and tvm.compile as the plugin's
+#: compile child), then waits for them.
 INPROC_PY = '''\
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from benchcompile import _compile_library
+
 
 def compile_share(out, index, count, configs):
-    import tvm
-
-    from benchmodel import build
-
     paths = {}
     for config in configs[index::count]:
-        module, spec = build(**config)
-        mod, params = module.export_tvm(spec=spec)
-        with tvm.transform.PassContext(opt_level=3):
-            executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
         lib = out / f"h{config['hidden']}.so"
-        executable.export_library(str(lib))
-        paths[str(config["hidden"])] = {
-            "path": str(lib),
-            "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)}
-                       for n, p in params]}
+        paths[str(config["hidden"])] = {"path": str(lib),
+                                        "params": _compile_library(config, lib)}
     (out / f"paths{index}.json").write_text(json.dumps(paths))
 
 
@@ -209,7 +202,7 @@ if __name__ == "__main__":
 #: starts one process per worker; each imports TVM and the model and compiles a throwaway
 #: config (TVM's one-time set-up), says it is ready, waits for the others, then compiles
 #: its configs in order (the same factory, export and tvm.compile as the plugin's compile
-#: child), and writes each job's (start, end) times.
+#: child: the suite's own ``benchcompile``), and writes each job's (start, end) times.
 LIMIT_PY = '''\
 import json
 import os
@@ -218,17 +211,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchcompile import _compile_library
+
 
 def compile_one(out, config):
-    import tvm
-
-    from benchmodel import build
-
-    module, spec = build(**config)
-    mod, params = module.export_tvm(spec=spec)
-    with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target=tvm.target.Target("llvm"))
-    executable.export_library(str(out / f"h{config['hidden']}-{os.getpid()}.so"))
+    _compile_library(config, out / f"h{config['hidden']}-{os.getpid()}.so")
 
 
 def work(out, index, configs):
@@ -326,6 +313,7 @@ def write_suite(root: Path, configs: list[dict[str, Any]], n_tests: int, *,
     (root / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     (root / "benchmodel.py").write_text(MODEL_PY, encoding="utf-8")
     (root / "benchbody.py").write_text(BODY_PY, encoding="utf-8")
+    (root / "benchcompile.py").write_text(COMPILE_PY, encoding="utf-8")
     (root / "inproc.py").write_text(INPROC_PY, encoding="utf-8")
     (root / "limit.py").write_text(LIMIT_PY, encoding="utf-8")
     (root / "inputs.txt").write_text("0\n", encoding="utf-8")

@@ -35,6 +35,7 @@ from _benchlib import (
     bench_env,
     common_args,
     count_lines,
+    libraries,
     make_configs,
     parse_ints,
     print_header,
@@ -113,11 +114,11 @@ def main(argv: list[str]) -> int:
                 res["cpu"].append(cold.cpu_seconds)
                 rerun_s = float("nan")
                 if variant == "pytest-mlcjit":
-                    libraries = len(list((cache / "tvm").glob("*.so")))
-                    res["libraries"].append(libraries)
+                    libs = libraries(cache)
+                    res["libraries"].append(libs)
                     checks.expect(compiles == k, f"rep {rep}: pytest-mlcjit compiled {compiles} "
                                                  f"times, expected exactly K={k}")
-                    checks.expect(libraries == k, f"rep {rep}: {libraries} libraries in the "
+                    checks.expect(libs == k, f"rep {rep}: {libs} libraries in the "
                                                   f"cache, expected K={k}")
                 elif variant == "xdist recipe":
                     checks.expect(compiles == k, f"rep {rep}: the recipe compiled {compiles} "

@@ -46,6 +46,7 @@ from _benchlib import (
     best_makespan,
     common_args,
     count_lines,
+    libraries,
     make_configs,
     parse_ints,
     print_header,
@@ -242,8 +243,8 @@ def main(argv: list[str]) -> int:
                 compiles = count_lines(counter)
                 checks.expect(compiles == k, f"rep {rep} {variant}: {compiles} compiles, "
                                              f"expected K={k}")
-                libraries = len(list((cache / "tvm").glob("*.so")))
-                checks.expect(libraries == k, f"rep {rep} {variant}: {libraries} libraries "
+                libs = libraries(cache)
+                checks.expect(libs == k, f"rep {rep} {variant}: {libs} libraries "
                                               f"in the cache, expected K={k}")
                 this[variant] = run.seconds
                 print(f"rep {rep} {variant:22} cold {run.seconds:6.2f}s", flush=True)

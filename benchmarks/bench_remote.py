@@ -38,6 +38,7 @@ from _benchlib import (
     bench_env,
     common_args,
     count_lines,
+    libraries,
     make_configs,
     parse_ints,
     print_header,
@@ -127,10 +128,6 @@ def refused_endpoint() -> str:
     """An endpoint where nothing listens (a port just closed)."""
     with socket.create_server(("127.0.0.1", 0)) as sock:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-def libraries(cache: Path) -> int:
-    return len(list((cache / "tvm").glob("*.so")))
 
 
 def part_fresh(args: argparse.Namespace, root: Path, suite: Path, aws: dict[str, str],

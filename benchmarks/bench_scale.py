@@ -48,6 +48,7 @@ from _benchlib import (
     Checks,
     bench_env,
     common_args,
+    libraries,
     parse_ints,
     print_header,
     ratio_of,
@@ -282,10 +283,6 @@ def kept_by_recency(root: Path, keep: int) -> set[str]:
     usage = root / ".mlcjit" / "usage"
     stamps = {p.name: float(p.read_text(encoding="ascii")) for p in usage.iterdir()}
     return set(sorted(stamps, key=lambda d: stamps[d], reverse=True)[:keep])
-
-
-def libraries(root: Path) -> int:
-    return len(list((root / "tvm").glob("*.so")))
 
 
 def measure_lookups(args: argparse.Namespace, sizes: list[int], roots: dict[int, Path],

@@ -36,6 +36,7 @@ from _benchlib import (
     common_args,
     config_id,
     count_lines,
+    libraries,
     make_configs,
     manifests,
     median,
@@ -210,7 +211,7 @@ def main(argv: list[str]) -> int:
         wall_rows = [measure_walls(args, w, root, (plugin_suite, paths_suite), cache,
                                    env=env, checks=checks) for w in args.workers]
         checks.expect(count_lines(counter) == k, "a warm run compiled something")
-        checks.expect(len(list((cache / "tvm").glob("*.so"))) == k,
+        checks.expect(libraries(cache) == k,
                       "the warm runs changed the number of libraries in the cache")
 
         probes: list[dict[str, Any]] = []
