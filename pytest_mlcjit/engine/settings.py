@@ -148,8 +148,9 @@ class Settings:
         "--mlc-jit-progress", ini="mlc_jit_progress", parse=parsers.choice("auto", "on", "off"),
         default="auto", metavar="{auto,on,off}", ini_help="live progress: " + _AUTO_OFF_ON,
         help="show what is compiling, downloading or waiting for another's compile once it "
-        "has taken 2s: model, target, worker, seconds. auto: a status line redrawn in place "
-        "on a terminal, plain start/end lines (and a heartbeat every 30s) otherwise; on: the "
+        "has taken mlc_jit_progress_delay (2s by default): model, target, worker, seconds. "
+        "auto: a status line redrawn in place on a terminal, plain start/end lines (and a "
+        "heartbeat every 30s) otherwise; on: the "
         "redrawn line even where no terminal is detected; off: nothing. ini "
         "mlc_jit_progress; default auto.")
     progress_delay: float = option(
