@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.server
+import json
 import logging
 import os
 import secrets
@@ -99,15 +100,56 @@ def warm_up(endpoint: str) -> None:
     client.create_bucket(Bucket=bucket)
     client.put_object(Bucket=bucket, Key="x", Body=b"x", IfNoneMatch="*")
     client.list_objects_v2(Bucket=bucket)
+    warm_up_iam(endpoint, bucket)
     client.delete_object(Bucket=bucket, Key="x")
     client.delete_bucket(Bucket=bucket)
     set_moto_auth(endpoint, "inf")
 
 
+def read_only_user(endpoint: str, bucket: str) -> dict[str, str]:
+    """A new IAM user of the server who may list and get ``bucket``'s objects and nothing
+    else (checked once credentials are: :func:`set_moto_auth`); its access key."""
+    import boto3  # type: ignore[import-untyped]
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id=DUMMY_AWS_ENV["AWS_ACCESS_KEY_ID"],
+                       aws_secret_access_key=DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+    user = f"reader-{bucket}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": ["s3:Get*", "s3:List*"],
+            "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    key: dict[str, str] = iam.create_access_key(UserName=user)["AccessKey"]
+    return key
+
+
+def warm_up_iam(endpoint: str, bucket: str) -> None:
+    """The IAM backend and the policy checks, imported now (see :func:`warm_up`): a
+    read-only user reads and is refused a write."""
+    import boto3
+    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+    key = read_only_user(endpoint, bucket)
+    reader = boto3.session.Session(aws_access_key_id=key["AccessKeyId"],
+                                   aws_secret_access_key=key["SecretAccessKey"]).client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1")
+    set_moto_auth(endpoint, "0")
+    try:
+        reader.list_objects_v2(Bucket=bucket)
+        reader.get_object(Bucket=bucket, Key="x")["Body"].read()
+        with contextlib.suppress(ClientError):
+            reader.head_object(Bucket=bucket, Key="absent")
+        with contextlib.suppress(ClientError):
+            reader.put_object(Bucket=bucket, Key="y", Body=b"y")
+    finally:
+        set_moto_auth(endpoint, "inf")
+
+
 def s3_client(endpoint: str) -> Any:
     """A plain boto3 S3 client for ``endpoint`` with the dummy credentials (to set up or
     tamper with objects)."""
-    import boto3  # type: ignore[import-untyped]
+    import boto3
 
     session = boto3.session.Session(aws_access_key_id=DUMMY_AWS_ENV["AWS_ACCESS_KEY_ID"],
                                     aws_secret_access_key=DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"])

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES, loads_bounded
+
 #: Directories and files the cache creates: never writable by group or others, whatever the
 #: umask (a root it made itself must pass its own trust check).
 DIR_MODE = 0o755
@@ -88,14 +90,15 @@ def write_temp(path: Path, chunks: Iterable[bytes]) -> tuple[Path, str]:
     return tmp, h.hexdigest()
 
 
-def read_json(path: str | os.PathLike[str], limit: int = 1 << 20) -> Any:
-    """A small JSON file's content (at most ``limit`` bytes read), or None when it is absent,
-    unreadable, not UTF-8 JSON, or nested too deep to parse: a record the cache keeps
-    beside its entries is then treated as absent, never as a crash."""
+def read_json(path: str | os.PathLike[str], limit: int = MAX_JSON_BYTES) -> Any:
+    """A small JSON file's content, or None when it is absent, unreadable, larger than
+    ``limit`` bytes, or junk (:func:`.jsonsafe.loads_bounded`: not UTF-8 JSON, or nested
+    too deep): a record the cache keeps beside its entries is then treated as absent,
+    never as a crash."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read(limit).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
+            return loads_bounded(f.read(limit + 1), max_bytes=limit)
+    except (OSError, ValueError):
         return None
 
 

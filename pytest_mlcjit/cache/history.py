@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit._util.fs import WriteWarnings
+from pytest_mlcjit._util.jsonsafe import loads_bounded
 from pytest_mlcjit.cache.layout import runs_file, runs_lock
 from pytest_mlcjit.cache.locks import flocked
 
 #: Runs kept when the file is cut back (it is cut once it holds twice as many).
 RUNS_KEPT = 100
+#: The longest line read back (a run's record is about a KiB; its remote warnings are
+#: aggregated, so it stays small), and how much of the file's end is read.
+LINE_BYTES = 64 << 10
+TAIL_BYTES = 4 << 20
 
 
 def record_run(root: Path, record: Mapping[str, Any],
@@ -51,15 +56,21 @@ def record_run(root: Path, record: Mapping[str, Any],
 
 
 def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:
-    """The last ``limit`` runs recorded under ``root``, newest first."""
+    """The last ``limit`` runs recorded under ``root``, newest first. Only the file's last
+    :data:`TAIL_BYTES` are read, and a line that is junk (:func:`.jsonsafe.loads_bounded`:
+    longer than :data:`LINE_BYTES`, nested too deep, not JSON) or not a run record is
+    skipped."""
     try:
-        lines = runs_file(root).read_text(encoding="utf-8").splitlines()
+        with open(runs_file(root), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - TAIL_BYTES))
+            lines = f.read(TAIL_BYTES).splitlines()
     except OSError:
         return []
     runs = []
     for line in reversed(lines):
-        with contextlib.suppress(ValueError, RecursionError):
-            data = json.loads(line)
+        with contextlib.suppress(ValueError):
+            data = loads_bounded(line, max_bytes=LINE_BYTES)
             if valid_run(data):
                 runs.append(data)
         if len(runs) >= limit:

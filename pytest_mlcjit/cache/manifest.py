@@ -10,13 +10,13 @@ version does not know are left alone (a newer version may write more).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
+from pytest_mlcjit._util.jsonsafe import loads_bounded
 from pytest_mlcjit.cache.layout import DIGEST_RE, LOG_SUFFIX, SIMPLE_NAME_RE
 from pytest_mlcjit.errors import CorruptEntryError
 from pytest_mlcjit.inputs.check import inputs_digest
@@ -195,9 +195,9 @@ def parse_manifest(raw: bytes, path: Path, digest: str) -> Manifest:
     ``library`` and ``log`` naming this entry's files, and every field of :data:`FIELDS`
     that is present of its type and range."""
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, deep nesting
-        raise CorruptEntryError(f"manifest {path} is not valid JSON") from None
+        data = loads_bounded(raw, parse_constant=_no_constant)
+    except ValueError as exc:  # junk: too large, too deep, not UTF-8 JSON
+        raise CorruptEntryError(f"manifest {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not {"sha256", "size", "digest"} <= data.keys():
         raise CorruptEntryError(f"manifest {path} lacks sha256/size/digest")
     size, sha = data["size"], data["sha256"]

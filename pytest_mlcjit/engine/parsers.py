@@ -34,6 +34,23 @@ def seconds(source: str, text: str) -> float:
     return value
 
 
+def seconds_up_to(high: float) -> Parse:
+    """A number of seconds greater than 0 and at most ``high`` (a socket timeout: ``inf``
+    or ``1e12`` cannot be waited)."""
+
+    def parse(source: str, text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = -1.0
+        if not 0 < value <= high:  # also rejects NaN and the infinities
+            raise ConfigError(f"invalid {source} {text!r}: expected a number of seconds "
+                              f"greater than 0 and at most {high:g}")
+        return value
+
+    return parse
+
+
 def choice(*valid: str) -> Parse:
     """One of ``valid``, case-insensitive."""
 
@@ -67,6 +84,15 @@ def count(source: str, text: str) -> int:
 
 def size(source: str, text: str) -> int:
     return parse_size(text, what=source)
+
+
+def throughput(source: str, text: str) -> int:
+    """Bytes per second, at least 1 (``1MB``, ``500k``, ``2000``)."""
+    value = parse_size(text, what=source)
+    if value < 1:
+        raise ConfigError(f"invalid {source} {text!r}: expected bytes per second, at least 1 "
+                          "(for example 1MB)")
+    return value
 
 
 def policy(source: str, text: str) -> Policy:

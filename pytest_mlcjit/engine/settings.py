@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from pytest_mlcjit._util import remote_limits
 from pytest_mlcjit.device import Presence
 from pytest_mlcjit.engine import parsers
 from pytest_mlcjit.errors import ConfigError
@@ -171,8 +172,9 @@ class Settings:
         default=None, metavar="PATH", kind="path", workers=False,
         ini_help="JSON accounting report path (relative to the ini file)",
         help="write the run's accounting as JSON to PATH (requests, outcomes, one record per "
-        "library), merged across xdist workers. ini mlc_jit_report (relative to the ini "
-        "file).")
+        "library), merged across xdist workers; a symlink, FIFO or device is written through, "
+        "not replaced; a report that cannot be written makes the exit status 4. ini "
+        "mlc_jit_report (relative to the ini file).")
     #: How many of the slowest compiles the summary lists (0: all; None: 5 when one took
     #: over 10s).
     durations: int | None = option(
@@ -200,13 +202,33 @@ class Settings:
         help="a remote error (unreachable, timeout, throttled) fails the tests that meet it "
         "instead of falling back to compiling locally. ini mlc_jit_remote_required.")
     remote_connect_timeout: float = option(
-        None, env="MLC_JIT_REMOTE_CONNECT_TIMEOUT", parse=parsers.seconds, default=5.0,
-        help="seconds to wait for a connection to the remote. Env "
-        "MLC_JIT_REMOTE_CONNECT_TIMEOUT; default 5.")
+        None, env="MLC_JIT_REMOTE_CONNECT_TIMEOUT",
+        parse=parsers.seconds_up_to(remote_limits.MAX_TIMEOUT_S),
+        default=remote_limits.CONNECT_TIMEOUT_S,
+        help="seconds to wait for a connection to the remote (more than 0, at most "
+        f"{remote_limits.MAX_TIMEOUT_S:g}). Env MLC_JIT_REMOTE_CONNECT_TIMEOUT; default "
+        f"{remote_limits.CONNECT_TIMEOUT_S:g}.")
     remote_read_timeout: float = option(
-        None, env="MLC_JIT_REMOTE_READ_TIMEOUT", parse=parsers.seconds, default=60.0,
-        help="seconds to wait for each read from the remote. Env MLC_JIT_REMOTE_READ_TIMEOUT; "
-        "default 60.")
+        None, env="MLC_JIT_REMOTE_READ_TIMEOUT",
+        parse=parsers.seconds_up_to(remote_limits.MAX_TIMEOUT_S),
+        default=remote_limits.READ_TIMEOUT_S,
+        help="seconds to wait for each read from the remote (more than 0, at most "
+        f"{remote_limits.MAX_TIMEOUT_S:g}). Env MLC_JIT_REMOTE_READ_TIMEOUT; default "
+        f"{remote_limits.READ_TIMEOUT_S:g}.")
+    remote_deadline: float = option(
+        None, env="MLC_JIT_REMOTE_DEADLINE",
+        parse=parsers.seconds_up_to(remote_limits.MAX_TIMEOUT_S),
+        default=remote_limits.DEADLINE_S,
+        help="seconds one remote operation (a listing page, a manifest, a download, an "
+        "upload) may take in all, plus its size at MLC_JIT_REMOTE_MIN_THROUGHPUT: past it "
+        "the operation is given up as a remote error. Env MLC_JIT_REMOTE_DEADLINE; default "
+        f"{remote_limits.DEADLINE_S:g}.")
+    remote_min_throughput: int = option(
+        None, env="MLC_JIT_REMOTE_MIN_THROUGHPUT", parse=parsers.throughput,
+        default=remote_limits.MIN_THROUGHPUT,
+        help="the slowest transfer accepted, in bytes per second (1MB: 1,000,000): an "
+        "operation's deadline is MLC_JIT_REMOTE_DEADLINE plus its size at this rate. Env "
+        "MLC_JIT_REMOTE_MIN_THROUGHPUT; default 1MB.")
     #: The prepare shard ``(I, N)`` (--mlc-jit-shard), None for all.
     shard: tuple[int, int] | None = option(
         "--mlc-jit-shard", ini="mlc_jit_shard", parse=parsers.shard, default=None,
@@ -229,8 +251,9 @@ class Settings:
         "--mlc-jit-retry-failed", ini="mlc_jit_retry_failed", parse=parsers.truth,
         default=False, kind="switch", ini_help="compile known failures again (true or false)",
         help="compile again the known failures: a library whose factory or compiler raised "
-        "in an earlier run is otherwise reported at once, without compiling, while its key "
-        "and recorded inputs are unchanged. ini mlc_jit_retry_failed.")
+        "the same error twice in a row (never for running out of memory) is otherwise "
+        "reported at once, without compiling, while its key and recorded inputs are "
+        "unchanged. ini mlc_jit_retry_failed.")
 
     # -- facts of the run (no row) ----------------------------------------------------------
     #: Identifies one test run across all its xdist workers (REDO and failure memory).

@@ -10,17 +10,24 @@ local cache, then is uploaded. The engine does not know the remote is there.
 :class:`RemoteTier` is the run's remote: the adapter (:mod:`.remote`), the statistics and
 the failure policy, as sccache and ccache users asked for it:
 
-* authentication and permission errors always fail the request (they are never a miss);
-* any other error (connection, timeout, throttling, server error) fails the request with
-  ``--mlc-jit-remote-required``; otherwise it is reported once, the remote is marked down
-  for the rest of the run, and the library is compiled locally;
-* a remote object whose digest or signature is wrong is reported and never loaded.
+* authentication and permission errors on a read always fail the request (they are never
+  a miss); an upload refused for permission while reads work (read-only credentials) is
+  warned once and the rest of the run only reads (it fails with ``--mlc-jit-remote-required``);
+* any other error (connection, timeout, an operation past its deadline, throttling, server
+  error) fails the request with ``--mlc-jit-remote-required``; otherwise it is reported
+  once, the remote is marked down for the rest of the run, and the library is compiled
+  locally. The first process of the run to find it down tells the others (a file in the
+  run's board directory: :attr:`.RemoteOptions.run_dir`), so the run waits out one timeout;
+* a remote object whose digest or signature is wrong is reported and never loaded; one that
+  is not a usable manifest is skipped and counted (:class:`RemoteStats`: one line however
+  many); a full disk during a download is reported and the library compiled instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import tempfile
 import threading
@@ -29,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_mlcjit._util.fs import is_no_space, read_json, write_json_atomic
 from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.cache.store.interface import (
     MISSING,
@@ -45,19 +53,35 @@ from pytest_mlcjit.cache.store.remote.base import RemoteEntry
 from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD
 from pytest_mlcjit.errors import (
     RemoteAuthError,
+    RemoteConfigError,
     RemoteError,
     RemoteIntegrityError,
+    RemoteUnavailableError,
 )
 from pytest_mlcjit.inputs.check import InputChecker, changes_since
+from pytest_mlcjit.key import sha256_digest
+from pytest_mlcjit.units import plural
 
 REMOTE_MODES = ("read", "readwrite")
 #: Manifest fields a download does not carry over: the local publish writes its own.
 _LOCAL_FIELDS = ("digest", "library", "sha256", "size", "log", SIGNATURE_FIELD)
 
 
+#: How long a run's "remote down" file is kept (a later run that finds it down removes it).
+MARKER_KEPT_S = 86400.0
+#: Distinct warnings a run keeps besides the aggregated ones (more are counted only), so
+#: that the summary and the run's line in ``runs.jsonl`` stay short whatever the remote holds.
+MAX_NOTES = 10
+
+
 @dataclasses.dataclass
 class RemoteStats:
-    """What the remote did in a run (merged across xdist workers on the controller)."""
+    """What the remote did in a run (merged across xdist workers on the controller).
+
+    ``warnings`` is what the summary shows, one line each, built from the fields after it:
+    the remote going down (once per run, whichever process found it), the unusable remote
+    objects skipped (one line: how many, and the first), and other warnings (each once,
+    at most :data:`MAX_NOTES`)."""
 
     downloads: int = 0
     download_bytes: int = 0
@@ -66,15 +90,61 @@ class RemoteStats:
     upload_bytes: int = 0
     errors: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: Why the remote went down in this run (the first report wins).
+    down: str | None = None
+    #: Remote objects skipped as unusable (junk, a bad signature), and the first's reason.
+    skipped: int = 0
+    skipped_first: str | None = None
+    #: Other warnings (a refused download, a refused upload), each once.
+    notes: list[str] = dataclasses.field(default_factory=list)
+    notes_dropped: int = 0
+
+    def note(self, message: str) -> None:
+        """Add a warning (once; past :data:`MAX_NOTES`, counted only)."""
+        if message in self.notes:
+            return
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(message)
+        else:
+            self.notes_dropped += 1
+        self._show()
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` unusable remote objects skipped (``reason``: the first's)."""
+        self.skipped += count
+        self.skipped_first = self.skipped_first or reason
+        self._show()
+
+    def went_down(self, message: str) -> None:
+        self.down = self.down or message
+        self._show()
+
+    def _show(self) -> None:
+        lines = [self.down] if self.down else []
+        if self.skipped:
+            what = plural(self.skipped, "unusable remote object")
+            lines.append(f"{what} skipped: {self.skipped_first}" if self.skipped == 1
+                         else f"{what} skipped, the first: {self.skipped_first}")
+        lines += self.notes
+        if self.notes_dropped:
+            lines.append(f"{plural(self.notes_dropped, 'more remote warning')} not shown")
+        self.warnings = lines
 
     def merge(self, other: Mapping[str, Any]) -> None:
         """Add another process's :meth:`to_json`."""
         for field in dataclasses.fields(self):
             value = other.get(field.name)
-            if field.name == "warnings":
-                self.warnings += [w for w in value or () if w not in self.warnings]
-            elif isinstance(value, int | float) and not isinstance(value, bool):
+            if field.name == "notes":
+                for note in value if isinstance(value, list) else ():
+                    if isinstance(note, str):
+                        self.note(note)
+            elif field.name in ("down", "skipped_first"):
+                if isinstance(value, str) and getattr(self, field.name) is None:
+                    setattr(self, field.name, value)
+            elif (field.name != "warnings" and isinstance(value, int | float)
+                  and not isinstance(value, bool)):
                 setattr(self, field.name, getattr(self, field.name) + value)
+        self._show()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,10 +165,17 @@ class RemoteTier:
         #: that put it down (raised again for every later use when the remote is required).
         self.down: str | None = None
         self._down_error: RemoteError | None = None
+        #: Whether a read was refused (bad credentials: an upload refused too fails).
+        self._read_refused = False
         self.stats = stats if stats is not None else RemoteStats()
         self._lock = threading.Lock()
         self._private: dict[str, Hit] = {}
         self._private_dir: Path | None = None
+        opts = options or self.remote.options
+        #: Where the processes of this run tell one another that the remote is down (the
+        #: run's directory, a file per run and remote), so that it costs one timeout.
+        self._marker = None if not (opts.run_dir and opts.run_id) else Path(
+            opts.run_dir, f".remote-down-{opts.run_id}-{sha256_digest(self.url)[:16]}.json")
 
     @property
     def writes(self) -> bool:
@@ -115,11 +192,10 @@ class RemoteTier:
     # -- failures ------------------------------------------------------------------------
     def warn(self, message: str) -> None:
         with self._lock:
-            if message not in self.stats.warnings:
-                self.stats.warnings.append(message)
+            self.stats.note(message)
 
     @contextlib.contextmanager
-    def guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str, *, upload: bool = False) -> Iterator[None]:
         """Apply the failure policy to a remote operation (see the module's docstring)."""
         try:
             yield
@@ -129,24 +205,62 @@ class RemoteTier:
             self.warn(f"{what}: {exc} (not loaded)")
             if self.required:
                 raise
-        except RemoteAuthError:
+        except RemoteAuthError as exc:
             with self._lock:
                 self.stats.errors += 1
-            raise
+                if not upload:
+                    self._read_refused = True
+            if not upload or self._read_refused or self.required:
+                raise
+            # Credentials that read but may not write (the default mode is readwrite):
+            # the library is fine; the rest of this run only reads.
+            self.mode = "read"
+            self.warn(f"remote {self.url} refused an upload ({what}): {exc}; this run only "
+                      "reads from it from now on (set --mlc-jit-remote-mode=read for "
+                      "read-only credentials, or --mlc-jit-remote-required to fail instead)")
         except RemoteError as exc:
-            with self._lock:
-                self.stats.errors += 1
-                self.down = self.down or str(exc)
-                self._down_error = self._down_error or exc
+            self._went_down(exc, f"remote {self.url} failed while {what}: {exc}; it is not "
+                            "used for the rest of this run (pass --mlc-jit-remote-required "
+                            "to fail instead)")
             if self.required:
                 raise
-            self.warn(f"remote {self.url} failed while {what}: {exc}; it is not used for the "
-                      "rest of this run (pass --mlc-jit-remote-required to fail instead)")
+
+    def _went_down(self, exc: RemoteError, message: str, *, told: bool = False) -> None:
+        """The remote is down for the rest of this run: say so once (the run's first
+        process to find it down also tells the others, unless ``told`` by one)."""
+        with self._lock:
+            self.stats.errors += not told
+            first = self.down is None
+            self.down = self.down or str(exc)
+            self._down_error = self._down_error or exc
+            if not self.required:
+                self.stats.went_down(message)
+        if first and not told and self._marker is not None:
+            with contextlib.suppress(OSError):
+                write_json_atomic(self._marker, {"error": str(exc), "class": type(exc).__name__,
+                                                 "message": message})
+                for old in self._marker.parent.glob(".remote-down-*.json"):  # earlier runs'
+                    if old.stat().st_mtime < time.time() - MARKER_KEPT_S:
+                        old.unlink()
+
+    def _told_down(self) -> None:
+        """Take the remote as down when another process of this run found it so."""
+        if self._marker is None or not self._marker.exists():
+            return
+        data = read_json(self._marker)
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
+                                                 for k in ("error", "class", "message")):
+            return
+        cls = {c.__name__: c for c in (RemoteUnavailableError, RemoteConfigError)}.get(
+            data["class"], RemoteError)
+        self._went_down(cls(data["error"]), data["message"], told=True)
 
     def usable(self) -> bool:
-        """Whether to use the remote now: not when it is down, and then, when it is
-        required, the error that put it down is raised again (every request that would
-        have used it fails, not only the first)."""
+        """Whether to use the remote now: not when it is down (found so here or by another
+        process of the run), and then, when it is required, the error that put it down is
+        raised again (every request that would have used it fails, not only the first)."""
+        if self.down is None:
+            self._told_down()
         if self.down is None:
             return True
         if self.required and self._down_error is not None:
@@ -182,7 +296,9 @@ class RemoteTier:
         usable = []
         for entry in found:
             if entry.problem is not None:
-                self.warn(f"refused a remote entry of {query.describe}: {entry.problem}")
+                with self._lock:
+                    self.stats.skip(f"refused a remote entry of {query.describe}: "
+                                    f"{entry.problem}")
             elif entry.manifest is not None and fits(entry.manifest):
                 usable.append(entry)
         usable.sort(key=lambda e: -(e.created or 0.0))
@@ -195,9 +311,14 @@ class RemoteTier:
         assert entry.manifest is not None
         t0 = time.monotonic()
         ok = False
-        with self.guard(f"downloading {entry.location}"):
-            self.remote.download(entry.manifest, dest)
-            ok = True
+        try:
+            with self.guard(f"downloading {entry.location}"):
+                self.remote.download(entry.manifest, dest)
+                ok = True
+        except OSError as exc:  # the local disk, not the remote: not a remote error
+            if not is_no_space(exc):
+                raise
+            self.warn(_no_space(entry.location, dest, exc))
         if not ok:
             with contextlib.suppress(FileNotFoundError):
                 dest.unlink()
@@ -235,7 +356,7 @@ class RemoteTier:
             return False
         body = {k: v for k, v in hit.manifest.items() if k not in ("log", "remote")}
         done = False
-        with self.guard(f"uploading {query.describe}"):
+        with self.guard(f"uploading {query.describe}", upload=True):
             done = self.remote.upload(query.digest, hit.paths.digest, hit.paths.library, body,
                                       replace=replace)
         if done:
@@ -264,19 +385,25 @@ class TieredStore(ForwardingStore):
 
     def _pull(self, query: EntryQuery, job: Job) -> Lookup:
         """Under the key's lock: the remote entry that fits, downloaded into a staging
-        directory, checked, and published locally."""
-        entry = self.tier.select(query, self.tier.fits(query, self.checker))
-        if entry is None:
+        directory, checked, and published locally. The listing and the download are one
+        job on the run's board (the live progress shows a slow remote)."""
+        if not self.tier.usable():
             return MISSING
-        staging = self.inner.new_staging_dir(query.digest)
+        staging = None
         try:
-            with job("download"):
+            with job("download") as view:
+                entry = self.tier.select(query, self.tier.fits(query, self.checker))
+                if entry is None:
+                    _nothing_there(view)
+                    return MISSING
+                staging = self.inner.new_staging_dir(query.digest)
                 manifest = self.tier.download(entry, staging / "library")
             if manifest is None:
                 return MISSING
             hit = self.inner.publish(query, staging / "library", None, manifest)
         finally:
-            self.inner.remove_staging(staging)
+            if staging is not None:
+                self.inner.remove_staging(staging)
         return Hit(hit.paths, hit.manifest, "remote")
 
     def _pull_private(self, query: EntryQuery, job: Job) -> Lookup:
@@ -286,16 +413,19 @@ class TieredStore(ForwardingStore):
         fits = self.tier.fits(query, self.checker)
         if found is not None and found.paths.library.is_file() and fits(found.manifest):
             return found
-        entry = self.tier.select(query, fits)
-        if entry is None or entry.manifest is None:
+        if not self.tier.usable():
             return MISSING
-        variant = entry.entry_digest != query.digest
-        paths = query.locate(self.tier.private_root(),
-                             entry.entry_digest if variant else None)
-        paths.library.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            paths.library.unlink()
-        with job("download"):
+        with job("download") as view:
+            entry = self.tier.select(query, fits)
+            if entry is None or entry.manifest is None:
+                _nothing_there(view)
+                return MISSING
+            variant = entry.entry_digest != query.digest
+            paths = query.locate(self.tier.private_root(),
+                                 entry.entry_digest if variant else None)
+            paths.library.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                paths.library.unlink()
             manifest = self.tier.download(entry, paths.library)
         if manifest is None:
             return MISSING
@@ -311,3 +441,25 @@ class TieredStore(ForwardingStore):
         hit = self.inner.publish(query, library, log, manifest, replace=replace)
         self.tier.upload(query, hit, replace=replace)
         return hit
+
+
+def _no_space(location: str, dest: Path, exc: OSError) -> str:
+    """A download that ran out of disk space, worded as a compile's (``engine.failures``):
+    where the space is missing; the library is compiled instead."""
+    try:
+        st = os.statvfs(dest.parent)
+    except OSError:
+        where = f"the filesystem of {dest.parent}"
+    else:
+        free = st.f_bavail * st.f_frsize
+        where = f"the filesystem of {dest.parent} ({free // 1024} KiB free)"
+    return (f"downloading {location} ran out of disk space ({exc.strerror or exc}); nothing "
+            f"was published: {where}. Free space or prune the cache (pytest-mlcjit prune). "
+            "The library is compiled instead")
+
+
+def _nothing_there(view: object) -> None:
+    """Mark a download job whose listing found no entry that fits (the live progress then
+    says so instead of "downloaded")."""
+    if isinstance(view, dict):
+        view["found"] = False

@@ -25,6 +25,10 @@ Guarantees:
   on any failure the partial file is deleted. Nothing the remote sends is trusted.
 - With a signing key, manifests without a valid signature are reported, never used: write
   access to the bucket is not enough to make a reader load a library.
+- Every operation has a total deadline besides the per-request timeouts
+  (:meth:`Remote.within`: ``deadline + size / min_throughput`` seconds): a server that
+  trickles bytes is given up, its connection closed. A manifest that is junk (not JSON,
+  too large, nested too deep) is an entry with a problem, never an exception.
 - Failures are distinct errors, never a silent miss: :class:`RemoteUnavailableError`
   (network, timeouts, throttling, 5xx), :class:`RemoteAuthError` (refused credentials),
   :class:`RemoteIntegrityError` (bad bytes or signature), :class:`RemoteConfigError` (bad
@@ -38,10 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import urllib.parse
 from typing import Any, NamedTuple
 
+from pytest_mlcjit._util import remote_limits
 from pytest_mlcjit.cache.store.remote.base import Remote, RemoteOptions
 from pytest_mlcjit.cache.store.remote.url import RemoteURL, redact_url
 from pytest_mlcjit.errors import BadURL, RemoteConfigError
@@ -112,9 +116,10 @@ def open_remote(url: str, options: RemoteOptions | None = None, **fields: Any) -
     for name in ("connect_timeout", "read_timeout"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                math.isfinite(value) and value > 0):
-            raise RemoteConfigError(f"invalid remote {name} {value!r}: expected a positive "
-                                    "number of seconds")
+                0 < value <= remote_limits.MAX_TIMEOUT_S):
+            raise RemoteConfigError(f"invalid remote {name} {value!r}: expected a number of "
+                                    "seconds greater than 0 and at most "
+                                    f"{remote_limits.MAX_TIMEOUT_S:g}")
     retries = options.retries
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise RemoteConfigError(f"invalid remote retries {retries!r}: expected an integer >= 0")

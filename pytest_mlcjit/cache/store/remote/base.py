@@ -11,13 +11,17 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import urllib.parse
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pytest_mlcjit._util.fs import FILE_MODE
+from pytest_mlcjit._util import remote_limits
+from pytest_mlcjit._util.fs import FILE_MODE, fault_point
+from pytest_mlcjit._util.jsonsafe import loads_bounded
+from pytest_mlcjit._util.remote_limits import Deadline
 from pytest_mlcjit.cache.layout import DIGEST_RE
 from pytest_mlcjit.cache.store.remote.signing import (
     SIGNATURE_FIELD,
@@ -25,7 +29,12 @@ from pytest_mlcjit.cache.store.remote.signing import (
     signature_problem,
 )
 from pytest_mlcjit.cache.store.remote.url import RemoteURL
-from pytest_mlcjit.errors import RemoteConfigError, RemoteError, RemoteIntegrityError
+from pytest_mlcjit.errors import (
+    RemoteConfigError,
+    RemoteError,
+    RemoteIntegrityError,
+    RemoteUnavailableError,
+)
 from pytest_mlcjit.key import file_sha256
 
 #: A manifest is a few hundred bytes; anything far larger is not one.
@@ -83,13 +92,21 @@ def _check_digest(digest: str, what: str) -> str:
 class RemoteOptions:
     """How to reach a remote: the signing key (sign uploads, accept only validly signed
     manifests), timeouts per connection attempt and per read, the retries of a failed
-    request, and an endpoint that replaces the adapter's default."""
+    request, and an endpoint that replaces the adapter's default; and, for a run of many
+    processes, the run's id and a directory private to the user that they share (where
+    the first to find the remote down tells the others); and the total deadline of each
+    operation (:meth:`Remote.within`)."""
 
     signing_key: bytes | None = None
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    connect_timeout: float = remote_limits.CONNECT_TIMEOUT_S
+    read_timeout: float = remote_limits.READ_TIMEOUT_S
     retries: int = 2
     endpoint_url: str | None = None
+    run_id: str | None = None
+    run_dir: Path | None = None
+    #: A remote operation's total deadline: ``deadline + bytes / min_throughput`` seconds.
+    deadline: float = remote_limits.DEADLINE_S
+    min_throughput: float = remote_limits.MIN_THROUGHPUT
 
 
 class RemoteEntry(NamedTuple):
@@ -140,6 +157,7 @@ class Remote(abc.ABC):
         self.remote_url = url
         self.options = options
         self._signing_key = options.signing_key
+        self._local = threading.local()
 
     @classmethod
     @abc.abstractmethod
@@ -192,36 +210,40 @@ class Remote(abc.ABC):
         sha, size = self._usable_blob(manifest)
         name = f"blobs/{sha}"
         where = self._location(name)
-        stream = self._open_stream(name)
-        if stream is None:
-            raise RemoteIntegrityError(
-                f"{where} is missing although a manifest names it; prune or re-publish the "
-                "entry (upload with replace=True)"
-            )
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        with contextlib.closing(stream):
-            fd = os.open(dest, flags, FILE_MODE)
-            try:
-                h, n = hashlib.sha256(), 0
-                with open(fd, "wb") as f:
-                    for chunk in stream:
-                        n += len(chunk)
-                        if n > size:
-                            break
-                        h.update(chunk)
-                        f.write(chunk)
-                if n != size or h.hexdigest() != sha:
-                    got = (f"more than {size} bytes" if n > size
-                           else f"{n} bytes, sha256 {h.hexdigest()}")
-                    raise RemoteIntegrityError(
-                        f"{where} is corrupt: got {got}; the manifest says {size} bytes, "
-                        f"sha256 {sha}. The download was deleted; prune or re-publish the entry"
-                    )
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(dest)
-                raise
-        return dest
+        with self.within(f"downloading {where}", size) as deadline:
+            stream = self._open_stream(name)
+            if stream is None:
+                raise RemoteIntegrityError(
+                    f"{where} is missing although a manifest names it; prune or re-publish the "
+                    "entry (upload with replace=True)"
+                )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            with contextlib.closing(stream):
+                fd = os.open(dest, flags, FILE_MODE)
+                try:
+                    h, n = hashlib.sha256(), 0
+                    with open(fd, "wb") as f:
+                        fault_point("download")  # tests: MLCJIT_TEST_ENOSPC=download
+                        for chunk in stream:
+                            n += len(chunk)
+                            if n > size or deadline.passed():
+                                break
+                            h.update(chunk)
+                            f.write(chunk)
+                    if deadline.expired:
+                        raise self.late(f"downloading {where}", deadline)
+                    if n != size or h.hexdigest() != sha:
+                        got = (f"more than {size} bytes" if n > size
+                               else f"{n} bytes, sha256 {h.hexdigest()}")
+                        raise RemoteIntegrityError(
+                            f"{where} is corrupt: got {got}; the manifest says {size} bytes, "
+                            f"sha256 {sha}. The download was deleted; prune or re-publish the entry"
+                        )
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(dest)
+                    raise
+            return dest
 
     def _usable_blob(self, manifest: Mapping[str, Any]) -> tuple[str, int]:
         problem = _manifest_problem(dict(manifest), None)
@@ -270,10 +292,12 @@ class Remote(abc.ABC):
             raise RemoteError(f"refusing to upload {library}: its manifest has {len(data)} "
                               f"bytes, more than {MAX_MANIFEST_BYTES}")
         blob = f"blobs/{sha}"
-        if replace or not self._blob_present(blob, sha, size):
-            self._put_blob(blob, library, sha, size)
-        return self._put_manifest(f"entries/{key_digest}/{entry_digest}.json", data,
-                                  create_only=not replace)
+        with self.within(f"uploading {self._location(blob)}", size):
+            if replace or not self._blob_present(blob, sha, size):
+                self._put_blob(blob, library, sha, size)
+        name = f"entries/{key_digest}/{entry_digest}.json"
+        with self.within(f"publishing {self._location(name)}", len(data)):
+            return self._put_manifest(name, data, create_only=not replace)
 
     # -- maintenance ---------------------------------------------------------------------
     def verify(self, entries: Iterable[RemoteEntry] | None = None) -> list[RemoteEntry]:
@@ -299,15 +323,19 @@ class Remote(abc.ABC):
         """Why blob ``sha`` does not hold ``size`` bytes hashing to ``sha``, or None."""
         h, n = hashlib.sha256(), 0
         name = f"blobs/{sha}"
-        stream = self._open_stream(name)
-        if stream is None:
-            return f"names {self._location(name)}, which is missing"
-        with contextlib.closing(stream):
-            for chunk in stream:
-                n += len(chunk)
-                if n > size:
-                    return f"names {self._location(name)}, which has more than {size} bytes"
-                h.update(chunk)
+        with self.within(f"verifying {self._location(name)}", size) as deadline:
+            stream = self._open_stream(name)
+            if stream is None:
+                return f"names {self._location(name)}, which is missing"
+            with contextlib.closing(stream):
+                for chunk in stream:
+                    if deadline.passed():
+                        raise self.late(f"verifying {self._location(name)}", deadline)
+                    n += len(chunk)
+                    if n > size:
+                        return (f"names {self._location(name)}, which has more than {size} "
+                                "bytes")
+                    h.update(chunk)
         if n != size or h.hexdigest() != sha:
             return (f"names {self._location(name)}, which is corrupt: {n} bytes, sha256 "
                     f"{h.hexdigest()} (the manifest says {size} bytes, sha256 {sha})")
@@ -355,14 +383,14 @@ class Remote(abc.ABC):
         where = self._location(obj.name)
         manifest: Any = None
         try:
-            raw = self._read(obj.name)
+            raw = self._read(obj.name, obj.size)
             if raw is None:
                 return None  # removed since it was listed
-            manifest = json.loads(raw.decode("utf-8"))
+            manifest = loads_bounded(raw, max_bytes=MAX_MANIFEST_BYTES)
         except RemoteIntegrityError:
             problem: str | None = f"is larger than {MAX_MANIFEST_BYTES} bytes"
-        except ValueError:
-            problem = "is not UTF-8 JSON"
+        except ValueError as exc:  # junk: too large, too deep, not UTF-8 JSON
+            problem = f"is not UTF-8 JSON ({exc})"
         else:
             problem = _manifest_problem(manifest, key_digest, entry_digest)
             if problem is None and self._signing_key is not None:
@@ -372,14 +400,50 @@ class Remote(abc.ABC):
                            None if problem is None else f"manifest {where} {problem}",
                            obj.modified)
 
-    def _read(self, name: str) -> bytes | None:
+    def _read(self, name: str, size: int = MAX_MANIFEST_BYTES) -> bytes | None:
         """A small object's bytes (at most MAX_MANIFEST_BYTES, else RemoteIntegrityError),
-        None if absent."""
-        stream = self._open_stream(name)
-        if stream is None:
-            return None
-        with contextlib.closing(stream):
-            return read_limited(stream, self._location(name))
+        None if absent; ``size``: its size as listed (for the deadline)."""
+        where = self._location(name)
+        with self.within(f"reading {where}", min(size, MAX_MANIFEST_BYTES)) as deadline:
+            stream = self._open_stream(name)
+            if stream is None:
+                return None
+            with contextlib.closing(stream):
+                return read_limited(stream, where, deadline)
+
+    # -- deadlines -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def within(self, what: str, size: int = 0) -> Iterator[Deadline]:
+        """Bound the operation in the block (``what``, moving ``size`` bytes) by its total
+        deadline, ``options.deadline + size / options.min_throughput`` seconds: when it
+        expires, what the operation waits on is closed (the adapter registers that with
+        :meth:`current_deadline`), and the operation fails with RemoteUnavailableError."""
+        seconds = self.options.deadline + size / self.options.min_throughput
+        deadline = Deadline(seconds)
+        outer = getattr(self._local, "deadline", None)
+        self._local.deadline = deadline
+        try:
+            with deadline:
+                yield deadline
+        except Exception:
+            if deadline.expired:
+                raise self.late(what, deadline) from None
+            raise
+        finally:
+            self._local.deadline = outer
+
+    def current_deadline(self) -> Deadline | None:
+        """The deadline of the operation this thread is in (:meth:`within`), if any."""
+        deadline: Deadline | None = getattr(self._local, "deadline", None)
+        return deadline
+
+    def late(self, what: str, deadline: Deadline) -> RemoteUnavailableError:
+        opts = self.options
+        return RemoteUnavailableError(
+            f"{what} did not finish within its deadline of {deadline.seconds:.1f}s "
+            f"({opts.deadline:g}s + its size at {opts.min_throughput:g} bytes/s: "
+            "MLC_JIT_REMOTE_DEADLINE, MLC_JIT_REMOTE_MIN_THROUGHPUT); the remote is stalled "
+            "or too slow")
 
     # -- storage primitives: names are "/"-separated, relative to the remote's root -------
     @abc.abstractmethod
@@ -413,9 +477,12 @@ class Remote(abc.ABC):
         """Remove an object; absent is fine."""
 
 
-def read_limited(chunks: Iterator[bytes], where: str) -> bytes:
+def read_limited(chunks: Iterator[bytes], where: str, deadline: Deadline | None = None
+                 ) -> bytes:
     data = bytearray()
     for chunk in chunks:
+        if deadline is not None and deadline.passed():
+            raise RemoteUnavailableError(f"{where}: deadline")  # worded by Remote.within
         data += chunk
         if len(data) > MAX_MANIFEST_BYTES:
             raise RemoteIntegrityError(f"{where} is larger than {MAX_MANIFEST_BYTES} bytes: "

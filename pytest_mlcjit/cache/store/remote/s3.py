@@ -6,8 +6,10 @@ import base64
 import contextlib
 import importlib.util
 import re
+import socket
+import threading
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,12 +184,18 @@ class S3Remote(Remote):
     def _list(self, prefix: str) -> Iterator[StoredObject]:
         skip = len(self.remote_url.prefix)
         with self._calling("listing", prefix):
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.remote_url.bucket, Prefix=self._key(prefix))
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    yield StoredObject(obj["Key"][skip:], int(obj["Size"]),
-                                       obj["LastModified"].timestamp())
+            pages = iter(self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.remote_url.bucket, Prefix=self._key(prefix)))
+        while True:
+            # Each page (up to 1000 objects) within its own deadline.
+            with self.within(f"listing {self._location(prefix)}"), \
+                    self._calling("listing", prefix):
+                page = self._call(next, pages, None)
+            if page is None:
+                return
+            for obj in page.get("Contents", ()):
+                yield StoredObject(obj["Key"][skip:], int(obj["Size"]),
+                                   obj["LastModified"].timestamp())
 
     def _get(self, name: str) -> Any:
         """The get_object response, None if the object is absent."""
@@ -195,8 +203,8 @@ class S3Remote(Remote):
 
         with self._calling("reading", name):
             try:
-                return self._client.get_object(Bucket=self.remote_url.bucket,
-                                               Key=self._key(name))
+                return self._call(self._client.get_object, Bucket=self.remote_url.bucket,
+                                  Key=self._key(name))
             except ClientError as exc:
                 if _error_code(exc) in ("NoSuchKey", "404"):
                     return None
@@ -212,16 +220,45 @@ class S3Remote(Remote):
         return self._chunks(action, name, response["Body"])
 
     def _chunks(self, action: str, name: str, body: Any) -> Chunks:
+        deadline = self.current_deadline()
+        if deadline is not None:  # a read that waits for a trickle returns when it expires
+            deadline.on_expiry(lambda: _hang_up(body))
         with contextlib.closing(body), self._calling(action, name):
             yield from body.iter_chunks(CHUNK)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a request to the server, given up when the operation's
+        deadline expires (:meth:`Remote.within`): botocore's timeouts bound each read, not
+        a server that trickles. The request runs in a thread of its own, which is left to
+        botocore's read timeout when the deadline expires."""
+        deadline = self.current_deadline()
+        if deadline is None:
+            return fn(*args, **kwargs)
+        done, box = threading.Event(), {}
+
+        def call() -> None:
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name="mlcjit-remote-request", daemon=True).start()
+        if not done.wait(deadline.remaining()):
+            deadline.expire()
+            raise RemoteUnavailableError("deadline")  # worded by Remote.within
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def _blob_present(self, name: str, sha256: str, size: int) -> bool:
         from botocore.exceptions import ClientError
 
         with self._calling("checking", name):
             try:
-                head = self._client.head_object(Bucket=self.remote_url.bucket,
-                                                Key=self._key(name), ChecksumMode="ENABLED")
+                head = self._call(self._client.head_object, Bucket=self.remote_url.bucket,
+                                  Key=self._key(name), ChecksumMode="ENABLED")
             except ClientError as exc:
                 if _error_code(exc) in ("NoSuchKey", "404"):
                     return False
@@ -233,9 +270,10 @@ class S3Remote(Remote):
     def _put_blob(self, name: str, library: Path, sha256: str, size: int) -> None:
         # S3 checks the bytes it receives against ChecksumSHA256 (BadDigest otherwise).
         with open(library, "rb") as f, self._calling("uploading", name):
-            self._client.put_object(Bucket=self.remote_url.bucket, Key=self._key(name), Body=f,
-                                    ContentLength=size, ChecksumSHA256=_b64_sha256(sha256),
-                                    ContentType="application/octet-stream")
+            self._call(self._client.put_object, Bucket=self.remote_url.bucket,
+                       Key=self._key(name), Body=f, ContentLength=size,
+                       ChecksumSHA256=_b64_sha256(sha256),
+                       ContentType="application/octet-stream")
 
     def _put_manifest(self, name: str, data: bytes, *, create_only: bool) -> bool:
         from botocore.exceptions import ClientError
@@ -243,8 +281,9 @@ class S3Remote(Remote):
         condition = {"IfNoneMatch": "*"} if create_only else {}
         with self._calling("publishing", name):
             try:
-                self._client.put_object(Bucket=self.remote_url.bucket, Key=self._key(name),
-                                        Body=data, ContentType="application/json", **condition)
+                self._call(self._client.put_object, Bucket=self.remote_url.bucket,
+                           Key=self._key(name), Body=data, ContentType="application/json",
+                           **condition)
             except ClientError as exc:
                 # Lost to another publisher (or to our own write, when botocore retried a
                 # request whose answer was lost): the manifest there is whole either way.
@@ -256,6 +295,16 @@ class S3Remote(Remote):
     def _delete(self, name: str) -> None:
         with self._calling("removing", name):
             self._client.delete_object(Bucket=self.remote_url.bucket, Key=self._key(name))
+
+
+def _hang_up(body: Any) -> None:
+    """Shut the socket of a response body down (from another thread): a read blocked on
+    it returns at once, and the reader sees the body end early."""
+    raw = getattr(body, "_raw_stream", None)  # botocore's StreamingBody: urllib3's response
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _b64_sha256(hex_digest: str) -> str:
