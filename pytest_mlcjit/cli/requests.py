@@ -17,6 +17,7 @@ from typing import Any
 from pytest_mlcjit._util.collect import OUT_ENV, PLUGIN, STATUS_ENV
 from pytest_mlcjit.cache import manage
 from pytest_mlcjit.cache.layout import default_roots
+from pytest_mlcjit.cache.manage.explain import incomplete_inputs
 from pytest_mlcjit.cli.render import EXIT_FAILURE, PROG, out
 from pytest_mlcjit.compiler.backends.mlc import MLCModel
 from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
@@ -78,11 +79,12 @@ def cmd_key(args: argparse.Namespace) -> int:
 def _explain_one(lib: dict[str, Any], scans: dict[str, list[manage.Entry]]) -> dict[str, Any]:
     lib = dict(lib)
     lib["nearest"], lib["differences"] = None, []
-    if lib["status"] != "missing":
-        return lib
     root = lib["root"]
     if root not in scans:
         scans[root] = manage.scan(Path(root))
+    lib["incomplete"] = incomplete_inputs(scans[root], lib["digest"])
+    if lib["status"] != "missing":
+        return lib
     entry, diffs = manage.nearest(scans[root], lib["key"], lib["backend"])
     if entry is not None:
         lib["nearest"] = {"digest": entry.digest, "model": entry.model, "target": entry.target,
@@ -96,6 +98,7 @@ def _explain_lines(lib: dict[str, Any]) -> list[str]:
     more = f" (+{plural(len(tests) - 1, 'more test')})" if len(tests) > 1 else ""
     lines = [f"{tests[0]}{more}", f"  {lib['describe']}",
              f"  key {lib['digest']}: {lib['status']} in {lib['root']}"]
+    lines += [f"  recorded inputs incomplete: {note}" for note in lib.get("incomplete", ())]
     nearest = lib["nearest"]
     if lib["status"] == "missing" and nearest is None:
         lines.append(f"  the cache holds no {lib['backend']} entry to compare with")
@@ -167,7 +170,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     lines = [f"{plural(len(explained), 'library', 'libraries')} requested: {hits} cached, "
              f"{len(explained) - hits} would miss under READONLY"]
     for lib in explained:
-        if lib["status"] != "hit" or args.all:
+        if lib["status"] != "hit" or args.all or lib["incomplete"]:
             lines += _explain_lines(lib)
     lines += [f"{e['test']}: {e['error']}" for e in errors]
     out(args, {"libraries": explained, "errors": errors}, lines)

@@ -3,7 +3,10 @@
 This is ccache's *direct mode* for Python factories, split by concern:
 
 * :mod:`.paths`: where a file lives (stdlib, installed, local) and its recorded form;
-* :mod:`.record`: the recorder, in the compile child (the ``open`` audit hook);
+* :mod:`.record`: the recorder, in the compile child; :mod:`.hooks`: what it observes
+  with (the audit hook, the ``os.stat`` wrappers, the recording ``os.environ``);
+  :mod:`.observe`: listings, probes, environment variables, what cannot be followed;
+* :mod:`.sources`: local modules compiled from their source in the compile child;
 * :mod:`.closure`: a factory's local imports, found without running it (a CI key);
 * :mod:`.explicit`: files named by the spec (read by C code, invisible to the hook);
 * :mod:`.check`: what changed since an entry was built, in the test process.

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pytest_mlcjit.inputs.observe import env_state, listing_state, path_state
 from pytest_mlcjit.inputs.paths import (
     RACY_WINDOW_NS,
     FileRecord,
@@ -27,15 +28,18 @@ from pytest_mlcjit.inputs.paths import (
 )
 from pytest_mlcjit.key import file_sha256, sha256_digest
 
-ChangeKind = Literal["module", "file", "dist"]
+ChangeKind = Literal["module", "file", "dist", "listing", "probe", "env"]
 
 
 @dataclass(frozen=True)
 class Change:
     """One recorded input that no longer matches.
 
-    ``kind`` is ``module``, ``file`` or ``dist``; ``name`` the recorded path (modules and
-    files) or distribution name. ``old`` is the recorded SHA-256 or version; ``new`` the
+    ``kind`` is ``module``, ``file``, ``dist``, ``listing`` (a directory's names),
+    ``probe`` (a path's state: ``old``/``new`` are ``absent``, ``file``, ``dir`` or
+    ``other``) or ``env`` (``old``/``new`` are value digests, None: unset); ``name`` the
+    recorded path (modules, files, listings, probes), distribution or variable name.
+    ``old`` is the recorded SHA-256 or version; ``new`` the
     current one, or None for a file that no longer exists (or whose size changed, then
     ``old_size``/``new_size`` say how: it was not hashed), ``"unreadable"`` for a file that
     cannot be read, ``"missing"`` for a distribution no longer installed.
@@ -48,7 +52,18 @@ class Change:
     old_size: int | None = None
     new_size: int | None = None
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # noqa: PLR0911 - one sentence per kind of change
+        if self.kind == "listing":
+            counts = "" if self.old_size == self.new_size or self.new_size is None else \
+                f" ({self.old_size} → {self.new_size} names)"
+            return (f"directory {self.name} no longer exists" if self.new is None
+                    else f"directory {self.name}: its names changed{counts}")
+        if self.kind == "probe":
+            return f"{self.name}: {self.old} → {self.new}"
+        if self.kind == "env":
+            was = "unset" if self.old is None else "set"
+            now = "unset" if self.new is None else ("set" if self.old is None else "another value")
+            return f"environment variable {self.name}: {was} → {now}"
         if self.kind == "dist":
             if self.new == "missing":
                 return f"distribution {self.name} {self.old} is no longer installed"
@@ -90,7 +105,27 @@ def _validated(recorded: Mapping[str, Any]) -> tuple[list[FileRecord], list[File
     if not (isinstance(dists, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in dists.items())):
         raise ValueError(f"recorded inputs: 'dists' must map names to versions, got {dists!r:.80}")
+    _validated_observed(recorded)
     return lists[0], lists[1], dists
+
+
+def _validated_observed(recorded: Mapping[str, Any]) -> None:
+    """The optional fields (listings, probes, env, incomplete): absent, or well formed."""
+    shapes: dict[str, dict[str, type]] = {"listings": {"path": str, "sha256": str, "count": int},
+              "probes": {"path": str, "state": str}}
+    for key, shape in shapes.items():
+        entries = recorded.get(key, [])
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and all(isinstance(e.get(f), t) for f, t in shape.items())
+                for e in entries):
+            raise ValueError(f"recorded inputs: bad {key!r}: {entries!r:.120}")
+    env: Any = recorded.get("env", {})
+    if not (isinstance(env, dict) and all(isinstance(k, str) and (v is None or isinstance(
+            v, str)) for k, v in env.items())):
+        raise ValueError(f"recorded inputs: 'env' must map names to digests, got {env!r:.80}")
+    notes = recorded.get("incomplete", [])
+    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        raise ValueError(f"recorded inputs: 'incomplete' must be a list, got {notes!r:.80}")
 
 
 class InputChecker:
@@ -194,7 +229,7 @@ class InputChecker:
             current = self.dist_version(name)
             if current != version:
                 out.append(Change("dist", name, version, current or "missing"))
-        return out
+        return out + observed_changes(recorded, base_path)
 
 
 def changes_since(recorded: object, base: PathLike, checker: InputChecker) -> list[Change] | None:
@@ -216,9 +251,37 @@ def inputs_digest(recorded: Mapping[str, Any]) -> str:
     file's path and SHA-256 and of the distributions' versions, independent of order, of
     sizes and stat hints, and of ``roots``. ValueError if ``recorded`` is malformed."""
     modules, files, dists = _validated(recorded)
-    payload = {
+    payload: dict[str, Any] = {
         "modules": sorted([e["path"], e["sha256"]] for e in modules),
         "files": sorted([e["path"], e["sha256"]] for e in files),
         "dists": dict(dists),
     }
+    # Only when present: a record without them names the same state as before.
+    if recorded.get("listings"):
+        payload["listings"] = sorted([e["path"], e["sha256"]] for e in recorded["listings"])
+    if recorded.get("probes"):
+        payload["probes"] = sorted([e["path"], e["state"]] for e in recorded["probes"])
+    if recorded.get("env"):
+        payload["env"] = dict(recorded["env"])
     return sha256_digest(payload)
+
+
+def observed_changes(recorded: Mapping[str, Any], base: str) -> list[Change]:
+    """What differs now in what the factory learnt without reading a file: the names in a
+    listed directory, the state of a probed path, an environment variable's value."""
+    out: list[Change] = []
+    for entry in recorded.get("listings", ()):
+        now = listing_state(resolve(entry["path"], base))
+        if now is None or now[0] != entry["sha256"]:
+            out.append(Change("listing", entry["path"], entry["sha256"],
+                              None if now is None else now[0], old_size=entry["count"],
+                              new_size=None if now is None else now[1]))
+    for entry in recorded.get("probes", ()):
+        state = path_state(resolve(entry["path"], base))
+        if state != entry["state"]:
+            out.append(Change("probe", entry["path"], entry["state"], state))
+    for name, digest in sorted(recorded.get("env", {}).items()):
+        current = env_state(name)
+        if current != digest:
+            out.append(Change("env", name, digest, current))
+    return out

@@ -34,6 +34,9 @@ PathLike = str | os.PathLike[str]
 
 PSEUDO_FS = ("/proc", "/sys", "/dev")
 
+#: ``os.stat`` as Python made it (the recorder wraps the module's name while it records).
+_stat = os.stat
+
 
 SITE_DIR_NAMES = frozenset({"site-packages", "dist-packages"})
 
@@ -49,13 +52,39 @@ class FileRecord(TypedDict, total=False):
     ctime_ns: int
 
 
-class RecordedInputs(TypedDict):
-    """What a factory really used (:meth:`.record.InputRecorder.result`)."""
-
+class _Recorded(TypedDict):
     roots: list[str]
     modules: list[FileRecord]
     files: list[FileRecord]
     dists: dict[str, str]
+
+
+class ListingRecord(TypedDict):
+    """A directory the factory listed: the SHA-256 of its sorted names, and their count."""
+
+    path: str
+    sha256: str
+    count: int
+
+
+class ProbeRecord(TypedDict):
+    """A path the factory asked about (or failed to open): ``absent``, ``file``, ``dir``
+    or ``other``."""
+
+    path: str
+    state: str
+
+
+class RecordedInputs(_Recorded, total=False):
+    """What a factory really used (:meth:`.record.InputRecorder.result`). The optional
+    fields are written only when not empty (a record without them is read as before)."""
+
+    listings: list[ListingRecord]
+    probes: list[ProbeRecord]
+    #: Environment variable → SHA-256 of its value (None: unset).
+    env: dict[str, str | None]
+    #: What the recorder could not follow (a subprocess, a ctypes load, a socket).
+    incomplete: list[str]
 
 
 
@@ -179,18 +208,27 @@ def signature(st: os.stat_result) -> tuple[int, int, int, int]:
 
 def hashed_entry(path: str, base: str, *, hints: bool) -> FileRecord | None:
     """{"path", "sha256", "size"} (plus stat hints), or None if not a readable regular file."""
+    return hashed_with_stat(path, base, hints=hints)[0]
+
+
+Signature = tuple[int, int, int, int]
+
+
+def hashed_with_stat(path: str, base: str, *, hints: bool
+                     ) -> tuple[FileRecord | None, Signature | None, Signature | None]:
+    """:func:`hashed_entry`, and the file's stat signature before and after hashing."""
     try:
-        before = os.stat(path)
+        before = _stat(path)
         if not stat.S_ISREG(before.st_mode):
-            return None
+            return None, None, None
         digest = file_sha256(path)
-        after = os.stat(path)
+        after = _stat(path)
     except OSError:
-        return None
+        return None, None, None
     entry: FileRecord = {"path": rel(path, base), "sha256": digest, "size": after.st_size}
     if hints and (found := stat_hints(before, after)):
         entry["mtime_ns"], entry["ctime_ns"] = found["mtime_ns"], found["ctime_ns"]
-    return entry
+    return entry, signature(before), signature(after)
 
 
 def file_entry(path: PathLike, base: PathLike, *, hints: bool = True) -> FileRecord:

@@ -12,7 +12,9 @@ directories it was told to ignore (the cache root and the staging directory).
 
 Files read by C code through its own ``fopen`` are invisible to the audit hook: name them
 explicitly (``TVMModel(..., files=["weights/*.npy"])``, :mod:`.explicit`). This module is
-imported by the compile child: only the standard library and :mod:`.paths`.
+imported by the compile child: only the standard library and this package. What is
+observed besides opened files (listings, probes, environment variables, what cannot be
+followed) is described in :mod:`.observe`; the hooks live in :mod:`.hooks`.
 """
 
 from __future__ import annotations
@@ -21,104 +23,54 @@ import contextlib
 import os
 import sys
 import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from pytest_mlcjit.inputs.closure import import_root
+from pytest_mlcjit.inputs.hooks import (
+    ACTIVE,
+    HOOK_LOCK,
+    audit_hook,
+    install_hook,
+    intent,
+    observe,
+    quiet,
+    state_now,
+)
+from pytest_mlcjit.inputs.observe import (
+    MAX_INCOMPLETE,
+    by_import_system,
+    env_noise,
+    listing_state,
+    path_state,
+    value_digest,
+)
 from pytest_mlcjit.inputs.paths import (
     PSEUDO_FS,
     FileRecord,
+    ListingRecord,
     PathLike,
+    ProbeRecord,
     RecordedInputs,
+    Signature,
     abspath,
     both_forms,
     classify,
     dist_versions_for,
-    hashed_entry,
+    hashed_with_stat,
     real_dir,
     realpath,
+    rel,
     top_level_of_installed_file,
+    under,
     under_any,
 )
 
-_TLS = threading.local()
-
-
-_ACTIVE: list[InputRecorder] = []
-
-
-_HOOK_LOCK = threading.Lock()
-
-
-_hook_installed = False
-
-
-_O_ACCMODE = getattr(os, "O_ACCMODE", 3)
-
-
-_O_PRODUCES = os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-def _intent(mode: object, flags: object) -> tuple[bool, bool]:
-    """(reads, produces) for an ``open`` audit event's mode and flags.
-
-    "Produces" means the opener creates, truncates or appends: what it later reads back is
-    its own output, not an input.
-    """
-    if isinstance(mode, str):
-        return ("r" in mode or "+" in mode), any(c in mode for c in "wxa")
-    if isinstance(flags, int):
-        access = flags & _O_ACCMODE
-        reads = access in (os.O_RDONLY, os.O_RDWR)
-        return reads, access == os.O_WRONLY or bool(flags & _O_PRODUCES)
-    return True, False
-
-
-def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
-    """The one process-wide hook (hooks cannot be removed): a no-op unless a recorder is
-    active, never raises, and ignores the opens made by itself or by ``result()``."""
-    if event != "open" or not _ACTIVE:
-        return
-    with contextlib.suppress(Exception):
-        if getattr(_TLS, "busy", False):
-            return
-        _TLS.busy = True
-        try:
-            target = args[0]
-            if isinstance(target, int) or target is None:
-                return  # an already open file descriptor
-            path = os.fsdecode(os.fspath(target))
-            if not os.path.isabs(path):
-                path = os.path.join(os.getcwd(), path)
-            path = os.path.normpath(path)
-            reads, produces = _intent(args[1] if len(args) > 1 else None,
-                                      args[2] if len(args) > 2 else None)
-            for recorder in tuple(_ACTIVE):
-                recorder._note(path, reads, produces)
-        finally:
-            _TLS.busy = False
-
-
-def _install_hook() -> None:
-    global _hook_installed  # noqa: PLW0603 - one hook per process, installed on first use
-    with _HOOK_LOCK:
-        if not _hook_installed:
-            sys.addaudithook(_audit_hook)
-            _hook_installed = True
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Opens made by this thread inside the block are not recorded."""
-    previous = getattr(_TLS, "busy", False)
-    _TLS.busy = True
-    try:
-        yield
-    finally:
-        _TLS.busy = previous
+#: The hook and the open-mode rule (:mod:`.hooks`), by their names here before it split.
+_audit_hook = audit_hook
+_intent = intent
 
 
 class InputRecorder:
@@ -172,6 +124,21 @@ class InputRecorder:
         self._temp = both_forms([tempfile.gettempdir()]) if exclude_temp else ()
         self._reads: dict[str, None] = {}
         self._produced: set[str] = set()
+        #: Each read file's state when first read: its stat signature and, when it was too
+        #: new to trust its stat, its SHA-256 (None: absent).
+        self._first: dict[str, tuple[Signature, str | None] | None] = {}
+        #: Directories listed → (names digest, count) when listed (None: the import system's).
+        self._listings: dict[str, tuple[str, int] | None] = {}
+        #: Paths probed → state when probed (None: the import system's).
+        self._probes: dict[str, str | None] = {}
+        #: Environment variables read → value digest at the first read; written first: None.
+        self._env: dict[str, str | None] = {}
+        self._env_written: set[str] = set()
+        self._incomplete: dict[str, None] = {}
+        self._made: set[str] = set()
+        #: Why the recorded state is not what was used (inputs that changed while recording),
+        #: set by :meth:`result`: an entry must not be published under it.
+        self.unstable: list[str] = []
         self._before: dict[str, Any] | None = None
         self._new_modules: dict[str, str] | None = None
         self._active = False
@@ -194,10 +161,13 @@ class InputRecorder:
     def __enter__(self) -> InputRecorder:
         if self._before is not None:
             raise RuntimeError("an InputRecorder records once; create a new one")
-        _install_hook()
+        install_hook()
         self._before = sys.modules.copy()  # references: an alias of an old module is not new
         self._active = True
-        _ACTIVE.append(self)
+        with HOOK_LOCK:
+            if not ACTIVE:
+                observe(True)
+            ACTIVE.append(self)
         return self
 
     def __exit__(
@@ -212,8 +182,10 @@ class InputRecorder:
         if not self._active:
             return
         self._active = False
-        with contextlib.suppress(ValueError):
-            _ACTIVE.remove(self)
+        with HOOK_LOCK, contextlib.suppress(ValueError):
+            ACTIVE.remove(self)
+            if not ACTIVE:
+                observe(False)
         self._new_modules = self._module_files(self._new_names())
 
     def _note(self, path: str, reads: bool, produces: bool) -> None:
@@ -228,6 +200,27 @@ class InputRecorder:
             self._produced.add(path)
         elif reads:
             self._reads[path] = None
+            self._first[path] = state_now(path)
+
+    def _note_listing(self, path: str) -> None:
+        if path not in self._listings:
+            self._listings[path] = None if by_import_system() else listing_state(path)
+
+    def _note_probe(self, path: str) -> None:
+        if path not in self._probes:
+            self._probes[path] = None if by_import_system() else path_state(path)
+
+    def _note_env(self, name: str, value: str | None, write: bool) -> None:
+        if name in self._env or name in self._env_written or env_noise(name):
+            return
+        if write:
+            self._env_written.add(name)  # its own setting, not an input
+        else:
+            self._env[name] = value_digest(value)
+
+    def _note_incomplete(self, note: str) -> None:
+        if len(self._incomplete) < MAX_INCOMPLETE:
+            self._incomplete[note] = None
 
     def _new_names(self) -> set[str]:
         """Modules imported while recording; a new name for an old module object (such as
@@ -261,8 +254,13 @@ class InputRecorder:
         outside it; lists are sorted by path. An entry may also hold ``mtime_ns`` and
         ``ctime_ns`` (stat hints, see :func:`file_entry`); they are not part of
         :func:`inputs_digest`. Files are hashed here, not while recording.
+
+        Only when not empty (:mod:`.observe`): ``listings`` (``{"path", "sha256",
+        "count"}``), ``probes`` (``{"path", "state"}``), ``env`` (name → value SHA-256 or
+        None) and ``incomplete`` (what ran that cannot be followed). :attr:`unstable` then
+        says which inputs changed between their first read and now.
         """
-        with _quiet():
+        with quiet():
             real_dir.cache_clear()
             if self._active and self._new_modules is None:
                 new_modules = self._module_files(self._new_names())
@@ -277,22 +275,60 @@ class InputRecorder:
             return False
         return under_any(path, dirs) or under_any(realpath(path), dirs)
 
-    def _build(self, new_modules: dict[str, str]) -> RecordedInputs:
-        base = str(self.base)
+    def _local(self, path: str, base: str) -> bool:
+        """Whether a listed, probed or missing path counts: inside the project (the import
+        root: a hold or lock file, a cache in ``$HOME`` or the temp dir is the factory's
+        surroundings, not its input), local, not excluded, not made by the recording
+        process itself (its scratch)."""
+        if not (under(path, base) or under(realpath(path), real_dir(base))):
+            return False
+        if under_any(path, PSEUDO_FS) or self._excluded(path, data=True):
+            return False
+        if path in self._produced or (self._made and under_any(path, tuple(self._made))):
+            return False
+        if "__pycache__" in path.split(os.sep):
+            return False
+        return classify(path, base) == "local"
+
+    def _hashed(self, path: str, base: str) -> FileRecord | None:
+        """The recorded form of a file read while recording, or None (gone: scratch); an
+        input whose state changed since it was first read is noted in :attr:`unstable`."""
+        entry, before, after = hashed_with_stat(path, base, hints=True)
+        if path not in self._first:
+            return entry
+        first = self._first[path]
+        if entry is None:
+            return None
+        if first is None:
+            self.unstable.append(f"{entry['path']} appeared during the compile")
+        elif (entry["sha256"] != first[1] if first[1] is not None
+              else not first[0] == before == after):
+            self.unstable.append(f"{entry['path']} changed during the compile")
+        return entry
+
+    def _modules(self, new_modules: dict[str, str], base: str, dists: dict[str, str]
+                 ) -> dict[str, FileRecord]:
         modules: dict[str, FileRecord] = {}
-        dists: dict[str, str] = {}
-        module_paths = set(new_modules.values())
         for name, path in sorted(new_modules.items()):
             if self._excluded(path):
                 continue
             where = classify(path, base)
             if where == "local":
-                entry = hashed_entry(path, base, hints=True)
+                entry = self._hashed(path, base)
                 if entry is not None:
                     modules[entry["path"]] = entry
             elif where == "installed":
                 dists.update(dist_versions_for(name.split(".", 1)[0]))
+        return modules
+
+    def _build(self, new_modules: dict[str, str]) -> RecordedInputs:
+        base = str(self.base)
+        self.unstable = []
+        dists: dict[str, str] = {}
+        modules = self._modules(new_modules, base, dists)
+        module_paths = set(new_modules.values())
         files: dict[str, FileRecord] = {}
+        probes: dict[str, ProbeRecord] = {}
         for path in list(self._reads):
             if (path in module_paths
                     or under_any(path, PSEUDO_FS) or self._excluded(path, data=True)):
@@ -306,12 +342,48 @@ class InputRecorder:
                     dists.update(dist_versions_for(top))
                 continue
             if where == "local":
-                entry = hashed_entry(path, base, hints=True)
+                entry = self._hashed(path, base)
                 if entry is not None:
                     files[entry["path"]] = entry
-        return {
+                elif (self._first.get(path, 0) is None and self._local(path, base)
+                      and path_state(path) == "absent"):
+                    probes[rel(path, base)] = {"path": rel(path, base), "state": "absent"}
+        recorded: RecordedInputs = {
             "roots": list(self.roots),
             "modules": [modules[p] for p in sorted(modules)],
             "files": [files[p] for p in sorted(files)],
             "dists": dict(sorted(dists.items())),
         }
+        self._observed(recorded, base, probes, module_paths)
+        return recorded
+
+    def _observed(self, recorded: RecordedInputs, base: str, probes: dict[str, ProbeRecord],
+                  module_paths: set[str]) -> None:
+        """Add what the factory learnt without reading a file (only fields not empty)."""
+        listings: dict[str, ListingRecord] = {}
+        for path, seen in list(self._listings.items()):
+            if seen is None or not self._local(path, base):
+                continue
+            now = listing_state(path)
+            if now is None:
+                continue  # gone: its own scratch
+            name = rel(path, base)
+            if now != seen:
+                self.unstable.append(f"directory {name} changed during the compile")
+            listings[name] = {"path": name, "sha256": now[0], "count": now[1]}
+        for path, state in list(self._probes.items()):
+            if (state is None or path in self._reads or path in module_paths
+                    or not self._local(path, base)):
+                continue
+            name, current = rel(path, base), path_state(path)
+            if current != state:
+                self.unstable.append(f"{name} changed during the compile ({state} → {current})")
+            probes[name] = {"path": name, "state": current}
+        if listings:
+            recorded["listings"] = [listings[p] for p in sorted(listings)]
+        if probes:
+            recorded["probes"] = [probes[p] for p in sorted(probes)]
+        if self._env:
+            recorded["env"] = dict(sorted(self._env.items()))
+        if self._incomplete:
+            recorded["incomplete"] = sorted(self._incomplete)

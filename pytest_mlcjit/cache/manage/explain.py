@@ -69,3 +69,18 @@ def entry_status(entries: Iterable[Entry], digest: str, stale: Any = None) -> st
         return f"stale: {why}" if why else "hit"
     return "missing"
 
+
+
+def incomplete_inputs(entries: Iterable[Entry], key_digest: str) -> list[str]:
+    """What the entries of key ``key_digest`` (its input states) could not record: a
+    subprocess, a ctypes load, a socket the factory used (``inputs.incomplete``)."""
+    notes: dict[str, None] = {}
+    for entry in entries:
+        fields = entry.fields
+        if entry.digest != key_digest and fields.get("key_digest") != key_digest:
+            continue
+        recorded = fields.get("inputs")
+        found = recorded.get("incomplete") if isinstance(recorded, Mapping) else None
+        if isinstance(found, list):
+            notes.update(dict.fromkeys(str(n) for n in found))
+    return list(notes)

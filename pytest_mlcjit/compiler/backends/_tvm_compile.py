@@ -5,6 +5,10 @@ Relax module, compiles it with ``tvm.compile`` and exports
 the library to the requested path, then writes ``meta.json`` (parameters, functions, the
 canonical target) beside it. Everything it prints goes to the entry's compile log.
 
+Local modules are compiled from their source, never from a ``.pyc``
+(:mod:`pytest_mlcjit.inputs.sources`). When an input changed while the factory ran, the
+reasons are written as ``unstable``: the engine does not publish that library.
+
 When the factory or the compiler raises, it still writes ``meta.json``: the error, the
 inputs recorded so far, the files the factory tried to read and did not find, and whether
 the failure is the factory's or the compiler's own verdict (``deterministic``: not a
@@ -23,6 +27,7 @@ import time
 from typing import Any
 
 from pytest_mlcjit.inputs.record import InputRecorder
+from pytest_mlcjit.inputs.sources import fresh_local_sources
 
 
 def _load_factory(name: str) -> Any:
@@ -149,6 +154,8 @@ def _write_failure(job: dict[str, Any], recorder: Any, exc: BaseException) -> No
         except Exception:  # without inputs it is not remembered
             deterministic = False
     text = str(exc) if not isinstance(exc, SystemExit) else str(exc.code)
+    if recorder is not None and getattr(recorder, "unstable", None):
+        deterministic = False  # built from a state no record names: not remembered
     meta = {"error": f"{type(exc).__name__}: {text}"[:2000], "deterministic": deterministic,
             "inputs": inputs, "missing": _missing_reads(recorder) if recorder else []}
     with contextlib.suppress(OSError), open(job["meta"], "w", encoding="utf-8") as f:
@@ -179,6 +186,7 @@ def _compile(job: dict[str, Any], state: dict[str, Any]) -> int:
     recorder = InputRecorder.for_module(job["factory"].partition(":")[0],
                                         exclude=job.get("exclude", ()))
     state["recorder"] = recorder
+    fresh_local_sources(recorder.base)  # never a stale .pyc of a local module
     with recorder:
         mod, params = _build_module(_load_factory(job["factory"]), job["config"])
     inputs = recorder.result()
@@ -197,6 +205,8 @@ def _compile(job: dict[str, Any], state: dict[str, Any]) -> int:
         params = _trailing_params(signatures)
     meta = {"params": params, "functions": functions, "target_str": str(target),
             "tvm_version": tvm.__version__, "inputs": inputs, "signatures": signatures}
+    if recorder.unstable:  # built from what no record names: not to be published
+        meta["unstable"] = recorder.unstable
     with open(job["meta"], "w", encoding="utf-8") as f:
         json.dump(meta, f)
     print(f"[pytest-mlcjit] compiled in {time.perf_counter() - t0:.2f}s", flush=True)
