@@ -222,20 +222,6 @@ def _chmod_read_only(root: Path) -> Iterator[None]:
             d.chmod(mode)
 
 
-def test_unwritable_cache(project: Project, warm_template: Path, tmp_path: Path) -> None:
-    assert (warm_template / "tinymodel.py").read_bytes() == \
-        (project.pytester.path / "tinymodel.py").read_bytes()
-    project.write_tests([{"hidden": 4}], per_config=2)
-    with _read_only_copy(warm_template / "cache", project.cache, tmp_path):
-        on = project.run("--mlc-device=cpu")
-        on.assert_outcomes(errors=2)
-        on.stdout.fnmatch_lines([f"MlcJitError: cache directory {project.cache} is not "
-                                 "writable*--mlc-jit-policy=READONLY*"])
-        readonly = project.run("--mlc-device=cpu", "--mlc-jit-policy=READONLY")
-        readonly.assert_outcomes(passed=2)
-    assert project.compiles() == []
-
-
 def test_unwritable_parent_of_a_cold_cache(project: Project, tmp_path: Path) -> None:
     project.write_tests([{"hidden": 4}])
     parent = tmp_path / "ro"

@@ -1,6 +1,7 @@
 """Known failures: a compile that failed deterministically (the factory or the compiler
-raised) is remembered for its exact key and recorded inputs, with its log, and later runs
-report it at once without compiling; REDO, --mlc-jit-retry-failed, or any change of what
+raised the same error in two compiles in a row, see tests/test_transient_failures.py) is
+remembered for its exact key and recorded inputs, with its log, and later runs report it
+at once without compiling; REDO, --mlc-jit-retry-failed, or any change of what
 it depends on compiles it again. A crash, a kill or a timeout is not remembered past its
 run. ``pytest-mlcjit list --failed`` shows them; prune and clear remove them.
 
@@ -87,6 +88,12 @@ def _broken_compiles(project: Project) -> int:
     return sum("hidden=4" in line for line in project.compiles())
 
 
+def _make_known(project: Project) -> None:
+    """Two runs that fail the same way: the second makes the failure known."""
+    for _ in range(2):
+        project.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
+
+
 def _list_failed(project: Project, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
     capsys.readouterr()
     assert cli.main(["list", "--failed", "--json", "--cache-dir", str(project.cache)]) == 0
@@ -100,8 +107,12 @@ def test_a_known_failure_is_reported_from_memory(failing: Project,
     first = failing.run("-p", "no:xdist", "--mlc-device=cpu")
     first.assert_outcomes(passed=2, errors=2)
     assert _broken_compiles(failing) == 1
+    (once,) = _list_failed(failing, capsys)
+    assert (once["known"], once["seen"]) == (False, 1), "seen once: not yet known"
+    failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
+    assert _broken_compiles(failing) == 2
     (record,) = _list_failed(failing, capsys)
-    assert record["known"] is True
+    assert (record["known"], record["seen"]) == (True, 2)
     assert record["error"] == "NotImplementedError: operator not supported yet (hidden=4)"
     assert "failmodel" in record["model"]
     assert Path(record["log"]).is_file()
@@ -109,7 +120,7 @@ def test_a_known_failure_is_reported_from_memory(failing: Project,
 
     second = failing.run("-p", "no:xdist", "--mlc-device=cpu")
     second.assert_outcomes(passed=2, errors=2)
-    assert _broken_compiles(failing) == 1, "the known failure was not compiled again"
+    assert _broken_compiles(failing) == 2, "the known failure was not compiled again"
     out = second.stdout.str()
     assert out.count(f"(a known failure, recorded {recorded}, ") == 2, "both tests say it"
     second.stdout.fnmatch_lines([
@@ -148,34 +159,39 @@ def test_redo_and_retry_failed_compile_it_again(failing: Project) -> None:
 
 def test_an_edited_input_or_factory_retries_it(failing: Project) -> None:
     _write_tests(failing, "helper")
+    _make_known(failing)
     failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
-    failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
-    assert _broken_compiles(failing) == 1
+    assert _broken_compiles(failing) == 2
     # The factory module itself: a new key.
     model = failing.pytester.path / "failmodel.py"
-    model.write_text(model.read_text().replace("operator not supported yet",
-                                               "operator still not supported"))
+    source = model.read_text()
+    model.write_text(source.replace("operator not supported yet",
+                                    "operator still not supported"))
     edited = failing.run("-p", "no:xdist", "--mlc-device=cpu")
     edited.assert_outcomes(passed=2, errors=2)
-    assert _broken_compiles(failing) == 2
+    assert _broken_compiles(failing) == 3
     assert "operator still not supported" in edited.stdout.str()
+    model.write_text(source)  # back to the first key, still known
+    failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
+    assert _broken_compiles(failing) == 3
     # A module the factory imports (a recorded input of the failure): the same key.
     (failing.pytester.path / "failhelper.py").write_text("READY = True  # fixed\n")
     fixed = failing.run("-p", "no:xdist", "--mlc-device=cpu")
     fixed.assert_outcomes(passed=4)
-    assert _broken_compiles(failing) == 3
+    assert _broken_compiles(failing) == 4
 
 
 def test_a_file_that_was_missing_retries_it(failing: Project) -> None:
     _write_tests(failing, "data")
-    failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
+    _make_known(failing)
     known = failing.run("-p", "no:xdist", "--mlc-device=cpu")
     known.assert_outcomes(passed=2, errors=2)
     assert "RuntimeError: no weights yet" in known.stdout.str()
-    assert _broken_compiles(failing) == 1
+    assert "(a known failure" in known.stdout.str()
+    assert _broken_compiles(failing) == 2
     (failing.pytester.path / "weights.txt").write_text("1 2 3\n")
     failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=4)
-    assert _broken_compiles(failing) == 2
+    assert _broken_compiles(failing) == 3
 
 
 @pytest.mark.parametrize("how", ["exit", "import"])
@@ -193,16 +209,15 @@ def test_a_crash_or_a_missing_module_is_not_remembered_past_its_run(
 
 
 def test_known_failures_under_xdist_compile_nothing(failing: Project) -> None:
-    """Recorded by a run in this process; then under -n 2 (each worker prefetches and
+    """Recorded by two runs in this process; then under -n 2 (each worker prefetches and
     runs tests of the broken model) nothing compiles, and both of its tests say why."""
     _write_tests(failing, "helper")
-    first = failing.run("--mlc-device=cpu")
-    first.assert_outcomes(passed=2, errors=2)
-    assert _broken_compiles(failing) == 1
-    assert len(failing.compiles()) == 2
+    _make_known(failing)
+    assert _broken_compiles(failing) == 2
+    assert len(failing.compiles()) == 3
     second = failing.run("-n", "2", "--mlc-device=cpu")
     second.assert_outcomes(passed=2, errors=2)
-    assert len(failing.compiles()) == 2, "the good one hits, the broken one is known"
+    assert len(failing.compiles()) == 3, "the good one hits, the broken one is known"
     assert second.stdout.str().count("(a known failure, recorded ") == 2
 
 
@@ -227,9 +242,9 @@ def test_prune_keeps_failures_it_is_not_asked_to_remove(failing: Project,
                                                         capsys: pytest.CaptureFixture[str]
                                                         ) -> None:
     _write_tests(failing, "helper")
-    failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
+    _make_known(failing)
     (record,) = _list_failed(failing, capsys)
     assert cli.main(["prune", "--older-than", "30d", "--cache-dir", str(failing.cache)]) == 0
     assert _list_failed(failing, capsys) == [record]
     failing.run("-p", "no:xdist", "--mlc-device=cpu").assert_outcomes(passed=2, errors=2)
-    assert _broken_compiles(failing) == 1, "still known"
+    assert _broken_compiles(failing) == 2, "still known"

@@ -1,14 +1,29 @@
-"""What a failed compile says: the last lines of its log, and whether it ran out of disk
-space (then it is not remembered as the config's failure: freeing space fixes it)."""
+"""What a failed compile says: the last lines of its log, whether it ran out of disk
+space or memory (then it is not remembered as the config's failure: freeing space or
+memory fixes it), and when a failure outlives its run (:func:`failure_verdict`,
+:func:`known_failure`)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pytest_mlcjit.cache.store.interface import Corrupt, Lookup, Missing, Stale, why_not
+from pytest_mlcjit.cache.store.interface import (
+    Corrupt,
+    EntryQuery,
+    KnownFailure,
+    Lookup,
+    Missing,
+    Stale,
+    Store,
+    why_not,
+)
 from pytest_mlcjit.errors import CompileError
+from pytest_mlcjit.inputs.check import InputChecker, changes_since
 
 #: Lines of the compile log a failure's message keeps.
 LOG_TAIL_LINES = 20
@@ -70,6 +85,8 @@ def no_space(model: str, root: Path, why: str, log: Path | None = None) -> Compi
 
 def readonly_miss(describe: str, digest: str, root: Path, found: Lookup) -> str:
     """Why READONLY found no usable library for a key, and what to do."""
+    if (missing := missing_cache(root)) is not None:
+        return f"no cached library for key {digest} ({describe}): {missing}"
     if isinstance(found, Missing):
         head, detail = "no cached library", ""
     elif isinstance(found, Stale | Corrupt):
@@ -82,3 +99,67 @@ def readonly_miss(describe: str, digest: str, root: Path, found: Lookup) -> str:
         "READONLY, which never compiles or repairs; warm the cache first (pytest "
         "--mlc-jit-prepare, or a run with --mlc-jit-policy=ON)"
     )
+
+
+def missing_cache(root: Path) -> str | None:
+    """Why READONLY cannot read ``root`` at all: it does not exist (a typo in a path, a
+    cache that was not restored), else None."""
+    if os.path.lexists(root):
+        return None
+    return (f"cache directory {root} does not exist, and the policy is READONLY, which reads "
+            "an existing cache and never makes one: check the path (--mlc-jit-cache-dir, "
+            "MLC_JIT_CACHE_DIR), or warm a cache there first (pytest --mlc-jit-prepare, or a "
+            "run with --mlc-jit-policy=ON)")
+
+
+# -- which failures outlive their run -------------------------------------------------------------
+#: What TVM, CUDA, ROCm, Vulkan, the C++ allocator, the C library and Python say when memory
+#: runs out: a failure that says so is never remembered past its run (another moment, or
+#: another process's memory freed, fixes it).
+OUT_OF_MEMORY = re.compile(
+    r"out[ _-]?of[ _-]?(?:device[ _-]?|host[ _-]?|gpu[ _-]?)?memory"  # CUDA_ERROR_OUT_OF_MEMORY
+    r"|MemoryAllocation"  # cudaErrorMemoryAllocation
+    r"|\bMemoryError\b|bad_alloc|failed to allocate|cannot allocate memory|(?-i:\bOOM\b)",
+    re.IGNORECASE)
+
+
+def out_of_memory(*texts: str | None) -> bool:
+    """Whether any of ``texts`` (an error, a log's tail) says that memory ran out."""
+    return any(text and OUT_OF_MEMORY.search(text) for text in texts)
+
+
+def still_holds(failure: KnownFailure, base: Path, checker: InputChecker) -> bool:
+    """Whether nothing a recorded failure depends on changed: its recorded inputs (modules,
+    files, and what else the compile recorded) are unchanged, and the files it tried to read
+    and did not find are still absent."""
+    if changes_since(failure.inputs, base, checker) != []:  # changed, or malformed
+        return False
+    return not any(os.path.lexists(os.path.join(base, path)) for path in failure.missing)
+
+
+def known_failure(store: Store, query: EntryQuery, checker: InputChecker) -> CompileError | None:
+    """The error of the key's *known failure*, if it has one that still holds: the factory
+    or the compiler raised the same error in :data:`.interface.KNOWN_AFTER` compiles in a
+    row of this key and input state (deterministic), it is no out-of-memory, and nothing it
+    depends on changed since (:func:`still_holds`)."""
+    found = store.read_failure_verdict(query.digest)
+    base = query.inputs_base()
+    if found is None or not found.known or base is None or out_of_memory(found.what):
+        return None
+    return found.error if still_holds(found, base, checker) else None
+
+
+def failure_verdict(account: Mapping[str, Any] | None, log: Path, prior: KnownFailure | None,
+                    base: Path | None, checker: InputChecker) -> dict[str, Any] | None:
+    """What to record of a failed compile for later runs: None when it cannot outlive its
+    run (the compile gave no account of it, its inputs are not recorded, or it ran out of
+    memory); else the compile's ``account`` (``{"error", "inputs", "missing"}``) with
+    ``seen``: one more than the ``prior`` verdict's when that one is the same error and
+    still holds (the same key and inputs), else 1 (seen once)."""
+    if account is None or base is None:
+        return None
+    what = str(account.get("error", ""))
+    if out_of_memory(what, log_tail(log)):
+        return None
+    same = prior is not None and prior.what == what and still_holds(prior, base, checker)
+    return {**account, "seen": prior.seen + 1 if same and prior is not None else 1}

@@ -42,13 +42,15 @@ from pytest_mlcjit.cache.store.remote.signing import signing_key_from_env
 from pytest_mlcjit.compiler.backends import BuildContext, BuildRequest, backend_for
 from pytest_mlcjit.compiler.launch import Builds
 from pytest_mlcjit.device import Device, Presence, probe
-from pytest_mlcjit.engine.activity import Board, describe_spec, describe_target
+from pytest_mlcjit.engine import failures
+from pytest_mlcjit.engine.activity import Board, default_board, describe_spec, describe_target
 from pytest_mlcjit.engine.failures import log_tail, no_space, ran_out_of_space, readonly_miss
 from pytest_mlcjit.engine.model import CompiledModel
 from pytest_mlcjit.engine.request import Query, RequestState
 from pytest_mlcjit.engine.schedule import spec_digest
 from pytest_mlcjit.engine.settings import Settings, from_environment
 from pytest_mlcjit.engine.stats import LibraryStats, Outcome, Stats
+from pytest_mlcjit.engine.unpublished import disk_full_said, unpublished
 from pytest_mlcjit.errors import (
     CacheMissError,
     CompileError,
@@ -64,9 +66,11 @@ REMOTE_RETRIES = 2
 
 
 def remote_options(settings: Settings) -> RemoteOptions:
-    """How a run or the CLI reaches the remote (``$MLC_JIT_REMOTE_SIGNING_KEY``, timeouts)."""
+    """How a run or the CLI reaches the remote (signing key, timeouts, the run's board)."""
     return RemoteOptions(signing_key_from_env(), settings.remote_connect_timeout,
-                         settings.remote_read_timeout, REMOTE_RETRIES)
+                         settings.remote_read_timeout, REMOTE_RETRIES, None, settings.run_id,
+                         default_board() if settings.remote else None,
+                         settings.remote_deadline, settings.remote_min_throughput)
 
 
 class JIT:
@@ -230,20 +234,21 @@ class JIT:
         if isinstance(found, Hit):
             return self._finish(req, store, found, hit=True)
         job = self._download_job(state, store)
-        if policy is Policy.READONLY:
+        if policy is Policy.READONLY or not store.writable:  # or ON on a read-only cache
             if isinstance(fetched := store.fetch(query, job=job), Hit):
                 state.source = fetched.source
                 return self._finish(req, store, fetched, hit=True)
-            with self._lock:
-                self.stats.corrupt += isinstance(found, Corrupt)
-            raise CacheMissError(readonly_miss(req.describe, req.digest, store.root, found))
-        self._check_failure(query, store, policy)
-        with self._locked(state, store):
+            if policy is Policy.READONLY:
+                with self._lock:
+                    self.stats.corrupt += isinstance(found, Corrupt)
+                raise CacheMissError(readonly_miss(req.describe, req.digest, store.root, found))
+        self._check_failure(query, store, policy, known=False)
+        with self._locked(state, store):  # a read-only cache refuses: this would compile
             found = store.lookup(query, redo_run=redo)
             if isinstance(found, Hit):
                 state.waited_for_other = True  # it appeared while we waited
                 return self._finish(req, store, found, hit=True)
-            self._check_failure(query, store, policy)
+            self._check_failure(query, store, policy, known=False)
             if isinstance(found, Corrupt):
                 with self._lock:
                     self.stats.corrupt += 1
@@ -251,29 +256,19 @@ class JIT:
             if policy is Policy.ON and isinstance(fetched := store.fetch(query, job=job), Hit):
                 state.source = fetched.source
                 return self._finish(req, store, fetched, hit=True)
+            self._check_failure(query, store, policy, known=True)
             built = self._build(state, query, store, replace=policy is Policy.REDO)
         return self._finish(req, store, built, hit=False)
 
-    def _check_failure(self, query: Query, store: Store, policy: Policy) -> None:
-        """Raise the CompileError of a failure of ``query`` remembered from this run, or of a
-        known failure: one an earlier run recorded when the factory or the compiler raised,
-        for this key, whose recorded inputs are unchanged (and whose files that were
-        missing still are). Known failures are compiled again under REDO, with
-        ``--mlc-jit-retry-failed``, or once anything they depend on changed."""
+    def _check_failure(self, query: Query, store: Store, policy: Policy, *,
+                       known: bool) -> None:
+        """Raise a failure of ``query`` remembered from this run; with ``known`` (once no
+        store has an entry that fits), a known failure (:func:`.failures.known_failure`)."""
         if (failed := store.read_failure(query.digest, self.settings.run_id)) is not None:
             raise failed
-        if policy is Policy.REDO or self.settings.retry_failed:
-            return
-        known = store.read_known_failure(query.digest)
-        base = query.inputs_base()
-        if known is None or base is None:
-            return
-        if changes_since(known.inputs, base, self.checker) != []:  # changed, or malformed
-            return
-        for path in known.missing:
-            if os.path.lexists(os.path.join(base, path)):
-                return
-        raise known.error
+        if known and policy is not Policy.REDO and not self.settings.retry_failed and (
+                error := failures.known_failure(store, query, self.checker)) is not None:
+            raise error
 
     def _finish(self, req: BuildRequest, store: Store, found: Hit, *,
                 hit: bool) -> CompiledModel:
@@ -305,28 +300,25 @@ class JIT:
     def _build(self, state: RequestState, query: Query, store: Store, *,
                replace: bool) -> Hit:
         """Compile ``query``'s request in a subprocess and publish it (with the key's lock
-        held): the entry of its input state, as a hit."""
+        held): the entry of its input state, as a hit; unpublished if an input changed
+        while it compiled (:func:`.unpublished.unpublished`)."""
         req, backend = query.req, query.backend
         store.clean_staging()
         parent, note = backend.staging_parent(req, store.root)
         if parent is not None:
             store.clean_staging(where=parent)
-        try:
+        with disk_full_said(req.describe, store.root):
             staging = store.new_staging_dir(req.digest, parent=parent)
-        except OSError as exc:
-            if is_no_space(exc):
-                raise no_space(req.describe, store.root, "") from None
-            raise
-        log = staging / "compile.log"
-        timeout = self.settings.compile_timeout
+        log, timeout = staging / "compile.log", self.settings.compile_timeout
+        kept: Hit | None = None
         try:
             fault_point("staging")
             if note:
                 log.write_text(f"[pytest-mlcjit] {note}\n", encoding="utf-8")
             argv, output = backend.command(req, staging, store.root)
             fault_point("compile")
-            with self._job(state, "compile", store):
-                rc = self.builds.run_logged(argv, log, timeout=timeout)
+            with self._job(state, "compile", store) as job:
+                rc = job["rc"] = self.builds.run_logged(argv, log, timeout=timeout)
             seconds = state.job_seconds
             fault_point("compiled")
             if rc != 0 and (why := ran_out_of_space(store.root, log)) is not None:
@@ -343,23 +335,26 @@ class JIT:
                 self._fail(state, store, log, f"the compiler exited 0 but wrote no library "
                                               f"at {output.name}")
             manifest = query.manifest(staging, seconds=seconds, run_id=self.settings.run_id)
-            hit = store.publish(query, output, staging / "compile.log", manifest,
-                                replace=replace)
+            kept = unpublished(self.warnings, req.describe, req.digest, staging=staging,
+                               library=output, manifest=manifest)
+            hit = kept or store.publish(query, output, staging / "compile.log", manifest,
+                                        replace=replace)
         except OSError as exc:
             if is_no_space(exc):
                 raise no_space(req.describe, store.root, "") from None
             raise
         finally:
-            store.remove_staging(staging)
+            if kept is None:
+                store.remove_staging(staging)
         store.record_time(spec_digest(req), req.digest, seconds)
         self._compile_done(state, seconds, ok=True, size=int(hit.manifest["size"]))
         return hit
 
     def _fail(self, state: RequestState, store: Store, log: Path, why: str, *,
               known: dict[str, Any] | None = None, seconds: float | None = None) -> NoReturn:
-        """Remember the failure (for this run; ``known``, the compile's own account of a
-        deterministic failure: for later runs too, see :meth:`_check_failure`) and raise
-        its CompileError."""
+        """Remember the failure (for this run; with ``known``, the compile's own account of
+        a failure that may be deterministic, for later runs too: seen once, or known once
+        seen twice, see :func:`.failures.failure_verdict`) and raise its CompileError."""
         req = state.req
         assert req is not None
         kept_log = store.failure_log(req.digest)
@@ -367,10 +362,12 @@ class JIT:
             shutil.copyfile(log, kept_log)
         error = CompileError(model=req.describe, cause=why, log_path=str(kept_log),
                              log_tail=log_tail(log))
-        if known is not None:
-            known = {**known, "describe": req.describe, "seconds": seconds,
-                     "spec": describe_spec(req.spec, req.describe)}
-        store.record_failure(req.digest, self.settings.run_id, error, known=known)
+        verdict = failures.failure_verdict(known, log, store.read_failure_verdict(req.digest),
+                                           self.query(req).inputs_base(), self.checker)
+        if verdict is not None:
+            verdict.update(describe=req.describe, seconds=seconds,
+                           spec=describe_spec(req.spec, req.describe))
+        store.record_failure(req.digest, self.settings.run_id, error, verdict=verdict)
         if seconds is not None:
             store.record_time(spec_digest(req), req.digest, seconds)
         self._compile_done(state, state.job_seconds, ok=False)

@@ -39,6 +39,7 @@ from pytest_mlcjit.cache.manage.entries import (
     scan,
     tree_size,
 )
+from pytest_mlcjit.cache.store.interface import KNOWN_AFTER
 from pytest_mlcjit.errors import MlcJitError
 
 
@@ -108,11 +109,20 @@ def failure_records(root: Path) -> dict[str, list[Path]]:
     return found
 
 
+def _seen(data: dict[str, Any]) -> int:
+    if not isinstance(data.get("inputs"), dict):
+        return 0  # no verdict: remembered for its run only
+    seen = data.get("seen")
+    return seen if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0 else 1
+
+
 def read_failures(root: Path) -> list[dict[str, Any]]:
     """The remembered failures under ``root``, newest first: ``{"digest", "known" (a
     known failure, reported without compiling by later runs while nothing changed; else
-    remembered for its run only), "time", "run_id", "model", "error", "log"}`` (a record
-    that cannot be read is listed with ``"error": "unreadable record"``)."""
+    remembered for its run only), "seen" (how many compiles in a row failed this same way:
+    one is seen once, compiled again by the next run; 0 for a failure no later run
+    considers), "time", "run_id", "model", "error", "log"}`` (a record that cannot be read
+    is listed with ``"error": "unreadable record"``)."""
     found = []
     for key, files in failure_records(root).items():
         record = next((p for p in files if p.name == f"{key}.json"), None)
@@ -125,7 +135,8 @@ def read_failures(root: Path) -> list[dict[str, Any]]:
         when = data.get("time")
         log = record.with_suffix(".log")
         found.append({
-            "digest": key, "known": data.get("known") is True,
+            "digest": key, "seen": _seen(data),
+            "known": data.get("known") is True and _seen(data) >= KNOWN_AFTER,
             "time": float(when) if isinstance(when, int | float) else None,
             "run_id": data.get("run_id"),
             "model": str(data.get("spec") or data.get("describe") or data.get("model") or ""),

@@ -2,7 +2,8 @@
 
 * :mod:`.interface`: the seam: ``Store``, ``EntryQuery``, the typed lookup results;
 * :mod:`.local`: one cache root on this machine (with :mod:`.staging`, :mod:`.records`);
-* :mod:`.readonly`: the read-only view of a store (READONLY);
+* :mod:`.readonly`: the read-only view of a store (READONLY); :mod:`.unwritable`: that
+  of a directory that cannot be written, under a policy that writes (its hits served);
 * :mod:`.tiered`: the local store, then a remote (download, backfill, upload, failures);
 * :mod:`.remote`: the remotes themselves, one adapter per kind (``s3``, ``file``).
 
@@ -21,6 +22,7 @@ from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.cache.store.readonly import ReadOnlyStore
 from pytest_mlcjit.cache.store.remote import RemoteOptions
 from pytest_mlcjit.cache.store.tiered import RemoteStats, RemoteTier, TieredStore
+from pytest_mlcjit.cache.store.unwritable import UnwritableStore
 from pytest_mlcjit.inputs.check import InputChecker
 
 
@@ -54,8 +56,9 @@ class Stores:
         local = LocalStore(root, allow_untrusted=self.allow_untrusted, warnings=self.warnings,
                            checker=self.checker)
         store: Store
-        if writes:
-            store = local.open_for_writing()
+        if writes:  # a directory that cannot be written serves its hits (UnwritableStore)
+            reason = local.make_writable()
+            store = local if reason is None else UnwritableStore(local, reason)
         else:
             if local.root.exists():
                 local.check_trusted()
@@ -85,4 +88,4 @@ class Stores:
             self._tier.close()
 
 
-__all__ = ["LocalStore", "ReadOnlyStore", "Store", "Stores", "TieredStore"]
+__all__ = ["LocalStore", "ReadOnlyStore", "Store", "Stores", "TieredStore", "UnwritableStore"]

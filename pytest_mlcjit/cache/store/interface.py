@@ -114,16 +114,31 @@ def why_not(found: Lookup) -> str:
 
 
 # -- remembered failures ----------------------------------------------------------------------
+#: How many compiles in a row must fail the same way (same key, error and inputs) before
+#: the failure outlives its run: once is no proof (a missing variable, a tool that failed
+#: once); twice shows it deterministic.
+KNOWN_AFTER = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class KnownFailure:
-    """A deterministic failure an earlier run recorded for a key (the factory or the
-    compiler raised): reported without compiling while its recorded ``inputs`` hold and the
-    files in ``missing`` are still absent."""
+    """A failure of a key that the factory or the compiler raised (``what``: its exception
+    line), recorded with the inputs it was compiled from. ``seen``: how many compiles in a
+    row failed this identical way; from :data:`KNOWN_AFTER` on it is *known*: reported
+    without compiling while its recorded ``inputs`` hold and the files in ``missing`` are
+    still absent. A success of the key forgets it."""
 
     error: CompileError
     time: float
     inputs: RecordedInputs
     missing: list[str]
+    what: str = ""
+    seen: int = KNOWN_AFTER
+
+    @property
+    def known(self) -> bool:
+        """Whether it was shown to be deterministic (seen :data:`KNOWN_AFTER` times)."""
+        return self.seen >= KNOWN_AFTER
 
 
 # -- the interface ---------------------------------------------------------------------------
@@ -173,15 +188,16 @@ class Store(Protocol):
         """Note that the entry was used now (recency for the size cap)."""
 
     def record_failure(self, digest: str, run_id: str, error: CompileError, *,
-                       known: Mapping[str, Any] | None = None) -> None:
-        """Remember a failed compile for the rest of run ``run_id``, and with ``known`` (the
-        compile's own account of a deterministic failure) for later runs too."""
+                       verdict: Mapping[str, Any] | None = None) -> None:
+        """Remember a failed compile for the rest of run ``run_id``, and with ``verdict``
+        (the compile's own account of a failure that may be deterministic, with ``seen``)
+        for later runs too: see :class:`KnownFailure`."""
 
     def read_failure(self, digest: str, run_id: str) -> CompileError | None:
         """The failure recorded for ``digest`` in run ``run_id``, if any."""
 
-    def read_known_failure(self, digest: str) -> KnownFailure | None:
-        """The key's known failure, from any run, if it has one."""
+    def read_failure_verdict(self, digest: str) -> KnownFailure | None:
+        """The key's recorded failure verdict, from any run (seen once, or known), if any."""
 
     def failure_log(self, digest: str) -> Path:
         """Where the log of the key's failed compile is kept."""
@@ -239,14 +255,14 @@ class ForwardingStore:
         self.inner.record_use(digest)
 
     def record_failure(self, digest: str, run_id: str, error: CompileError, *,
-                       known: Mapping[str, Any] | None = None) -> None:
-        self.inner.record_failure(digest, run_id, error, known=known)
+                       verdict: Mapping[str, Any] | None = None) -> None:
+        self.inner.record_failure(digest, run_id, error, verdict=verdict)
 
     def read_failure(self, digest: str, run_id: str) -> CompileError | None:
         return self.inner.read_failure(digest, run_id)
 
-    def read_known_failure(self, digest: str) -> KnownFailure | None:
-        return self.inner.read_known_failure(digest)
+    def read_failure_verdict(self, digest: str) -> KnownFailure | None:
+        return self.inner.read_failure_verdict(digest)
 
     def failure_log(self, digest: str) -> Path:
         return self.inner.failure_log(digest)

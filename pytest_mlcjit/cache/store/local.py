@@ -48,13 +48,13 @@ from pytest_mlcjit.cache.store.interface import (
 )
 from pytest_mlcjit.cache.store.records import Records
 from pytest_mlcjit.cache.store.staging import Staging
+from pytest_mlcjit.cache.store.unwritable import not_writable, prepare_root
 from pytest_mlcjit.cache.trust import Trust
 from pytest_mlcjit.errors import (
     CompileError,
     ConfigError,
     CorruptEntryError,
     MlcJitError,
-    UntrustedCacheError,
 )
 from pytest_mlcjit.inputs.check import Change, InputChecker, changes_since, inputs_digest
 from pytest_mlcjit.key import file_sha256, sha256_digest
@@ -99,29 +99,19 @@ class LocalStore:
     # -- set-up and trust --------------------------------------------------------------
     def open_for_writing(self) -> LocalStore:
         """Make the root and its control directories (checking that they can be trusted
-        and written); returns the store, now writable."""
-        layout.check_path_room(self.root, layout.PATH_ROOM_WRITE, "cache directory")
-        try:
-            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            self.check_trusted()  # before writing anything into it
-            self.control.mkdir(mode=DIR_MODE, exist_ok=True)
-            for sub in layout.CONTROL_SUBDIRS:
-                (self.control / sub).mkdir(mode=DIR_MODE, exist_ok=True)
-        except UntrustedCacheError:
-            raise
-        except OSError as exc:
-            raise MlcJitError(
-                f"cache directory {self.root} is not writable ({exc.strerror}); "
-                "choose another with --mlc-jit-cache-dir, or use --mlc-jit-policy=READONLY"
-            ) from None
-        if not os.access(self.control, os.W_OK | os.X_OK):
-            raise MlcJitError(
-                f"cache directory {self.root} is not writable; choose another with "
-                "--mlc-jit-cache-dir, or use --mlc-jit-policy=READONLY"
-            )
-        self.check_trusted()
-        self._writable = True
+        and written); returns the store, now writable. MlcJitError if it cannot be written
+        (:meth:`make_writable` says why instead)."""
+        if (reason := self.make_writable()) is not None:
+            raise MlcJitError(not_writable(self.root, reason))
         return self
+
+    def make_writable(self) -> str | None:
+        """As :meth:`open_for_writing`: None once the store is writable, else why the
+        directory cannot be written (:func:`.unwritable.prepare_root`)."""
+        layout.check_path_room(self.root, layout.PATH_ROOM_WRITE, "cache directory")
+        reason = prepare_root(self.root, self.control, self.check_trusted)
+        self._writable = reason is None
+        return reason
 
     def check_trusted(self) -> None:
         """Refuse a root that other users can write to (loading a library runs its code).
@@ -476,14 +466,14 @@ class LocalStore:
         self.records.record_use(digest)
 
     def record_failure(self, digest: str, run_id: str, error: CompileError, *,
-                       known: Mapping[str, Any] | None = None) -> None:
-        self.records.record_failure(digest, run_id, error, known=known)
+                       verdict: Mapping[str, Any] | None = None) -> None:
+        self.records.record_failure(digest, run_id, error, verdict=verdict)
 
     def read_failure(self, digest: str, run_id: str) -> CompileError | None:
         return self.records.read_failure(digest, run_id)
 
-    def read_known_failure(self, digest: str) -> KnownFailure | None:
-        return self.records.read_known_failure(digest)
+    def read_failure_verdict(self, digest: str) -> KnownFailure | None:
+        return self.records.read_failure_verdict(digest)
 
     def failure_log(self, digest: str) -> Path:
         return self.records.failure_paths(digest)[1]

@@ -31,7 +31,7 @@ class ReadOnlyStore(ForwardingStore):
         return False
 
     # -- writes: none -------------------------------------------------------------------------
-    def _refuse(self, what: str) -> AssertionError:
+    def _refuse(self, what: str) -> Exception:
         return AssertionError(f"a read-only store does not {what} (the policy is READONLY)")
 
     def publish(self, query: EntryQuery, library: Path, log: Path | None,
@@ -60,7 +60,7 @@ class ReadOnlyStore(ForwardingStore):
         pass
 
     def record_failure(self, digest: str, run_id: str, error: CompileError, *,
-                       known: Mapping[str, Any] | None = None) -> None:
+                       verdict: Mapping[str, Any] | None = None) -> None:
         pass
 
     def record_time(self, spec_digest: str, key_digest: str, seconds: float) -> None:

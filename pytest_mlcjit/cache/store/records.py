@@ -24,8 +24,14 @@ from pytest_mlcjit._util.fs import (
 )
 from pytest_mlcjit.cache import layout
 from pytest_mlcjit.cache.manifest import MAX_TIME
-from pytest_mlcjit.cache.store.interface import KnownFailure
+from pytest_mlcjit.cache.store.interface import KNOWN_AFTER, KnownFailure
 from pytest_mlcjit.errors import CompileError
+
+
+def _seen(data: Mapping[str, Any]) -> int:
+    """A verdict's count of identical failures in a row (1 when absent or malformed)."""
+    seen = data.get("seen")
+    return seen if isinstance(seen, int) and not isinstance(seen, bool) and seen >= 1 else 1
 
 
 def _seconds(data: Any) -> float | None:
@@ -73,15 +79,18 @@ class Records:
         return layout.failure_files(self.root, digest)
 
     def record_failure(self, digest: str, run_id: str, error: CompileError, *,
-                       known: Mapping[str, Any] | None = None) -> None:
+                       verdict: Mapping[str, Any] | None = None) -> None:
         """Remember that ``digest`` failed to compile: for the rest of run ``run_id``; and,
-        with ``known`` (``{"error", "inputs", "missing", ...}``: the compile failed
-        deterministically), for later runs too, while its recorded inputs are unchanged."""
+        with ``verdict`` (``{"error", "inputs", "missing", "seen", ...}``: the compile's own
+        account of a failure that may be deterministic), for later runs too: seen once, or
+        known from :data:`KNOWN_AFTER` identical failures in a row on (:class:`KnownFailure`).
+        A record without a verdict replaces one with: the row of identical failures ends."""
         record, _ = self.failure_paths(digest)
         data: dict[str, Any] = {"run_id": run_id, "message": str(error), "time": time.time(),
                                 **error.fields()}
-        if known is not None:
-            data.update(known, known=True)
+        if verdict is not None:
+            seen = _seen(verdict)
+            data.update(verdict, seen=seen, known=seen >= KNOWN_AFTER)
         write_json_atomic(record, data)
 
     def read_failure(self, digest: str, run_id: str) -> CompileError | None:
@@ -94,13 +103,13 @@ class Records:
             return CompileError.from_fields(data, remembered=True)
         return None  # a record of this run is always written with its fields
 
-    def read_known_failure(self, digest: str) -> KnownFailure | None:
-        """The key's failure record if it is a known failure (a deterministic one, from any
-        run, with the fields this version writes)."""
+    def read_failure_verdict(self, digest: str) -> KnownFailure | None:
+        """The key's failure record if it has a verdict (from any run, with the fields this
+        version writes): seen once, or known. A record of a version that knew a failure
+        after one compile counts as seen once."""
         record, log = self.failure_paths(digest)
         data = read_json(record)
-        if (not isinstance(data, dict) or data.get("known") is not True
-                or not isinstance(data.get("cause"), str)
+        if (not isinstance(data, dict) or not isinstance(data.get("cause"), str)
                 or not isinstance(data.get("inputs"), dict)
                 or isinstance(data.get("time"), bool)
                 or not isinstance(data.get("time"), int | float)
@@ -111,7 +120,7 @@ class Records:
                                          known_since=float(data["time"]))
         return KnownFailure(error=error, time=float(data["time"]), inputs=data["inputs"],
                             missing=[str(p) for p in missing] if isinstance(missing, list)
-                            else [])
+                            else [], what=str(data.get("error", "")), seen=_seen(data))
 
     def forget_failure(self, digest: str) -> None:
         """Remove the key's failure record and its log (once the key has compiled)."""
