@@ -129,6 +129,15 @@ def deferrable(init: _Init) -> _Init:
     return cast(_Init, wrapper)
 
 
+def default_name(factory: str) -> str:
+    """A spec's name when it is given none: the factory's module (``mlp`` for
+    ``models.mlp:build``), and its function too when that is not ``build`` (``mlp.tiny``
+    for ``models.mlp:tiny``), so that two factories of one module are told apart."""
+    module, _, function = factory.rpartition(":")
+    module = module.rpartition(".")[2]
+    return module if function in ("build", "") else f"{module}.{function}"
+
+
 def is_factory_name(text: str) -> bool:
     """Whether ``text`` has the form of a factory, ``package.module:function``."""
     return bool(_FACTORY_RE.match(text))
@@ -206,7 +215,7 @@ class TVMModel:
         self.opt_level = opt_level
         self.seed = seed
         self.files: tuple[str, ...] = tuple(files)
-        self.name = name or factory.rpartition(":")[0].rpartition(".")[2]
+        self.name = name or default_name(factory)
         self._error: str | None = None
 
     def _become_invalid(self, error: str, args: tuple[Any, ...]) -> None:
@@ -214,7 +223,7 @@ class TVMModel:
         factory = args[0] if args and isinstance(args[0], str) else "?:?"
         self.factory, self.config, self._target = factory, {}, None
         self.opt_level, self.seed, self.files = 3, 0, ()
-        self.name = factory.rpartition(":")[0].rpartition(".")[2] or "TVMModel"
+        self.name = default_name(factory) or "TVMModel"
         self._error = error
 
     @property

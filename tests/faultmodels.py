@@ -257,3 +257,22 @@ def distinct_old_entry(project: Project) -> str:
     data["sha256"], data["size"] = file_sha256(library), library.stat().st_size
     manifest.write_text(json.dumps(data))
     return str(data["sha256"])
+
+
+#: ``heldmodel:build(hidden)``: the tiny model (its call counted), returned only once the
+#: file named by ``$MLCJIT_TEST_HOLD`` exists: a compile that lasts as long as a test needs.
+#: (Its name in messages stays short: a terminal's status line is cut at its width.)
+HELD_MODEL = '''
+import os
+import time
+
+from tinymodel import build as tiny
+
+
+def build(hidden=4):
+    built = tiny(hidden)
+    deadline = time.monotonic() + 600
+    while not os.path.exists(os.environ["MLCJIT_TEST_HOLD"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return built
+'''

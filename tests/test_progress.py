@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultmodels import HELD_MODEL
 
 from conftest import Project, accounting, wait_until
 from pytest_mlcjit.engine import activity
@@ -42,23 +43,6 @@ SAFETY_S = 300.0
 #: The display's thresholds in these runs: a job is shown once it lasts 0.1 s.
 FAST = ("-o", "mlc_jit_progress_delay=0.1", "-o", "mlc_jit_progress_interval=0.05")
 
-#: ``heldmodel:build(hidden)``: the tiny model (its call counted), returned only once the
-#: file named by ``$MLCJIT_TEST_HOLD`` exists: a compile that lasts as long as a test needs.
-#: (Its name in messages stays short: a terminal's status line is cut at its width.)
-HELD_MODEL = '''
-import os
-import time
-
-from tinymodel import build as tiny
-
-
-def build(hidden=4):
-    built = tiny(hidden)
-    deadline = time.monotonic() + 600
-    while not os.path.exists(os.environ["MLCJIT_TEST_HOLD"]) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return built
-'''
 
 HELD_TESTS = '''
 import pytest
@@ -140,6 +124,17 @@ def test_short_jobs_print_nothing_and_long_ones_seen_only_ended_print_their_end(
     failed = job(key=2, ended=105.0, seconds=5.0, outcome="failed")
     assert tracker.lines([failed], 105.2) == [
         "mlcjit: [gw1] compile of mlp-hidden=128 (llvm) failed after 5.0s"]
+
+
+def test_a_download_that_found_nothing_is_not_called_downloaded() -> None:
+    """The remote's listing runs in the download job; when no entry fits, the end line says
+    so (issue 19: it said "downloaded")."""
+    tracker = Tracker(since=0)
+    got = job("download", ended=103.0, seconds=3.0, outcome="done")
+    nothing = job("download", key=2, ended=103.0, seconds=3.0, outcome="done", found=False)
+    assert tracker.lines([got, nothing], 103.1) == [
+        "mlcjit: [gw1] downloaded mlp-hidden=128 (llvm) in 3.0s",
+        "mlcjit: [gw1] asked the remote for mlp-hidden=128 (llvm): no entry fits (3.0s)"]
 
 
 def test_a_heartbeat_at_most_every_30_seconds() -> None:

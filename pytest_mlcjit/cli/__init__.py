@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the key and its recorded inputs are unchanged) and failures remembered "
                    "for their run only, with their error and compile log")
     p = add("info", cmd_info, "summarize the cache: root, entries, size, toolchains seen, "
-            "hits and misses of the last runs")
+            "each of the last runs, in the summary's words")
     p.add_argument("--runs", type=count_arg, default=5, metavar="N",
                    help="how many recent runs to show (default 5)")
     p.add_argument("--inputs", action="store_true",

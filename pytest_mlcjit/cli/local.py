@@ -12,6 +12,7 @@ from pytest_mlcjit.cache import manage
 from pytest_mlcjit.cache.manage.prune import quarantined
 from pytest_mlcjit.cli.render import MODEL_WIDTH, out, roots
 from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
+from pytest_mlcjit.engine.stats import OUTCOMES, Stats
 from pytest_mlcjit.errors import CliUsageError
 from pytest_mlcjit.units import format_size, format_time, plural
 
@@ -61,12 +62,13 @@ def _list_failed(args: argparse.Namespace) -> int:
         data["failed"] += [{**f, "root": str(root)} for f in failures]
         known = sum(f["known"] for f in failures)
         lines.append(f"{root}: {plural(len(failures), 'remembered failure')} ({known} known: "
-                     "reported without compiling while the key and its inputs are unchanged)")
+                     "failed twice alike; reported without compiling while the key and its "
+                     "inputs are unchanged)")
         for f in failures:
-            kind = "known" if f["known"] else "this run"
+            kind = "known" if f["known"] else "seen once" if f["seen"] else "this run"
             model = f["model"] if len(f["model"]) <= MODEL_WIDTH else \
                 f["model"][:MODEL_WIDTH - 1] + "\u2026"
-            lines.append(f"  {f['digest'][:12]}  {kind:8}  {format_time(f['time'])}  {model}")
+            lines.append(f"  {f['digest'][:12]}  {kind:9}  {format_time(f['time'])}  {model}")
             lines.append(f"      {f['error']}")
             if f["log"]:
                 lines.append(f"      log: {f['log']}")
@@ -98,18 +100,28 @@ def _input_lines(manifest: Mapping[str, Any] | None) -> list[str]:
             for f in recorded.get("files") or []]
     out += [f"dist   {name} {version}"
             for name, version in sorted((recorded.get("dists") or {}).items())]
+    out += [f"dir    {d.get('path')}  {d.get('count')} names, sha256 {str(d.get('sha256'))[:12]}"
+            for d in recorded.get("listings") or []]
+    out += [f"path   {p.get('path')}  {p.get('state')}" for p in recorded.get("probes") or []]
+    out += [f"env    {name}  " + ("unset" if digest is None else f"sha256 {str(digest)[:12]}")
+            for name, digest in sorted((recorded.get("env") or {}).items())]
+    out += [f"incomplete: {note}" for note in recorded.get("incomplete") or []]
     return out or ["(no recorded inputs)"]
 
 
 # -- info ---------------------------------------------------------------------------------------
 def _run_line(run: dict[str, Any]) -> str:
+    """A run of the history in the words of the run's own summary line (its outcomes,
+    each request counted once, then what the compiles and waits cost)."""
     mode = "prepare, " if run.get("prepare") else ""
-    requests, hits = int(run.get("requests", 0)), int(run.get("hits", 0))
-    return (f"{format_time(run.get('time'))}  {mode}{run.get('policy', '?')}: "
-            f"{requests} requests, {hits} hits, {requests - hits} misses "
-            f"({run.get('compiles', 0)} compiled in "
-            f"{float(run.get('compile_seconds', 0)):.1f}s, {run.get('failures', 0)} failed, "
-            f"{run.get('corrupt', 0)} corrupt)")
+    stats = Stats()
+    outcomes = run.get("outcomes")
+    stats.merge({k: v for k, v in run.items() if k != "outcomes"})
+    if isinstance(outcomes, dict):  # else a record of an older version: its requests only
+        stats.merge({"outcomes": {k: v for k, v in outcomes.items()
+                                  if k in OUTCOMES and isinstance(v, int)}})
+    return f"{format_time(run.get('time'))}  {mode}{run.get('policy', '?')}: " \
+        f"{stats.accounting_line()}"
 
 
 def _toolchain_text(chain: Any) -> str:
@@ -164,8 +176,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _recorded_inputs(root: Path) -> dict[str, int]:
-    """Every recorded input under ``root`` (``module``/``file`` path, ``dist`` name), with
-    how many entries were built from it."""
+    """Every recorded input under ``root`` (``module``/``file``/``listing``/``probe`` path,
+    ``dist`` and ``env`` name, ``incomplete`` note), with how many entries were built from
+    it."""
     seen: dict[str, int] = {}
     for entry in manage.scan(root):
         recorded = entry.fields.get("inputs")
@@ -174,6 +187,10 @@ def _recorded_inputs(root: Path) -> dict[str, int]:
         names = [f"module {m.get('path')}" for m in recorded.get("modules") or []]
         names += [f"file {f.get('path')}" for f in recorded.get("files") or []]
         names += [f"dist {name}" for name in recorded.get("dists") or {}]
+        names += [f"listing {d.get('path')}" for d in recorded.get("listings") or []]
+        names += [f"probe {p.get('path')}" for p in recorded.get("probes") or []]
+        names += [f"env {name}" for name in recorded.get("env") or {}]
+        names += [f"incomplete: {note}" for note in recorded.get("incomplete") or []]
         for name in names:
             seen[name] = seen.get(name, 0) + 1
     return dict(sorted(seen.items()))

@@ -292,10 +292,9 @@ class CompiledModel:
         dim must have one value across the inputs); an :class:`InputError` names the
         function, what it takes and what was given. Parameters are ``params`` if given,
         else :attr:`params`. A tuple result comes back as a tuple, an ``R.Shape`` result
-        as a :class:`Shape`.
+        as a :class:`Shape`. The parameters are checked too: each must have the shape and
+        dtype the library was compiled with (an :class:`InputError` names it).
         """
-        import tvm
-
         sigs = self._recorded_signatures()
         if (sigs is not None or self._function_names()) \
                 and function not in self._function_names():
@@ -321,7 +320,12 @@ class CompiledModel:
         if missing := [n for n in param_names if n not in values]:
             raise InputError(f"{function} takes the parameters {param_names}, but "
                              f"compiled_model.params lacks {missing}")
-        args += [tvm.runtime.tensor(values[n], dev) for n in param_names]
+        specs = {str(p["name"]): p for p in self.param_specs}
+        for n in param_names:
+            value = _param_array(n, values[n], specs.get(n))
+            if n in specs and (why := _param_mismatch(value, specs[n])) is not None:
+                raise InputError(f"parameter {n!r} of {function} {why}")
+            args.append(_to_device(value, None, dev))
         vm = self.load()
         return _to_numpy(vm[function](*args))
 
@@ -408,6 +412,33 @@ def _check_tensor(  # noqa: PLR0911 - one answer per mismatch
                         f"{want}={value_was}")
             dims.setdefault(want, (got, f"input {arg.name!r}"))
     return None
+
+
+def _param_array(name: str, value: Any, spec: ParamSpec | None) -> Any:
+    """A parameter as an array: a numpy array or TVM tensor as it is (its dtype is
+    checked), a list or scalar in the parameter's dtype."""
+    import numpy as np
+
+    if _is_tvm_tensor(value) or isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value, dtype=spec["dtype"] if spec else None)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"parameter {name!r} ({type(value).__name__}) cannot be made an "
+                         f"array: {exc}") from None
+
+
+def _param_mismatch(value: Any, spec: ParamSpec) -> str | None:
+    """Why the parameter array ``value`` does not fit its recorded shape and dtype, else
+    None (a symbolic dim takes any size)."""
+    dtype, shape = str(value.dtype), [int(d) for d in value.shape]
+    want = list(spec["shape"])
+    fits = len(shape) == len(want) and all(
+        not isinstance(w, int) or w == g for w, g in zip(want, shape, strict=True))
+    if dtype == spec["dtype"] and fits:
+        return None
+    return (f"must be {spec['dtype']}{want}, got {dtype}{shape}"
+            + (" (numpy's default for floats)" if dtype == "float64" != spec["dtype"] else ""))
 
 
 def _to_device(value: Any, arg: ArgSpec | None, dev: Any) -> Any:

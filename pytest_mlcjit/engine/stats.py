@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pytest_mlcjit.cache.store.tiered import RemoteStats
+from pytest_mlcjit.units import plural
 
 Outcome = Literal["hit", "remote_hit", "compiled", "waited", "failed", "missed"]
 #: What became of a request; each request is counted as exactly one of these.
@@ -18,6 +19,13 @@ Outcome = Literal["hit", "remote_hit", "compiled", "waited", "failed", "missed"]
 #: compile (another process's, or this process's prefetch); ``failed``: an error;
 #: ``missed``: not cached, and the policy (READONLY, OFF) does not compile.
 OUTCOMES: tuple[Outcome, ...] = ("hit", "remote_hit", "compiled", "waited", "failed", "missed")
+#: How the summary, ``pytest-mlcjit info`` and every other text name each outcome:
+#: (singular, plural). The JSON report and the run history use the keys of :data:`OUTCOMES`.
+OUTCOME_WORDS = {
+    "hit": ("hit", "hits"), "remote_hit": ("remote hit", "remote hits"),
+    "compiled": ("compiled", "compiled"), "waited": ("waited", "waited"),
+    "failed": ("failed", "failed"), "missed": ("missed", "missed"),
+}
 
 
 def _add_counts(mine: dict[str, int], theirs: Mapping[str, int]) -> None:
@@ -106,16 +114,6 @@ class Stats:
     #: What the remote tier did (downloads, bytes, seconds, uploads, errors, warnings).
     remote: RemoteStats = dataclasses.field(default_factory=RemoteStats)
 
-    # -- the older names (run history, benchmarks) --------------------------------------
-    @property
-    def hits(self) -> int:
-        """Requests served from a cache without compiling (hit, remote_hit, waited)."""
-        return sum(self.outcomes.get(k, 0) for k in ("hit", "remote_hit", "waited"))
-
-    @property
-    def failures(self) -> int:
-        return self.outcomes.get("failed", 0)
-
     # -- counting ---------------------------------------------------------------------------
     def library(self, digest: str, *, spec: str = "", target: Any = None,
                 worker: str = "") -> LibraryStats:
@@ -181,7 +179,7 @@ class Stats:
 
     def to_json(self) -> dict[str, Any]:
         """Plain data: what a worker sends its controller, and what the run history keeps
-        (with the older names ``hits`` and ``failures``)."""
+        (each request counted in ``outcomes``, by the names of :data:`OUTCOMES`)."""
         return {
             "requests": self.requests, "outcomes": dict(self.outcomes),
             "compiles": self.compiles, "prefetched": self.prefetched,
@@ -189,5 +187,28 @@ class Stats:
             "bytes_compiled": self.bytes_compiled, "corrupt": self.corrupt,
             "libraries": [lib.to_json() for lib in self.libraries.values()],
             "remote": self.remote.to_json(),
-            "hits": self.hits, "failures": self.failures,
         }
+
+    def accounting_line(self) -> str:
+        """``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s
+        compiling, 52.10s waiting``: every non-zero outcome (they add up to the requests),
+        then what the compiles and waits cost. The summary's line, and each run's in
+        ``pytest-mlcjit info``."""
+        kinds = []
+        for kind in OUTCOMES:
+            n = self.outcomes.get(kind, 0)
+            if n:
+                one, many = OUTCOME_WORDS[kind]
+                kinds.append(f"{n} {one if n == 1 else many}")
+        line = f"{plural(self.requests, 'request')}: {', '.join(kinds) or 'outcomes not recorded'}"
+        extra = []
+        if self.prefetched:
+            extra.append(f"{plural(self.prefetched, 'library', 'libraries')} compiled ahead "
+                         "of time")
+        if self.compile_seconds >= 0.005:
+            extra.append(f"{self.compile_seconds:.2f}s compiling")
+        if self.wait_seconds >= 0.005:
+            extra.append(f"{self.wait_seconds:.2f}s waiting for other compiles")
+        if self.corrupt:
+            extra.append(f"{self.corrupt} corrupt")
+        return line + ("; " + ", ".join(extra) if extra else "")

@@ -1,7 +1,9 @@
 """The controller's work once a run ends: write the JSON report (``--mlc-jit-report``),
 and, when the policy writes, append the run's accounting to each cache root's history
 (``.mlcjit/runs.jsonl``, read by ``pytest-mlcjit info``), then apply
-``--mlc-jit-max-size``, never evicting an entry this run used."""
+``--mlc-jit-max-size``, never evicting an entry this run used. A root that cannot be
+written (a read-only cache, whose hits the run served) is left alone, and the summary
+says so once."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from pytest_mlcjit.cache.history import record_run
 from pytest_mlcjit.cache.layout import control_dir, default_roots
 from pytest_mlcjit.cache.manage import prune
+from pytest_mlcjit.cache.store.unwritable import writable_reason
 from pytest_mlcjit.cache.trust import Trust
 from pytest_mlcjit.errors import MlcJitError
 from pytest_mlcjit.plugin.report import write_report
@@ -25,13 +28,20 @@ def after_run(session: pytest.Session, state: RunState) -> None:
     stats = state.stats()
     requests = stats.requests if stats is not None else 0
     if opts.report_path is not None and not config.option.collectonly:
-
-        state.report_written = write_report(state, opts.report_path,
-                                            exitstatus=int(session.exitstatus))
+        state.report_written, written = write_report(state, opts.report_path,
+                                                     exitstatus=int(session.exitstatus))
+        if not written and session.exitstatus in (pytest.ExitCode.OK,
+                                                  pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR  # the summary says why
     if not opts.policy.writes or (not requests and opts.max_size is None):
         return
-    roots = [r for r in default_roots(opts.cache_dir)
+    found = [r for r in default_roots(opts.cache_dir)
              if control_dir(r).is_dir() and _trusted(r, opts.allow_untrusted)]
+    roots = [r for r in found if writable_reason(control_dir(r)) is None]
+    if requests:  # its hits were served all the same (cache/store/unwritable.py)
+        state.pruned += [f"cache {r} is read-only: its hits were served without recording "
+                         "their use (no usage stamps, no run history)"
+                         for r in found if r not in roots]
     started = state.started or time.time()
     if stats is not None and requests:
         data = stats.to_json()

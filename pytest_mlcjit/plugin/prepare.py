@@ -137,8 +137,9 @@ class Prepare:
             index, total, mine = counts["shard"]
             terminalreporter.write_line(
                 f"shard {index}/{total} (--mlc-jit-shard): "
-                f"{plural(mine, 'library', 'libraries')} of {counts['libraries']} are this "
-                "shard's; the others are left to the other shards")
+                f"{plural(mine, 'library', 'libraries')} of {counts['libraries']} "
+                f"{'is' if mine == 1 else 'are'} this shard's; the others are left to the "
+                "other shards")
         if counts["errors"]:
             terminalreporter.write_line(
                 f"{plural(counts['errors'], 'test')} with an invalid model spec (failed)")

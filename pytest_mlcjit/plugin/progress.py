@@ -13,6 +13,13 @@ on the board (:mod:`.activity`); a background thread here reads them every
   (which redirects descriptor 1 while a test runs) does not swallow it.
 * elsewhere (CI logs), plain lines: one when a job has lasted 2s, one when it ends (with
   its duration), and a heartbeat at most every :data:`HEARTBEAT_S` seconds while one runs.
+  A plain line never goes inside pytest's line (a ``-v`` test id waiting for its
+  ``PASSED``, the dots of a test file): it waits until pytest ends that line, at most
+  :data:`LINE_WAIT_S` seconds (5 times the delay when that is less); a line that waited
+  so long goes on a line of its own, and pytest's unfinished ``-v`` test id is written
+  again under it, so that the id and its ``PASSED`` stay on one line. When pytest ends a
+  line while a long job is shown, the jobs are looked at once more, so that a compile
+  that ended during a test is said right under that test's line.
 
 Nothing is shown while nothing takes long.
 """
@@ -41,6 +48,8 @@ LONG_S = 2.0
 POLL_S = 0.5
 #: At most one "still running" line this often, on a non-terminal.
 HEARTBEAT_S = 30.0
+#: How long a plain line waits for pytest to end its line before it interrupts it.
+LINE_WAIT_S = 10.0
 
 CLEAR_LINE = "\x1b[K"
 
@@ -128,10 +137,15 @@ def end_line(view: Mapping[str, Any], now: float) -> str:
         return f"mlcjit: {describe(view)}: ended after about {now - view['started']:.0f}s"
     seconds = float(view.get("seconds") or view["ended"] - view["started"])
     outcome = view.get("outcome")
+    if kind == "compile" and outcome == "done" and view.get("rc", 0) != 0:
+        # The compiler's process ended (the job did) but failed: its exit status says so.
+        outcome = "timed out" if view.get("rc") is None else "failed"
     if kind == "wait":
         tail = "" if outcome == "done" else f" ({outcome})"
         return f"mlcjit: [{label}] waited {seconds:.1f}s for {what}{tail}"
     noun = "download" if kind == "download" else "compile"
+    if kind == "download" and view.get("found") is False and outcome == "done":
+        return f"mlcjit: [{label}] asked the remote for {what}: no entry fits ({seconds:.1f}s)"
     if outcome == "done":
         verb = "downloaded" if kind == "download" else "compiled"
         return f"mlcjit: [{label}] {verb} {what} in {seconds:.1f}s"
@@ -209,6 +223,15 @@ class Tracker:
 
 
 # -- the terminal -----------------------------------------------------------------------------
+def fallback_width() -> int:
+    """The width of a terminal that reports none (a pty made without a size, as ``script``
+    and some CI systems make): ``COLUMNS``, else 80, as :func:`shutil.get_terminal_size`."""
+    with contextlib.suppress(ValueError):
+        if (columns := int(os.environ.get("COLUMNS", ""))) > 0:
+            return columns
+    return 80
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
 
@@ -216,9 +239,19 @@ def _clip(text: str, width: int) -> str:
 class Screen:
     """Writes beside pytest's own output without garbling it (see the module's doc)."""
 
-    def __init__(self, tw: Any, *, live: bool) -> None:
+    def __init__(self, tw: Any, *, live: bool,
+                 line_ended: Callable[[], None] | None = None,
+                 keep_line: Callable[[], bool] = lambda: False) -> None:
         self.tw, self.live = tw, live
+        #: Called (in pytest's thread) when pytest has ended a line.
+        self.line_ended = line_ended
+        #: Whether pytest's unfinished line is to be written again after a plain line
+        #: that interrupts it (a ``-v`` test id, waiting for its outcome).
+        self.keep_line = keep_line
         self.lock = threading.RLock()
+        #: Plain lines waiting for pytest to end its line, and since when.
+        self.pending: list[str] = []
+        self.pending_since = 0.0
         self.drawn = ""  # "", "here" (at column 0) or "below" (the line under the cursor)
         self.text = ""
         self.col = 0
@@ -238,6 +271,17 @@ class Screen:
             if self.fd is not None:  # before a capture can redirect it; see the module doc
                 with contextlib.suppress(OSError, ValueError):
                     self.tw.flush()
+            ended = "\n" in msg and not self._current()[0]
+        if ended:  # outside the lock: the display's thread takes its own lock, then this one
+            if self.line_ended is not None:
+                self.line_ended()
+            with self.lock:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self.pending:
+            self._raw("".join(f"{text}\n" for text in self.pending))
+            self.pending.clear()
 
     def _pytest_write_raw(self, msg: str, **kwargs: Any) -> None:
         with self.lock:
@@ -275,8 +319,8 @@ class Screen:
         capture makes descriptor 1 a file, and pytest would assume 80 columns)."""
         if self.fd is not None:
             with contextlib.suppress(OSError):
-                return os.get_terminal_size(self.fd).columns
-        return int(self.tw.fullwidth)
+                return os.get_terminal_size(self.fd).columns or fallback_width()
+        return int(self.tw.fullwidth) or fallback_width()
 
     def draw(self, text: str) -> None:
         """Show ``text`` as the status line ("" erases it)."""
@@ -300,18 +344,38 @@ class Screen:
             self.text = text
 
     def line(self, text: str) -> None:
-        """Print ``text`` as a line of its own. After pytest's unfinished line (the dots
-        of a test file), pytest goes on at the start of the next line, as it is told."""
+        """Print ``text`` as a line of its own: at once when pytest's cursor is at the
+        start of a line, else once pytest ends its line (see :meth:`overdue`)."""
         with self.lock:
             self._erase()
+            if not self.pending:
+                self.pending_since = time.monotonic()
+            self.pending.append(text)
+            if not self._current()[0]:
+                self._write_pending()
+
+    def overdue(self, wait_s: float) -> None:
+        """Print the lines that waited ``wait_s`` seconds for pytest to end its line
+        anyway, under it; then pytest's unfinished ``-v`` test id again, for its outcome
+        to follow (else pytest goes on at the start of the next line)."""
+        with self.lock:
+            if not self.pending or time.monotonic() - self.pending_since < wait_s:
+                return
             line, _ = self._current()
-            self._raw(f"\n{text}\n" if line else f"{text}\n")
-            if line:
+            again = line if line and self.keep_line() else ""
+            self._raw("\n" if line else "")
+            self._write_pending()
+            self._raw(again)
+            if line and not again:
                 self.tw._current_line = ""
 
     def close(self) -> None:
         with self.lock:
             self._erase()
+            if self.pending and self._current()[0]:  # the run's last line: pytest is done
+                self._raw("\n")  # with it, and goes on at the start of the next line
+                self.tw._current_line = ""
+            self._write_pending()
             for name, ours in (("write", self._pytest_write),
                                ("write_raw", self._pytest_write_raw)):
                 if self.tw.__dict__.get(name) == ours:
@@ -342,7 +406,15 @@ class Progress:
         self.local = local
         self.long_s, self.poll_s = settings.progress_delay, settings.progress_interval
         self.tracker = Tracker(long_s=self.long_s)
-        self.screen = Screen(terminalreporter._tw, live=self.live)
+        self._ticking = threading.Lock()
+        #: How long a plain line waits for pytest to end its line (see the module doc).
+        self.line_wait_s = min(LINE_WAIT_S, 5 * self.long_s)
+        self.screen = Screen(
+            terminalreporter._tw, live=self.live,
+            line_ended=None if self.live else self._line_ended,
+            # a -v test id waits for its outcome (pytest's fspath is then the id's text)
+            keep_line=lambda: isinstance(getattr(terminalreporter, "currentfspath", None),
+                                         str))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlcjit-progress", daemon=True)
         self._thread.start()
@@ -356,13 +428,22 @@ class Progress:
                 return
 
     def tick(self) -> None:
-        now = time.time()
-        views = gather(self.run_id, self.board, now, self.local(), self.long_s)
-        if self.live:
-            self.screen.draw(self.tracker.status(views, now))
-        else:
-            for text in self.tracker.lines(views, now):
-                self.screen.line(text)
+        with self._ticking:
+            now = time.time()
+            views = gather(self.run_id, self.board, now, self.local(), self.long_s)
+            if self.live:
+                self.screen.draw(self.tracker.status(views, now))
+            else:
+                for text in self.tracker.lines(views, now):
+                    self.screen.line(text)
+                self.screen.overdue(self.line_wait_s)
+
+    def _line_ended(self) -> None:
+        """pytest ended a line: while a long job is shown, look again now, so that its end
+        line comes under the test it ended in (not under the next one)."""
+        if self.tracker.announced and not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.tick()
 
     def stop(self) -> None:
         """Stop drawing: erase the status line (or print the last end lines), remove this

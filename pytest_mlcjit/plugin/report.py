@@ -6,6 +6,8 @@ interrupted."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,36 +37,11 @@ DEFAULT_DURATIONS = 5
 #: The format of the JSON report.
 REPORT_VERSION = 1
 
-#: How the summary names each outcome: (singular, plural).
-OUTCOME_WORDS = {
-    "hit": ("hit", "hits"), "remote_hit": ("remote hit", "remote hits"),
-    "compiled": ("compiled", "compiled"), "waited": ("waited", "waited"),
-    "failed": ("failed", "failed"), "missed": ("missed", "missed"),
-}
-
 
 # -- the summary ------------------------------------------------------------------------------
 def accounting_line(s: Stats) -> str:
-    """``7 requests: 3 hits, 4 waited; 4 libraries compiled ahead of time, 50.32s
-    compiling, 52.10s waiting``: every non-zero outcome (they add up to the requests),
-    then what the compiles and waits cost."""
-    kinds = []
-    for kind in OUTCOMES:
-        n = s.outcomes.get(kind, 0)
-        if n:
-            one, many = OUTCOME_WORDS[kind]
-            kinds.append(f"{n} {one if n == 1 else many}")
-    line = f"{plural(s.requests, 'request')}: {', '.join(kinds)}"
-    extra = []
-    if s.prefetched:
-        extra.append(f"{plural(s.prefetched, 'library', 'libraries')} compiled ahead of time")
-    if s.compile_seconds >= 0.005:
-        extra.append(f"{s.compile_seconds:.2f}s compiling")
-    if s.wait_seconds >= 0.005:
-        extra.append(f"{s.wait_seconds:.2f}s waiting for other compiles")
-    if s.corrupt:
-        extra.append(f"{s.corrupt} corrupt")
-    return line + ("; " + ", ".join(extra) if extra else "")
+    """The summary's line of counts (:meth:`.Stats.accounting_line`)."""
+    return s.accounting_line()
 
 
 def durations_lines(s: Stats, wanted: int | None) -> list[str]:
@@ -176,14 +153,26 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
     }
 
 
-def write_report(state: RunState, path: Path, *, exitstatus: int) -> str:
-    """Write the JSON report; the summary's line about it (where, or why not)."""
+def write_report(state: RunState, path: Path, *, exitstatus: int) -> tuple[str, bool]:
+    """Write the JSON report; the summary's line about it (where, or why not) and whether
+    it was written.
+
+    A new path or a regular file is written all at once (a temp file renamed over it); a
+    symlink, a FIFO, a device (``/dev/stdout``) is opened and written as it is, as
+    ``--junitxml`` does, so that it stays what it is (a FIFO's writer waits for a reader).
+    """
+    data = report_data(state, exitstatus=exitstatus)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, report_data(state, exitstatus=exitstatus))
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        else:
+            with contextlib.suppress(FileExistsError):  # a file, not a directory: the
+                path.parent.mkdir(parents=True, exist_ok=True)  # write says so
+            write_json_atomic(path, data)
     except OSError as exc:
-        return f"--mlc-jit-report: could not write {path}: {exc.strerror or exc}"
-    return f"JSON report: {path}"
+        return f"--mlc-jit-report: could not write {path}: {exc.strerror or exc}", False
+    return f"JSON report: {path}", True
 
 
 # -- a test's failure ---------------------------------------------------------------------
@@ -247,6 +236,10 @@ def interruption(exc: BaseException, info: Mapping[str, Any], board: Board) -> s
         who = holder(info, records, str(board.run_id))
         return (f"{reason}interrupted after {seconds:.1f}s waiting for the compile of "
                 f"{what}, which goes on\nIt is {who}; it is cached when it ends.\n{fix}")
+    if info.get("kind") == "download":
+        return (f"{reason}interrupted while downloading {what} after {seconds:.1f}s; nothing "
+                "was cached\nThe download was stopped: the next run looks for it again.\n"
+                f"{fix}")
     return (f"{reason}interrupted while compiling {what} after {seconds:.1f}s; nothing was "
             "cached\nThe compile was killed: the next run compiles it again from the "
             f"start.\n{fix}")
