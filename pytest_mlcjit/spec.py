@@ -133,7 +133,9 @@ def default_name(factory: str) -> str:
     """A spec's name when it is given none: the factory's module (``mlp`` for
     ``models.mlp:build``), and its function too when that is not ``build`` (``mlp.tiny``
     for ``models.mlp:tiny``), so that two factories of one module are told apart."""
-    module, _, function = factory.rpartition(":")
+    module, colon, function = factory.rpartition(":")
+    if not colon:  # not a factory (refused by the validation that asks for a name)
+        return factory
     module = module.rpartition(".")[2]
     return module if function in ("build", "") else f"{module}.{function}"
 

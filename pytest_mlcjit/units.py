@@ -52,7 +52,12 @@ def plural(n: int, word: str, plural: str | None = None) -> str:
 
 
 def format_size(n: float) -> str:
-    """``1234567`` → ``1.2 MB`` (powers of 1000, like :func:`parse_size`'s ``M``)."""
+    """``1234567`` → ``1.2 MB`` (powers of 1000, like :func:`parse_size`'s ``M``); ``?`` for
+    a number no float holds (a junk manifest's size)."""
+    try:
+        n = float(n)
+    except (OverflowError, TypeError, ValueError):
+        return "?"
     for unit in ("B", "kB", "MB", "GB"):
         if abs(n) < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -61,4 +66,10 @@ def format_size(n: float) -> str:
 
 
 def format_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+    """A timestamp as ``2026-12-07 05:40``; ``-`` for none, ``?`` for one no date holds."""
+    if not t:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+    except (OverflowError, TypeError, ValueError, OSError):
+        return "?"

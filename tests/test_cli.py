@@ -266,6 +266,17 @@ def test_info(warm: Warm) -> None:
     assert re.search(r"  ON: 2 requests: 2 hits$", human, re.M), human
 
 
+def test_info_shows_a_damaged_history_line_without_crashing(warm: Warm, tmp_path: Path) -> None:
+    """A run-history line whose ``remote`` and ``libraries`` are junk (issue 19: ``info``
+    raised TypeError): its totals are shown, the rest ignored."""
+    cache = warm.copy(tmp_path / "cache")
+    with open(cache / ".mlcjit" / "runs.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"time": 1, "policy": "ON", "requests": 7, "remote": 1, "libraries": [1]}\n')
+    result = warm.cli("info", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"  ON: 7 requests", result.stdout, re.M), result.stdout
+
+
 # -- verify ---------------------------------------------------------------------------------------
 def test_verify_and_fix(warm: Warm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = warm.copy(tmp_path / "cache")

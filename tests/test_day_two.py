@@ -228,7 +228,9 @@ def test_progress_lines_never_split_a_verbose_test_line_and_info_uses_the_summar
     start = next(i for i in mine if "compiling tinymodel-hidden=5 (llvm): running for" in
                  lines[i])
     end = next(i for i in mine if " compiled tinymodel-hidden=5 (llvm) in " in lines[i])
-    assert passed[0] < start < end < passed[2], lines
+    next_test = next(i for i, line in enumerate(lines)
+                     if line.startswith("test_verbose.py::test_hits_again"))
+    assert passed[0] < start < end < next_test, lines
     assert [line.split()[1] for line in project.compiles()].count("hidden=5") == 1
 
     summary = next(line for line in lines if line.startswith("3 requests: "))
@@ -415,3 +417,16 @@ def test_one_library_of_a_shard_is_singular(project: Project, warm_template: Pat
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["shard 1/1 (--mlc-jit-shard): 1 library of 1 is this "
                                  "shard's; the others are left to the other shards"])
+
+
+def test_default_names_and_an_empty_accounting_line() -> None:
+    """The default name of each form of factory (a string that is no factory keeps its
+    text: the spec's validation names it); a run whose every spec was bad has no
+    requests, and its summary line says so."""
+    from pytest_mlcjit.engine.stats import Stats
+    from pytest_mlcjit.spec import default_name
+
+    assert default_name("models.mlp:build") == "mlp"
+    assert default_name("models.mlp:tiny") == "mlp.tiny"
+    assert default_name("tinymodel") == "tinymodel"
+    assert Stats().accounting_line() == "no requests"

@@ -27,8 +27,9 @@ def test_a_read_only_warm_cache_serves_its_hits_under_on(project: Project,
         out = on.stdout.str()
         on.stdout.fnmatch_lines([
             f"*MlcJitError: cache directory {project.cache} is not writable (*): "
-            "TVMModel('tinymodel:build', config={'hidden': 5})* is not cached and would have "
-            "to be compiled; choose another with --mlc-jit-cache-dir, or use "
+            "TVMModel('tinymodel:build', config={'hidden': 5})* has no usable entry there (or "
+            "the policy is REDO), and compiling it would write there; choose another with "
+            "--mlc-jit-cache-dir, or use "
             "--mlc-jit-policy=READONLY*"])
         assert out.count(f"cache {project.cache} is read-only: its hits were served without "
                          "recording their use") == 1, "said once, in the summary"
@@ -49,7 +50,7 @@ def test_readonly_names_a_cache_directory_that_does_not_exist(project: Project,
                          f"--mlc-jit-cache-dir={typo}", cache=False)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([f"*CacheMissError: no cached library for key * (TVMModel("
-                                 f"'tinymodel:build'*): cache directory {typo} does not exist, "
+                                 f"'tinymodel:build'*): cache directory {typo} does not exist *"
                                  "and the policy is READONLY*check the path*"])
     assert not typo.exists(), "READONLY makes nothing"
     assert project.compiles() == []

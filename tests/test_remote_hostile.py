@@ -85,23 +85,31 @@ def test_a_deep_manifest_on_the_remote_is_skipped_and_reported(
     project.write_tests(CONFIG)
     manifest = seed(project, url, warm_template)
     door.write(f"entries/{manifest['key_digest']}/{JUNK_NAME}.json", DEEP)
+    # And a copy of the good manifest naming a library of 10**400 bytes (a size
+    # is used in arithmetic: the download's deadline). Unsigned remotes trust the rest.
+    huge = {**manifest, "size": 10**400, "created": manifest["created"] - 1,
+            "digest": "e" * 64}
+    door.write(f"entries/{manifest['key_digest']}/{'e' * 64}.json", json.dumps(huge).encode())
 
     for name, policy in (("on", "ON"), ("readonly", "READONLY")):
         ret, out = run(machine(project, name), f"--mlc-jit-policy={policy}")
         assert ret == 0, out
         assert "RecursionError" not in out, out
-        assert "nested deeper than" in junk_line(out), out
+        assert "OverflowError" not in out, out
+        assert "2 unusable remote objects skipped" in junk_line(out), out
+        assert "nested deeper than" in out or "invalid size" in out, out
     assert project.compiles() == []
     assert len(machine(project, "on").libraries()) == 1
 
     rc, out = cli("ls", "--remote", url)
     assert rc == 0, out
-    assert "2 entries" in out, out
+    assert "3 entries" in out, out
     assert "nested deeper than" in out, out
+    assert "invalid size" in out, out
     rc, out = cli("verify", "--remote", url)
     assert rc == 1, out
-    assert "2 entries checked" in out, out
-    assert "1 bad" in out, out
+    assert "3 entries checked" in out, out
+    assert "2 bad" in out, out
     rc, out = cli("prune", "--remote", url, "--older-than", "0s")
     assert rc == 0, out
     assert f"{JUNK_NAME}.json" in out, out
@@ -126,12 +134,12 @@ def test_every_reader_of_json_from_outside_is_bounded(tmp_path: Path) -> None:
     """The one bounded reader, and each reader built on it: a deep array, a huge document
     and bytes that are not UTF-8 are junk (None, skipped, or CorruptEntryError), never an
     exception of another kind; brackets inside strings do not count as nesting."""
-    from pytest_mlcjit._util.jsonsafe import loads_bounded
+    from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES, loads_bounded
 
     deep = tmp_path / "deep.json"
     deep.write_bytes(DEEP)
     for junk, why in ((DEEP, "nested deeper than 64"), (b"[" * 65 + b"]" * 65, "nested"),
-                      (b"\xff\xfe", "not UTF-8"), (b" " * (2 << 20), "larger than"),
+                      (b"\xff\xfe", "not UTF-8"), (b" " * (MAX_JSON_BYTES + 1), "larger than"),
                       (b"[1,", "JSONDecodeError")):
         with pytest.raises(ValueError, match=why):
             loads_bounded(junk)
@@ -175,7 +183,8 @@ def test_three_hundred_junk_manifests_are_one_line(
 
 def test_the_stats_of_many_workers_show_each_warning_once() -> None:
     """Merged on the controller: the remote going down is one line whichever workers met
-    it (each names what it was doing), skipped objects are summed into one line, other
+    it (each names what it was doing), so is an upload refused for permission (each
+    worker names its library), skipped objects are summed into one line, other
     warnings are kept once each and at most MAX_NOTES of them."""
     from pytest_mlcjit.cache.store.tiered import MAX_NOTES
 
@@ -183,6 +192,7 @@ def test_the_stats_of_many_workers_show_each_warning_once() -> None:
     for worker in range(3):
         stats = RemoteStats()
         stats.went_down(f"remote s3://b/ci failed while listing key {worker}: timed out")
+        stats.refused_upload(f"remote s3://b/ci refused an upload (uploading {worker}): 403")
         for i in range(100):
             stats.skip(f"manifest {worker}/{i} is junk")
         for i in range(MAX_NOTES + 2):
@@ -190,9 +200,11 @@ def test_the_stats_of_many_workers_show_each_warning_once() -> None:
         total.merge(json.loads(json.dumps(stats.to_json())))
     assert total.warnings[0] == "remote s3://b/ci failed while listing key 0: timed out"
     assert [w for w in total.warnings if "failed while" in w] == total.warnings[:1]
-    assert total.warnings[1] == ("300 unusable remote objects skipped, the first: "
+    assert total.warnings[1] == "remote s3://b/ci refused an upload (uploading 0): 403"
+    assert [w for w in total.warnings if "refused an upload" in w] == total.warnings[1:2]
+    assert total.warnings[2] == ("300 unusable remote objects skipped, the first: "
                                  "manifest 0/0 is junk")
-    assert total.warnings[2:-1] == [f"download {i} refused (not loaded)"
+    assert total.warnings[3:-1] == [f"download {i} refused (not loaded)"
                                     for i in range(MAX_NOTES)]
     assert total.warnings[-1] == "6 more remote warnings not shown"
 

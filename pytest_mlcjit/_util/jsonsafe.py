@@ -12,9 +12,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-#: The most bytes a JSON document read from outside may have (manifests and records are
-#: a few KiB; a manifest with many recorded inputs a few hundred).
-MAX_JSON_BYTES = 1 << 20
+#: The most bytes a JSON document read from outside may have: manifests and records are a
+#: few KiB, but each recorded input adds about 250 bytes, so a factory that reads tens of
+#: thousands of files (weight shards, a calibration set) writes a manifest of megabytes.
+MAX_JSON_BYTES = 16 << 20
 #: The deepest nesting of arrays and objects accepted (the cache's own documents nest a
 #: few levels; a recorded signature's arguments a few more).
 MAX_JSON_DEPTH = 64

@@ -20,6 +20,9 @@ MAX_TIMEOUT_S = 86400.0
 #: (``MLC_JIT_REMOTE_DEADLINE``, ``MLC_JIT_REMOTE_MIN_THROUGHPUT``): a server that trickles
 #: bytes resets the read timeout at every byte, never this.
 DEADLINE_S = 120.0
+#: The longest total deadline of one operation, whatever the size and the throughput (a
+#: week: a timer or a wait of ``1e12`` seconds overflows).
+MAX_DEADLINE_S = 7 * 86400.0
 #: Bytes per second (1 MB/s: a 100 MB library may take 100 s more than the base).
 MIN_THROUGHPUT = 1_000_000
 
@@ -34,6 +37,7 @@ class Deadline:
     """
 
     def __init__(self, seconds: float) -> None:
+        seconds = min(seconds, MAX_DEADLINE_S)  # a timer or a wait cannot take more
         self.seconds = seconds
         self.end = time.monotonic() + seconds
         self.expired = False

@@ -110,13 +110,20 @@ def _input_lines(manifest: Mapping[str, Any] | None) -> list[str]:
 
 
 # -- info ---------------------------------------------------------------------------------------
+#: The totals of a run-history line that its summary line shows.
+_RUN_TOTALS = frozenset({"requests", "compiles", "prefetched", "compile_seconds", "wait_seconds",
+                         "corrupt"})
+
+
 def _run_line(run: dict[str, Any]) -> str:
     """A run of the history in the words of the run's own summary line (its outcomes,
     each request counted once, then what the compiles and waits cost)."""
     mode = "prepare, " if run.get("prepare") else ""
     stats = Stats()
     outcomes = run.get("outcomes")
-    stats.merge({k: v for k, v in run.items() if k != "outcomes"})
+    # Only the numeric totals: a damaged line's other fields ("remote", "libraries") are
+    # not this line's to render.
+    stats.merge({k: v for k, v in run.items() if k in _RUN_TOTALS})
     if isinstance(outcomes, dict):  # else a record of an older version: its requests only
         stats.merge({"outcomes": {k: v for k, v in outcomes.items()
                                   if k in OUTCOMES and isinstance(v, int)}})

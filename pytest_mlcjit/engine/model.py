@@ -301,6 +301,8 @@ class CompiledModel:
             raise self._unknown_function(function)
         if params is not None:
             self.params = params
+        import tvm
+
         dev = self.tvm_device()
         if sigs is None:  # an entry compiled before signatures were recorded
             if named_inputs:
@@ -325,7 +327,7 @@ class CompiledModel:
             value = _param_array(n, values[n], specs.get(n))
             if n in specs and (why := _param_mismatch(value, specs[n])) is not None:
                 raise InputError(f"parameter {n!r} of {function} {why}")
-            args.append(_to_device(value, None, dev))
+            args.append(tvm.runtime.tensor(value, dev))  # a tensor elsewhere is copied over
         vm = self.load()
         return _to_numpy(vm[function](*args))
 

@@ -159,9 +159,10 @@ class Stats:
     def merge(self, other: Mapping[str, Any]) -> None:
         """Add another process's :meth:`to_json`."""
         for field in dataclasses.fields(self):  # the numeric totals
-            value = other.get(field.name)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                setattr(self, field.name, getattr(self, field.name) + value)
+            value, current = other.get(field.name), getattr(self, field.name)
+            if (isinstance(value, int | float) and not isinstance(value, bool)
+                    and isinstance(current, int | float)):
+                setattr(self, field.name, current + value)
         _add_counts(self.outcomes, other.get("outcomes") or {})
         self.remote.merge(other.get("remote") or {})
         for data in other.get("libraries") or ():
@@ -200,7 +201,11 @@ class Stats:
             if n:
                 one, many = OUTCOME_WORDS[kind]
                 kinds.append(f"{n} {one if n == 1 else many}")
-        line = f"{plural(self.requests, 'request')}: {', '.join(kinds) or 'outcomes not recorded'}"
+        if not self.requests:
+            line = "no requests"
+        else:
+            line = (f"{plural(self.requests, 'request')}: "
+                    f"{', '.join(kinds) or 'outcomes not recorded'}")
         extra = []
         if self.prefetched:
             extra.append(f"{plural(self.prefetched, 'library', 'libraries')} compiled ahead "

@@ -92,6 +92,9 @@ class RemoteStats:
     warnings: list[str] = dataclasses.field(default_factory=list)
     #: Why the remote went down in this run (the first report wins).
     down: str | None = None
+    #: Why an upload was refused for permission, so that the run only reads (the first
+    #: report wins: every worker that meets the refusal says it once, the run once).
+    upload_refused: str | None = None
     #: Remote objects skipped as unusable (junk, a bad signature), and the first's reason.
     skipped: int = 0
     skipped_first: str | None = None
@@ -119,8 +122,14 @@ class RemoteStats:
         self.down = self.down or message
         self._show()
 
+    def refused_upload(self, message: str) -> None:
+        self.upload_refused = self.upload_refused or message
+        self._show()
+
     def _show(self) -> None:
         lines = [self.down] if self.down else []
+        if self.upload_refused:
+            lines.append(self.upload_refused)
         if self.skipped:
             what = plural(self.skipped, "unusable remote object")
             lines.append(f"{what} skipped: {self.skipped_first}" if self.skipped == 1
@@ -138,7 +147,7 @@ class RemoteStats:
                 for note in value if isinstance(value, list) else ():
                     if isinstance(note, str):
                         self.note(note)
-            elif field.name in ("down", "skipped_first"):
+            elif field.name in ("down", "upload_refused", "skipped_first"):
                 if isinstance(value, str) and getattr(self, field.name) is None:
                     setattr(self, field.name, value)
             elif (field.name != "warnings" and isinstance(value, int | float)
@@ -215,9 +224,11 @@ class RemoteTier:
             # Credentials that read but may not write (the default mode is readwrite):
             # the library is fine; the rest of this run only reads.
             self.mode = "read"
-            self.warn(f"remote {self.url} refused an upload ({what}): {exc}; this run only "
-                      "reads from it from now on (set --mlc-jit-remote-mode=read for "
-                      "read-only credentials, or --mlc-jit-remote-required to fail instead)")
+            with self._lock:
+                self.stats.refused_upload(
+                    f"remote {self.url} refused an upload ({what}): {exc}; this run only "
+                    "reads from it from now on (set --mlc-jit-remote-mode=read for "
+                    "read-only credentials, or --mlc-jit-remote-required to fail instead)")
         except RemoteError as exc:
             self._went_down(exc, f"remote {self.url} failed while {what}: {exc}; it is not "
                             "used for the rest of this run (pass --mlc-jit-remote-required "

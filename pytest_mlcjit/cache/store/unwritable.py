@@ -28,7 +28,8 @@ def not_writable(root: Path, reason: str | None, what: str = "") -> str:
     """The message of a cache directory that cannot be written (``what``: the request that
     would have had to compile into it)."""
     because = f" ({reason})" if reason else ""
-    needs = f": {what} is not cached and would have to be compiled" if what else ""
+    needs = (f": {what} has no usable entry there (or the policy is REDO), and compiling it "
+             "would write there") if what else ""
     return (f"cache directory {root} is not writable{because}{needs}; choose another with "
             "--mlc-jit-cache-dir, or use --mlc-jit-policy=READONLY")
 

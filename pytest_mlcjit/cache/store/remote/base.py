@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from pytest_mlcjit._util import remote_limits
 from pytest_mlcjit._util.fs import FILE_MODE, fault_point
-from pytest_mlcjit._util.jsonsafe import loads_bounded
+from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES, loads_bounded
 from pytest_mlcjit._util.remote_limits import Deadline
 from pytest_mlcjit.cache.layout import DIGEST_RE
 from pytest_mlcjit.cache.store.remote.signing import (
@@ -38,7 +38,10 @@ from pytest_mlcjit.errors import (
 from pytest_mlcjit.key import file_sha256
 
 #: A manifest is a few hundred bytes; anything far larger is not one.
-MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = MAX_JSON_BYTES
+#: The largest library a remote manifest may name (1 PiB: anything larger is junk, and a
+#: size is used in arithmetic, as the download's deadline).
+MAX_LIBRARY_BYTES = 1 << 50
 
 CHUNK = 1 << 20
 
@@ -70,8 +73,9 @@ def _manifest_problem(manifest: Any, key_digest: str | None,
     sha, size = manifest.get("sha256"), manifest.get("size")
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         return f"has an invalid sha256 {sha!r} (expected 64 lowercase hex digits)"
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        return f"has an invalid size {size!r} (expected a non-negative integer)"
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_LIBRARY_BYTES:
+        return (f"has an invalid size {str(size)[:40]} (expected an integer from 0 to "
+                f"{MAX_LIBRARY_BYTES})")
     digest = manifest.get("digest")
     named_key = manifest.get("key_digest", digest)
     if key_digest is not None and named_key != key_digest:
@@ -418,7 +422,8 @@ class Remote(abc.ABC):
         deadline, ``options.deadline + size / options.min_throughput`` seconds: when it
         expires, what the operation waits on is closed (the adapter registers that with
         :meth:`current_deadline`), and the operation fails with RemoteUnavailableError."""
-        seconds = self.options.deadline + size / self.options.min_throughput
+        seconds = (self.options.deadline
+                   + min(size, MAX_LIBRARY_BYTES) / self.options.min_throughput)
         deadline = Deadline(seconds)
         outer = getattr(self._local, "deadline", None)
         self._local.deadline = deadline
