@@ -16,7 +16,10 @@ import os
 import py_compile
 import sys
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,10 +120,17 @@ def test_an_input_edited_during_the_compile_is_not_cached(
         project: Project, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The factory reads hidden.txt (4), then the file is edited (6) before it returns: the
     test gets the library it asked for (width 4), but nothing is published under the new
-    content's hash (nor at all), the output says why, and the next run compiles again."""
+    content's hash (nor at all), the output says why, and the next run compiles again.
+    A declared input (``files=``, hashed into the key before the compile) edited meanwhile
+    is said too. The kept library's staging directory, its lock and its descriptor go when
+    the run ends."""
     _write(project, "keycov_file", FROM_FILE)
+    project.pytester.makepyfile(test_keycov_file=TEST.format(module="keycov_file").replace(
+        '"keycov_file:build")', '"keycov_file:build", files=["declared.txt"])'))
     data = project.pytester.path / "hidden.txt"
     data.write_text("4")
+    declared = project.pytester.path / "declared.txt"
+    declared.write_text("v1")
     hold = tmp_path / "hold"
     hold.touch()
     monkeypatch.setenv("MLCJIT_TEST_HOLD", str(hold))
@@ -129,6 +139,7 @@ def test_an_input_edited_during_the_compile_is_not_cached(
         try:
             wait_until(lambda: Path(f"{hold}.reading").exists(), "the factory to read")
             data.write_text("6")
+            declared.write_text("v2")
         finally:
             hold.unlink()
 
@@ -143,6 +154,11 @@ def test_an_input_edited_during_the_compile_is_not_cached(
     assert project.manifests() == []  # nothing published, under either content's hash
     assert project.libraries() == []
     assert "hidden.txt changed during the compile" in first.stdout.str()
+    assert "declared.txt changed during the compile (declared in files=)" in first.stdout.str()
+    assert [p for d in project.cache.rglob("staging") for p in d.iterdir()] == []
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert [f for f in fds if f.startswith(str(project.cache))] == []
 
     monkeypatch.delenv("MLCJIT_TEST_HOLD")
     second = _run(project, monkeypatch, width=6)
@@ -273,3 +289,162 @@ def test_an_environment_variable_is_an_input_and_a_subprocess_is_said(
                         str(project.cache), cwd=project.pytester.path)
     assert explained.returncode == 0, explained.stderr
     assert "recorded inputs incomplete: subprocess: true" in explained.stdout
+
+
+# -- follow-up of the review: what the recorder sees, in this process (no compile) --------------
+def _record(base: Path, body: Callable[[], object]) -> tuple[InputRecorder, dict[str, Any]]:
+    recorder = InputRecorder(base)
+    with recorder:
+        body()
+    return recorder, dict(recorder.result())
+
+
+def test_module_level_reads_of_an_imported_module_are_inputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Module-level code runs under the import system: its listings, probes and
+    environment reads are the module's own, recorded; the import system's own listing of
+    the ``sys.path`` directory is not."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "a.npy").write_bytes(b"1")
+    (tmp_path / "keycov_toplevel.py").write_text(
+        "import glob, os, pathlib\n"
+        "HERE = pathlib.Path(__file__).parent\n"
+        "SHARDS = sorted(glob.glob(str(HERE / 'weights' / '*.npy')))\n"
+        "OVERRIDE = os.path.exists(HERE / 'override.json')\n"
+        "MODE = os.environ.get('KEYCOV_TOP_MODE')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "keycov_toplevel", raising=False)
+    _, recorded = _record(tmp_path, lambda: importlib.import_module("keycov_toplevel"))
+    monkeypatch.delitem(sys.modules, "keycov_toplevel")
+    assert {d["path"]: d["count"] for d in recorded.get("listings", [])} == {"weights": 1}
+    assert {p["path"]: p["state"] for p in recorded.get("probes", [])} == {
+        "override.json": "absent"}
+    assert set(recorded.get("env", {})) == {"KEYCOV_TOP_MODE"}
+
+
+def test_a_forked_or_spawned_process_makes_the_record_incomplete(tmp_path: Path) -> None:
+    """A fork (multiprocessing's fork start method, ProcessPoolExecutor) and a process
+    started as multiprocessing's spawn and forkserver methods start one (no audit event)
+    mark the record incomplete; a subprocess is said once, as a subprocess."""
+    import multiprocessing.util
+    import subprocess
+
+    def fork() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12)
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    def spawn() -> None:
+        pid = multiprocessing.util.spawnv_passfds(  # as popen_spawn_posix does
+            os.fsencode(sys.executable), [sys.executable, "-c", "pass"], [])
+        os.waitpid(pid, 0)
+
+    assert _record(tmp_path, fork)[1]["incomplete"] == ["a forked process (multiprocessing?)"]
+    assert _record(tmp_path, spawn)[1]["incomplete"] == [
+        "a process started by multiprocessing"]
+    ran = _record(tmp_path, lambda: subprocess.run(["true"], check=True))[1]
+    assert ran["incomplete"] == ["subprocess: true"]
+
+
+def test_paths_outside_the_project_cost_no_state(tmp_path: Path) -> None:
+    """Walking a tree outside the project while recording keeps nothing of it (the
+    project's prefix is tested first, before any stack walk or stat), and records nothing."""
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    project.mkdir()
+    for i in range(3):
+        (outside / f"d{i}").mkdir(parents=True)
+        (outside / f"d{i}" / "f").write_bytes(b"x")
+
+    def walk() -> None:
+        sizes = [os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(outside) for f in names]
+        assert sizes == [1, 1, 1]
+
+    recorder, recorded = _record(project, walk)
+    assert recorder._probes == {}
+    assert recorder._listings == {}
+    assert "probes" not in recorded
+    assert "listings" not in recorded
+
+
+def test_reading_the_whole_environment_records_no_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dict(os.environ, X=...)``, ``{**os.environ}``, ``items()``, ``values()``,
+    iteration and ``len`` read no variable by name (else ``_``, ``OLDPWD``, ``SHLVL``, a CI
+    job id would be in the key); a read by name still counts."""
+    monkeypatch.setenv("KEYCOV_SHELL_NOISE", "1")
+    monkeypatch.setenv("KEYCOV_NAMED", "x")
+
+    def read() -> None:
+        child = dict(os.environ, KEYCOV_CHILD="1")
+        assert {**os.environ}["KEYCOV_SHELL_NOISE"] == child["KEYCOV_SHELL_NOISE"]
+        assert len(list(os.environ.items())) == len(os.environ) == len(list(os.environ.values()))
+        assert sorted(os.environ) == sorted(os.environ.keys())
+        assert os.environ["KEYCOV_NAMED"] == "x"
+
+    assert set(_record(tmp_path, read)[1].get("env", {})) == {"KEYCOV_NAMED"}
+
+
+def test_a_file_the_factory_makes_after_failing_to_open_it_is_its_output(
+        tmp_path: Path) -> None:
+    """Try to open, else convert and save: the file is the factory's own output, neither
+    an input nor an input that appeared during the compile."""
+    converted = tmp_path / "converted.bin"
+
+    def open_or_convert() -> None:
+        try:
+            converted.read_bytes()
+        except FileNotFoundError:
+            converted.write_bytes(b"converted")
+        assert converted.read_bytes() == b"converted"
+
+    recorder, recorded = _record(tmp_path, open_or_convert)
+    assert recorder.unstable == []
+    assert recorded["files"] == []
+    assert "probes" not in recorded
+
+
+def test_an_old_input_edited_while_recording_is_unstable_by_its_stat(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input older than the racy window is trusted by its stat signature, not hashed
+    when first read: an edit (mtime set back) is still noticed. A file's ctime cannot be
+    set back, so the window is narrowed to make the just-written file old."""
+    from pytest_mlcjit.inputs import hooks
+
+    monkeypatch.setattr(hooks, "RACY_WINDOW_NS", -10**18)
+    data = tmp_path / "old.txt"
+    data.write_text("4")
+    hour_ago = data.stat().st_mtime_ns - 3600 * 10**9
+    os.utime(data, ns=(hour_ago, hour_ago))
+
+    def read_then_edit() -> None:
+        assert data.read_text() == "4"
+        data.write_text("16")
+        os.utime(data, ns=(hour_ago, hour_ago))
+
+    recorder, _ = _record(tmp_path, read_then_edit)
+    first = recorder._first[str(data)]
+    assert first is not None
+    assert first[1] is None  # judged by its stat, not a hash
+    assert recorder.unstable == ["old.txt changed during the compile"]
+
+
+def test_local_sources_only_while_the_factory_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finder that compiles local modules from source is first on ``sys.meta_path``
+    inside the block only (``tvm.compile`` runs after it)."""
+    from pytest_mlcjit.inputs.sources import SourceLoader, fresh_local_sources
+
+    (tmp_path / "keycov_srcmod.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "keycov_srcmod", raising=False)
+    with fresh_local_sources(tmp_path) as finder:
+        assert sys.meta_path[0] is finder
+        module = importlib.import_module("keycov_srcmod")
+    monkeypatch.delitem(sys.modules, "keycov_srcmod")
+    assert module.__spec__ is not None
+    assert isinstance(module.__spec__.loader, SourceLoader)
+    assert finder not in sys.meta_path

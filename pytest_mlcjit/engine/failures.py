@@ -106,8 +106,9 @@ def missing_cache(root: Path) -> str | None:
     cache that was not restored), else None."""
     if os.path.lexists(root):
         return None
-    return (f"cache directory {root} does not exist, and the policy is READONLY, which reads "
-            "an existing cache and never makes one: check the path (--mlc-jit-cache-dir, "
+    return (f"cache directory {root} does not exist (and a remote, if one is set, has no "
+            "entry that fits), and the policy is READONLY, which reads an existing cache "
+            "and never makes one: check the path (--mlc-jit-cache-dir, "
             "MLC_JIT_CACHE_DIR), or warm a cache there first (pytest --mlc-jit-prepare, or a "
             "run with --mlc-jit-policy=ON)")
 
@@ -152,12 +153,15 @@ def known_failure(store: Store, query: EntryQuery, checker: InputChecker) -> Com
 def failure_verdict(account: Mapping[str, Any] | None, log: Path, prior: KnownFailure | None,
                     base: Path | None, checker: InputChecker) -> dict[str, Any] | None:
     """What to record of a failed compile for later runs: None when it cannot outlive its
-    run (the compile gave no account of it, its inputs are not recorded, or it ran out of
-    memory); else the compile's ``account`` (``{"error", "inputs", "missing"}``) with
-    ``seen``: one more than the ``prior`` verdict's when that one is the same error and
-    still holds (the same key and inputs), else 1 (seen once)."""
+    run (the compile gave no account of it, its inputs are not recorded or incomplete, or
+    it ran out of memory); else the compile's ``account`` (``{"error", "inputs",
+    "missing"}``) with ``seen``: one more than the ``prior`` verdict's when that one is the
+    same error and still holds (the same key and inputs), else 1 (seen once)."""
     if account is None or base is None:
         return None
+    inputs = account.get("inputs")
+    if not isinstance(inputs, Mapping) or inputs.get("incomplete"):
+        return None  # what it ran (a tool, a worker) is no input: fixing it is not seen
     what = str(account.get("error", ""))
     if out_of_memory(what, log_tail(log)):
         return None

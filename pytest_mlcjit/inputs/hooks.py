@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pytest_mlcjit.inputs.observe import (
+    BULK_READ,
     ENV_HOOK,
     REAL_LSTAT,
     REAL_STAT,
@@ -123,7 +124,8 @@ _HANDLERS: dict[str, Any] = {
     "os.mkdir": _on_mkdir,
 }
 _UNRECORDABLE = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
-                           "os.spawn", "ctypes.dlopen", "socket.connect"})
+                           "os.spawn", "os.fork", "os.forkpty", "ctypes.dlopen",
+                           "socket.connect"})
 
 
 def audit_hook(event: str, args: tuple[Any, ...]) -> None:
@@ -181,10 +183,39 @@ def _probing(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_resul
     return probe
 
 
+def _spawning(real: Callable[..., int]) -> Callable[..., int]:
+    """``_posixsubprocess.fork_exec`` as called by ``multiprocessing`` (its spawn and
+    forkserver start methods raise no audit event); ``subprocess`` raises its own."""
+    def fork_exec(*args: Any, **kwargs: Any) -> int:
+        if ACTIVE and not getattr(_TLS, "busy", False):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.basename(caller) != "subprocess.py":
+                for recorder in tuple(ACTIVE):
+                    recorder._note_incomplete(SPAWNED)
+        return real(*args, **kwargs)
+
+    return fork_exec
+
+
+#: The note of a process started by ``multiprocessing`` (spawn, forkserver).
+SPAWNED = "a process started by multiprocessing"
+
+try:
+    import _posixsubprocess
+
+    _REAL_FORK_EXEC: Any = _posixsubprocess.fork_exec
+    _SPAWN_HOOK: Any = _spawning(_REAL_FORK_EXEC)
+except (ImportError, AttributeError):  # not POSIX
+    _posixsubprocess = None  # type: ignore[assignment]
+
+
 def observe(on: bool) -> None:
-    """Wrap ``os.stat``/``os.lstat`` and make ``os.environ`` record (``on``), or undo it;
-    call with :data:`HOOK_LOCK` held."""
+    """Wrap ``os.stat``/``os.lstat`` (and ``_posixsubprocess.fork_exec``) and make
+    ``os.environ`` record (``on``), or undo it; call with :data:`HOOK_LOCK` held."""
     environ = os.environ
+    if _posixsubprocess is not None:
+        _posixsubprocess.fork_exec = _SPAWN_HOOK if on else _REAL_FORK_EXEC
+    BULK_READ.keys = None  # names this thread listed before: no longer a copy's
     if on:
         os.stat, os.lstat = _probing(REAL_STAT), _probing(REAL_LSTAT)
         if type(environ) is os._Environ:

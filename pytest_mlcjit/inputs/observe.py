@@ -15,21 +15,26 @@ Used by :mod:`.record` in the compile child and by :mod:`.check` in the test pro
   (:data:`ENV_NOISE`): the variables of pytest (``PYTEST_*``), of this plugin
   (``MLC_JIT_*``, ``MLCJIT_*``) and those the plugin sets for the compile child
   (``PYTHONPATH``, ``PYTHONUNBUFFERED``): they describe the run, not the model.
-  ``os.environ.copy()`` records nothing; iterating ``os.environ`` records each variable;
-* *incomplete*: what cannot be recorded (a subprocess, a ctypes load of a local library, a
-  socket connection), named so that the user can name its inputs (``files=``, a config
-  value).
+  Reading the whole environment records nothing: ``os.environ.copy()``, ``dict(os.environ)``,
+  ``{**os.environ}``, ``.keys()``, ``.items()``, ``.values()``, iterating, ``len``; only
+  the reads of a variable by its name count;
+* *incomplete*: what cannot be recorded (a subprocess, a forked or spawned process, a
+  ctypes load of a local library, a socket connection), named so that the user can name
+  its inputs (``files=``, a config value).
 
 Only the standard library is imported here.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import importlib
 import os
 import stat
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from typing import Any
 
 #: Environment variables never recorded: exact names, and prefixes (see the module doc).
@@ -44,12 +49,53 @@ MAX_NOTE = 200
 REAL_STAT = os.stat
 REAL_LSTAT = os.lstat
 
-#: Code of the import system: a directory it lists (to find a module or a distribution)
-#: is not the factory's input.
-_IMPORT_SYSTEM = ("<frozen importlib", "<frozen zipimport")
-_IMPORT_FILES = (os.sep + "importlib" + os.sep, os.sep + "pkgutil.py",
-                 os.sep + "pkg_resources" + os.sep, os.sep + "site.py",
-                 os.sep + "importlib_metadata" + os.sep, os.sep + "linecache.py")
+#: Code of the import system: a directory it lists or a path it probes (to find a module or
+#: a distribution) is not the factory's input. Matched against the nearest caller that is
+#: not a path helper (:data:`_HELPERS`): the factory's own module-level code runs under the
+#: import system too, and what it lists or probes there is its input.
+_IMPORT_SYSTEM = ("<frozen importlib", "<frozen zipimport", "<frozen site")
+_IMPORT_FILES = (os.path.dirname(importlib.__file__) + os.sep,
+                 os.sep + "importlib_metadata" + os.sep, os.sep + "pkg_resources" + os.sep)
+_IMPORT_MODULES = ("pkgutil", "zipimport", "site", "linecache")
+#: The path helpers between a caller and ``os.stat``/``os.listdir`` (and this package's
+#: own hooks): skipped to find who asked.
+_HELPER_MODULES = ("os", "posixpath", "genericpath", "glob", "fnmatch", "pathlib", "shutil",
+                   "ntpath", "stat")
+
+
+def _stdlib_files(names: tuple[str, ...]) -> frozenset[str]:
+    """The code file names (``co_filename``) of stdlib modules ``names``: their source file
+    and their frozen name."""
+    lib = os.path.dirname(os.__file__)
+    out = {f"<frozen {name}>" for name in names}
+    out.update(os.path.join(lib, f"{name}.py") for name in names)
+    return frozenset(out)
+
+
+_IMPORT_NAMES = _stdlib_files(_IMPORT_MODULES)
+_HELPERS = _stdlib_files(_HELPER_MODULES)
+#: This package's hooks and recorder, and ``pathlib`` where it is a package (3.13).
+_SKIPPED = (os.path.dirname(__file__) + os.sep,
+            os.path.join(os.path.dirname(os.__file__), "pathlib") + os.sep)
+
+#: ``co_filename`` → 0 (a path helper or this package: skipped), 1 (the import system's),
+#: 2 (anyone else's: the factory's), memoized.
+_KIND: dict[str, int] = {}
+
+
+def _kind(name: str) -> int:
+    kind = _KIND.get(name)
+    if kind is None:
+        if name in _HELPERS or name.startswith(_SKIPPED):
+            kind = 0
+        elif (name in _IMPORT_NAMES or name.startswith(_IMPORT_SYSTEM)
+              or name.startswith(_IMPORT_FILES[0])
+              or any(part in name for part in _IMPORT_FILES[1:])):
+            kind = 1
+        else:
+            kind = 2
+        _KIND[name] = kind
+    return kind
 
 
 def env_noise(name: str) -> bool:
@@ -93,13 +139,16 @@ def listing_state(path: str) -> tuple[str, int] | None:
 
 
 def by_import_system() -> bool:
-    """Whether the running code was called by the import system (a finder listing a
-    ``sys.path`` directory, ``importlib.metadata`` looking for distributions)."""
+    """Whether the nearest caller that is not a path helper (``os``, ``glob``,
+    ``pathlib`` ... or this package's hooks) is the import system's own code (a finder
+    listing a ``sys.path`` directory, ``importlib.metadata`` looking for distributions).
+    The module-level code of a module being imported is its module's, not the import
+    system's: what it lists or probes is recorded."""
     frame = sys._getframe(1)
     while frame is not None:
-        name = frame.f_code.co_filename
-        if name.startswith(_IMPORT_SYSTEM) or any(part in name for part in _IMPORT_FILES):
-            return True
+        kind = _kind(frame.f_code.co_filename)
+        if kind:
+            return kind == 1
         frame = frame.f_back  # type: ignore[assignment]
     return False
 
@@ -113,14 +162,19 @@ def _short(words: object) -> str:
     return text if len(text) <= MAX_NOTE else text[:MAX_NOTE - 1] + "…"
 
 
+#: The note of a forked process (``os.fork``: ``multiprocessing``'s fork start method,
+#: ``ProcessPoolExecutor``, ``os.spawnv``).
+FORKED = "a forked process (multiprocessing?)"
+
+
 def incomplete_note(event: str, args: tuple[Any, ...]) -> str | None:
     """What an audit event that the recorder cannot follow did, as a note; None for one
     that is no input (a ctypes load of a library outside the project is judged by the
     caller)."""
     if event == "subprocess.Popen":
         return "subprocess: " + _short(args[1] if len(args) > 1 and args[1] else args[0])
-    if event == "os.system":
-        return "subprocess: " + _short(args[0])
+    if event in ("os.system", "os.fork", "os.forkpty"):  # a fork: multiprocessing's too
+        return "subprocess: " + _short(args[0]) if event == "os.system" else FORKED
     if event in ("os.exec", "os.posix_spawn", "os.spawn"):
         argv = args[2] if event == "os.spawn" and len(args) > 2 else (
             args[1] if len(args) > 1 else args[0])
@@ -137,6 +191,13 @@ class RecordingEnviron(os._Environ):  # type: ignore[type-arg]
     to the object records): reads are reported to :data:`ENV_HOOK`, writes too."""
 
     def __getitem__(self, key: str) -> str:
+        pending = getattr(BULK_READ, "keys", None)
+        if pending:  # dict(os.environ), {**os.environ}: each name, in the order listed
+            if pending[0] == key:
+                pending.popleft()
+                quiet: str = super().__getitem__(key)
+                return quiet
+            BULK_READ.keys = None
         try:
             value: str = super().__getitem__(key)
         except KeyError:
@@ -157,6 +218,26 @@ class RecordingEnviron(os._Environ):  # type: ignore[type-arg]
         """A copy (to hand a child process its environment): not a read of each variable."""
         data: dict[Any, Any] = self._data  # type: ignore[attr-defined]
         return {self.decodekey(k): self.decodevalue(v) for k, v in data.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        """The names; once all are listed, reading them in that order (what ``dict()`` and
+        ``{**os.environ}`` do) is a copy, not a read of each variable."""
+        names = [self.decodekey(k) for k in list(self._data)]  # type: ignore[attr-defined]
+        BULK_READ.keys = None
+        yield from names
+        BULK_READ.keys = collections.deque(names)
+
+    def items(self) -> ItemsView[str, str]:
+        """The whole environment (not a read of each variable)."""
+        return self.copy().items()
+
+    def values(self) -> ValuesView[str]:
+        """The whole environment's values (not a read of each variable)."""
+        return self.copy().values()
+
+
+#: Per thread: the names just listed by iterating the recording ``os.environ``.
+BULK_READ = threading.local()
 
 
 def _no_env_hook(name: str, value: str | None, write: bool) -> None:

@@ -118,6 +118,8 @@ class InputRecorder:
         exclude_temp: bool = False,
     ) -> None:
         self.base = Path(abspath(base))
+        self._bases = frozenset({str(self.base), os.path.realpath(self.base)})
+        self._prefixes = tuple(b.rstrip(os.sep) + os.sep for b in self._bases)
         self.roots = tuple(roots)
         self.exclude_temp = exclude_temp
         self._exclude = both_forms(list(exclude))
@@ -194,7 +196,14 @@ class InputRecorder:
         A file first opened to be created, truncated or appended to is an output (even if
         read back later); a file first opened for reading is an input (even if rewritten
         later: an outside edit must still be noticed)."""
-        if path in self._reads or path in self._produced:
+        if path in self._produced:
+            return
+        if path in self._reads:
+            if produces and self._first.get(path, 0) is None:
+                # "Open it, else make it": a file absent when the factory first tried it
+                # and then written by the factory is its own output, not an input.
+                del self._reads[path], self._first[path]
+                self._produced.add(path)
             return
         if produces:
             self._produced.add(path)
@@ -202,12 +211,17 @@ class InputRecorder:
             self._reads[path] = None
             self._first[path] = state_now(path)
 
+    def _inside(self, path: str) -> bool:
+        """The cheap first test of a listed or probed path: under the project's base (or
+        its real path), by name only. Everything else is judged in :meth:`_local`."""
+        return path.startswith(self._prefixes) or path in self._bases
+
     def _note_listing(self, path: str) -> None:
-        if path not in self._listings:
+        if path not in self._listings and self._inside(path):
             self._listings[path] = None if by_import_system() else listing_state(path)
 
     def _note_probe(self, path: str) -> None:
-        if path not in self._probes:
+        if path not in self._probes and self._inside(path):
             self._probes[path] = None if by_import_system() else path_state(path)
 
     def _note_env(self, name: str, value: str | None, write: bool) -> None:

@@ -7,13 +7,18 @@ its old mtime, is imported from its old bytecode, while the recorder hashes the 
 module (see :func:`.paths.classify`) a loader that compiles the source it reads (the very
 bytes the recorder sees through the ``open`` audit event) and writes no bytecode; installed
 and stdlib modules keep their ``.pyc``. Only the standard library and :mod:`.paths`.
+
+Not covered: a module the factory loads itself, bypassing ``sys.meta_path``
+(``importlib.util.spec_from_file_location(...).loader.exec_module``), keeps Python's
+``.pyc`` rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import CodeType, ModuleType
 from typing import Any
 
@@ -59,9 +64,15 @@ class LocalSourceFinder:
         return None
 
 
-def fresh_local_sources(base: PathLike) -> LocalSourceFinder:
+@contextlib.contextmanager
+def fresh_local_sources(base: PathLike) -> Iterator[LocalSourceFinder]:
     """Install (first on ``sys.meta_path``) the finder that compiles local modules from
-    source, for the rest of this process (the compile child)."""
+    source, for the block (the factory's import and call in the compile child): removed
+    after it, so that what runs later (``tvm.compile``) imports as usual."""
     finder = LocalSourceFinder(base)
     sys.meta_path.insert(0, finder)
-    return finder
+    try:
+        yield finder
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(finder)

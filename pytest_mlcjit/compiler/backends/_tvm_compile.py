@@ -12,7 +12,8 @@ reasons are written as ``unstable``: the engine does not publish that library.
 When the factory or the compiler raises, it still writes ``meta.json``: the error, the
 inputs recorded so far, the files the factory tried to read and did not find, and whether
 the failure is the factory's or the compiler's own verdict (``deterministic``: not a
-missing module or file, a full disk, no memory), which the engine remembers across runs
+missing module or file, a full disk, no memory, nor a factory whose recorded inputs are
+incomplete: a tool or worker it ran), which the engine remembers across runs
 for this exact key and input state; then it exits non-zero as before.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 
 from pytest_mlcjit.inputs.record import InputRecorder
 from pytest_mlcjit.inputs.sources import fresh_local_sources
+from pytest_mlcjit.key import file_sha256
 
 
 def _load_factory(name: str) -> Any:
@@ -156,10 +158,27 @@ def _write_failure(job: dict[str, Any], recorder: Any, exc: BaseException) -> No
     text = str(exc) if not isinstance(exc, SystemExit) else str(exc.code)
     if recorder is not None and getattr(recorder, "unstable", None):
         deterministic = False  # built from a state no record names: not remembered
+    if isinstance(inputs, dict) and inputs.get("incomplete"):
+        deterministic = False  # it ran what no record follows (a tool): not remembered
     meta = {"error": f"{type(exc).__name__}: {text}"[:2000], "deterministic": deterministic,
             "inputs": inputs, "missing": _missing_reads(recorder) if recorder else []}
     with contextlib.suppress(OSError), open(job["meta"], "w", encoding="utf-8") as f:
         json.dump(meta, f)
+
+
+def _declared_changed(job: dict[str, Any]) -> list[str]:
+    """The declared input files (``files=``, hashed into the key before the compile) whose
+    content is not what the key says now that the compile is over."""
+    base, out = job.get("files_base") or "", []
+    for item in job.get("files", ()):
+        path = os.path.join(base, item["path"])
+        try:
+            same = file_sha256(path) == item["sha256"]
+        except OSError:
+            same = False
+        if not same:
+            out.append(f"{item['path']} changed during the compile (declared in files=)")
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -186,8 +205,8 @@ def _compile(job: dict[str, Any], state: dict[str, Any]) -> int:
     recorder = InputRecorder.for_module(job["factory"].partition(":")[0],
                                         exclude=job.get("exclude", ()))
     state["recorder"] = recorder
-    fresh_local_sources(recorder.base)  # never a stale .pyc of a local module
-    with recorder:
+    # Never a stale .pyc of a local module (tvm.compile's own imports: as usual).
+    with fresh_local_sources(recorder.base), recorder:
         mod, params = _build_module(_load_factory(job["factory"]), job["config"])
     inputs = recorder.result()
     raw = job["target"]
@@ -205,8 +224,9 @@ def _compile(job: dict[str, Any], state: dict[str, Any]) -> int:
         params = _trailing_params(signatures)
     meta = {"params": params, "functions": functions, "target_str": str(target),
             "tvm_version": tvm.__version__, "inputs": inputs, "signatures": signatures}
-    if recorder.unstable:  # built from what no record names: not to be published
-        meta["unstable"] = recorder.unstable
+    unstable = recorder.unstable + _declared_changed(job)
+    if unstable:  # built from what no record names: not to be published
+        meta["unstable"] = unstable
     with open(job["meta"], "w", encoding="utf-8") as f:
         json.dump(meta, f)
     print(f"[pytest-mlcjit] compiled in {time.perf_counter() - t0:.2f}s", flush=True)

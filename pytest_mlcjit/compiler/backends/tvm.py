@@ -90,7 +90,9 @@ class TVMBackend(Backend):
         job = {"factory": spec.factory, "config": spec.config, "target": req.target,
                "opt_level": spec.opt_level, "output": str(output),
                "meta": str(staging / "meta.json"),
-               "exclude": [str(staging), str(root)]}
+               "exclude": [str(staging), str(root)],
+               # declared inputs, compared again once compiled (changed: not published)
+               "files": req.key.get("files", []), "files_base": req.extra["inputs_base"]}
         (staging / "request.json").write_text(json.dumps(job), encoding="utf-8")
         argv = [sys.executable, "-m", "pytest_mlcjit.compiler.backends._tvm_compile",
                 str(staging / "request.json")]
