@@ -28,6 +28,7 @@ from conftest import Project
 from pytest_mlcjit import JIT, CacheMissError, CompileError, JitDisabledError, Settings, SpecError
 from pytest_mlcjit.compiler.backends import locate
 from pytest_mlcjit.compiler.backends.mlc import MLCModel, mlc_llm_installed, override_string
+from pytest_mlcjit.plugin.progress import end_line
 
 STANDIN = Path(__file__).parent / "mlc_standin"
 #: Whether a real ``mlc_llm`` is importable here: decided when this module is imported,
@@ -304,11 +305,15 @@ def test_an_unloadable_library_without_manifest_is_replaced(
 def test_compile_failures(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                           mode: str, message: str) -> None:
     monkeypatch.setenv("MLC_STANDIN_FAIL", mode)
+    engine = _engine(tmp_path / "home")
     with pytest.raises(CompileError) as info:
-        _engine(tmp_path / "home").compile(MLCModel(model_dir), "cpu")
+        engine.compile(MLCModel(model_dir), "cpu")
     assert message in str(info.value)
     assert "compile log: " in str(info.value)
     assert not list((tmp_path / "home" / "model_lib").glob("*.so"))
+    # The live progress's end line of the job says it failed, never "compiled" (issue 19).
+    [job] = [j for j in engine.board.record()["jobs"] if j["kind"] == "compile"]
+    assert " failed after " in end_line({**job, "label": "main"}, job["ended"]), job
 
 
 def test_off_and_readonly_messages(model_dir: Path, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from pytest_mlcjit.engine.request import Query, RequestState
 from pytest_mlcjit.engine.schedule import spec_digest
 from pytest_mlcjit.engine.settings import Settings, from_environment
 from pytest_mlcjit.engine.stats import LibraryStats, Outcome, Stats
-from pytest_mlcjit.engine.unpublished import disk_full_said, unpublished
+from pytest_mlcjit.engine.unpublished import Unpublished, disk_full_said
 from pytest_mlcjit.errors import (
     CacheMissError,
     CompileError,
@@ -85,6 +85,7 @@ class JIT:
         self.settings = settings = settings or Settings()
         self.stats = Stats()
         self.warnings = warnings or WriteWarnings()
+        self.unpublished = Unpublished(self.warnings)  # this run's untrusted compiles
         self.checker = InputChecker()
         self.board = board or Board(run_id=settings.run_id)
         self.builds = Builds(warm=settings.compile_workers != "off")
@@ -104,6 +105,7 @@ class JIT:
     def close(self, *, keep_record: bool = False) -> None:
         """The run is over: its private downloads go, and its record leaves the board
         (unless ``keep_record``: another process's display still reads it)."""
+        self.unpublished.release()  # the unpublished libraries' staging dirs
         self.stores.close()
         if not keep_record:
             self.board.close()
@@ -301,7 +303,7 @@ class JIT:
                replace: bool) -> Hit:
         """Compile ``query``'s request in a subprocess and publish it (with the key's lock
         held): the entry of its input state, as a hit; unpublished if an input changed
-        while it compiled (:func:`.unpublished.unpublished`)."""
+        while it compiled (:class:`.unpublished.Unpublished`)."""
         req, backend = query.req, query.backend
         store.clean_staging()
         parent, note = backend.staging_parent(req, store.root)
@@ -319,6 +321,7 @@ class JIT:
             fault_point("compile")
             with self._job(state, "compile", store) as job:
                 rc = job["rc"] = self.builds.run_logged(argv, log, timeout=timeout)
+                job["rc"] = rc if rc != 0 or output.is_file() else -1  # no library: failed
             seconds = state.job_seconds
             fault_point("compiled")
             if rc != 0 and (why := ran_out_of_space(store.root, log)) is not None:
@@ -335,17 +338,16 @@ class JIT:
                 self._fail(state, store, log, f"the compiler exited 0 but wrote no library "
                                               f"at {output.name}")
             manifest = query.manifest(staging, seconds=seconds, run_id=self.settings.run_id)
-            kept = unpublished(self.warnings, req.describe, req.digest, staging=staging,
-                               library=output, manifest=manifest)
+            kept = self.unpublished.check(req.describe, req.digest, staging=staging,
+                                          library=output, manifest=manifest)
             hit = kept or store.publish(query, output, staging / "compile.log", manifest,
                                         replace=replace)
         except OSError as exc:
             if is_no_space(exc):
                 raise no_space(req.describe, store.root, "") from None
             raise
-        finally:
-            if kept is None:
-                store.remove_staging(staging)
+        finally:  # a kept one goes when the run's engine closes
+            self.unpublished.settle(store, staging, kept)
         store.record_time(spec_digest(req), req.digest, seconds)
         self._compile_done(state, seconds, ok=True, size=int(hit.manifest["size"]))
         return hit
