@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pytest_mlcjit.cache.layout import default_cache_dir
     from pytest_mlcjit.compiler.backends.mlc import MLCModel
     from pytest_mlcjit.device import Device
+    from pytest_mlcjit.device.gpu_lock import gpu_lock
     from pytest_mlcjit.engine.jit import JIT, jit
     from pytest_mlcjit.engine.model import ArgSpec, CompiledModel, Shape, Signature
     from pytest_mlcjit.engine.settings import Settings
@@ -51,6 +52,7 @@ _LAZY = {
     "TVMModel": "spec",
     "MLCModel": "compiler.backends.mlc",
     "default_cache_dir": "cache.layout",
+    "gpu_lock": "device.gpu_lock",
 }
 
 
@@ -91,5 +93,6 @@ __all__ = [
     "UntrustedCacheError",
     "__version__",
     "default_cache_dir",
+    "gpu_lock",
     "jit",
 ]

@@ -136,8 +136,8 @@ class Board:
     @contextlib.contextmanager
     def doing(self, kind: str, *, model: str, target: str, digest: str, root: str,
               background: bool = False) -> Iterator[Job]:
-        """Announce a job (``compile``, ``download`` or ``wait``) for the duration of the
-        block.
+        """Announce a job (``compile``, ``download``, ``wait``, or ``gpu``: a test waiting
+        for the GPU lock, its ``root`` the lock file) for the duration of the block.
 
         The block's end ends the job: ``done``, ``failed`` (an exception) or
         ``interrupted`` (KeyboardInterrupt, or another BaseException such as

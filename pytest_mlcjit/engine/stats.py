@@ -110,6 +110,9 @@ class Stats:
     wait_seconds: float = 0.0
     bytes_compiled: int = 0
     corrupt: int = 0
+    #: Time tests spent waiting for the GPU lock, and holding it (``--mlc-jit-gpu-lock``).
+    gpu_wait_seconds: float = 0.0
+    gpu_hold_seconds: float = 0.0
     libraries: dict[str, LibraryStats] = dataclasses.field(default_factory=dict)
     #: What the remote tier did (downloads, bytes, seconds, uploads, errors, warnings).
     remote: RemoteStats = dataclasses.field(default_factory=RemoteStats)
@@ -186,6 +189,8 @@ class Stats:
             "compiles": self.compiles, "prefetched": self.prefetched,
             "compile_seconds": self.compile_seconds, "wait_seconds": self.wait_seconds,
             "bytes_compiled": self.bytes_compiled, "corrupt": self.corrupt,
+            "gpu_wait_seconds": self.gpu_wait_seconds,
+            "gpu_hold_seconds": self.gpu_hold_seconds,
             "libraries": [lib.to_json() for lib in self.libraries.values()],
             "remote": self.remote.to_json(),
         }

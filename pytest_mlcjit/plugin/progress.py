@@ -37,6 +37,8 @@ from typing import Any
 
 from pytest_mlcjit.cache.layout import owner_file
 from pytest_mlcjit.cache.locks import owner_record
+from pytest_mlcjit.device.gpu_lock import describe_holder
+from pytest_mlcjit.device.gpu_lock import holder as lock_holder
 from pytest_mlcjit.engine import activity
 from pytest_mlcjit.engine.activity import Board
 from pytest_mlcjit.engine.settings import Settings
@@ -117,13 +119,27 @@ def gather(run_id: str, board: Path | None, now: float, local: Board | None = No
             if job.get("kind") == "wait" and "ended" not in job and \
                     now - job["started"] >= long_s:
                 view["holder"] = holder(job, [own, *others], run_id)
+            elif job.get("kind") == "gpu" and "ended" not in job and \
+                    now - job["started"] >= long_s:
+                view["holder"] = gpu_holder(job, run_id)
             views.append(view)
     return views
 
 
-def describe(view: Mapping[str, Any]) -> str:
+def gpu_holder(job: Mapping[str, Any], run_id: str) -> str:
+    """Who holds the GPU lock a ``gpu`` job waits for: ``held by gw3``."""
+    return describe_holder(lock_holder(Path(str(job.get("root")))), run_id)
+
+
+def describe(view: Mapping[str, Any], now: float | None = None) -> str:
+    """What a job is doing, in a few words (a ``gpu`` wait with its seconds, at ``now``)."""
     what = f"{view.get('model')} ({view.get('target')})"
     kind = view.get("kind")
+    if kind == "gpu":
+        device = "" if view.get("model") in (None, "gpu") else f" of {view.get('model')}"
+        seconds = "" if now is None else f", {now - view['started']:.0f}s"
+        return (f"[{view['label']}] waiting for the GPU lock{device} "
+                f"({view.get('holder', 'holder unknown')}{seconds})")
     if kind == "wait":
         return f"[{view['label']}] waiting for {what}, {view.get('holder', 'holder unknown')}"
     verb = "downloading" if kind == "download" else "compiling"
@@ -140,8 +156,9 @@ def end_line(view: Mapping[str, Any], now: float) -> str:
     if kind == "compile" and outcome == "done" and view.get("rc", 0) != 0:
         # The compiler's process ended (the job did) but failed: its exit status says so.
         outcome = "timed out" if view.get("rc") is None else "failed"
-    if kind == "wait":
+    if kind in ("wait", "gpu"):
         tail = "" if outcome == "done" else f" ({outcome})"
+        what = "the GPU lock" if kind == "gpu" else what
         return f"mlcjit: [{label}] waited {seconds:.1f}s for {what}{tail}"
     noun = "download" if kind == "download" else "compile"
     if kind == "download" and view.get("found") is False and outcome == "done":
@@ -171,7 +188,8 @@ class Tracker:
     def status(self, views: Iterable[Mapping[str, Any]], now: float) -> str:
         """The one status line of a terminal ("" when nothing is long)."""
         long = self.long(views, now)
-        compiles = {(v.get("digest"), v.get("root")) for v in long if v.get("kind") != "wait"}
+        compiles = {(v.get("digest"), v.get("root")) for v in long
+                    if v.get("kind") not in ("wait", "gpu")}
         waiters: dict[Any, list[str]] = {}
         for v in long:  # a wait for a compile shown anyway: folded into it
             if v.get("kind") == "wait" and (v.get("digest"), v.get("root")) in compiles:
@@ -181,7 +199,8 @@ class Tracker:
             key = (v.get("digest"), v.get("root"))
             if v.get("kind") == "wait" and key in compiles:
                 continue
-            text = f"{describe(v)} {now - v['started']:.0f}s"
+            text = (describe(v, now) if v.get("kind") == "gpu"
+                    else f"{describe(v)} {now - v['started']:.0f}s")
             if key in waiters and v.get("kind") != "wait":
                 text += f" ({', '.join(waiters.pop(key))} waiting)"
             parts.append(text)
@@ -207,7 +226,8 @@ class Tracker:
                     out.append(end_line(view, now))
                 self.finished.add(key)
             elif now - view["started"] >= self.long_s:
-                out.append(f"mlcjit: {describe(view)}: running for "
+                out.append(f"mlcjit: {describe(view, now)}" if view.get("kind") == "gpu" else
+                           f"mlcjit: {describe(view)}: running for "
                            f"{now - view['started']:.0f}s")
                 self.announced[key] = view
         running = self.long(views, now)
@@ -215,6 +235,7 @@ class Tracker:
             self.last_line = now
         elif running and now - self.last_line >= self.heartbeat_s:
             out.append("mlcjit: still running: " + "; ".join(
+                describe(v, now) if v.get("kind") == "gpu" else
                 f"{describe(v)} {now - v['started']:.0f}s" for v in running))
             self.last_line = now
         for job in running:  # keep the newest view (a holder found later)

@@ -67,6 +67,14 @@ def durations_lines(s: Stats, wanted: int | None) -> list[str]:
     return lines
 
 
+def gpu_lines(s: Stats) -> list[str]:
+    """``GPU lock: 3.20s waiting for it, 5.10s holding it`` (``--mlc-jit-gpu-lock``)."""
+    if not (s.gpu_wait_seconds or s.gpu_hold_seconds):
+        return []
+    return [f"GPU lock: {s.gpu_wait_seconds:.2f}s waiting for it, "
+            f"{s.gpu_hold_seconds:.2f}s holding it"]
+
+
 def remote_lines(remote: RemoteStats, url: str | None) -> list[str]:
     """The remote tier's line (downloads, uploads, errors) and each of its warnings."""
     if not url:
@@ -92,6 +100,7 @@ def summary_lines(state: RunState) -> list[str]:
     if s is not None and s.requests:
         lines.append(accounting_line(s))
     if s is not None:
+        lines += gpu_lines(s)
         lines += durations_lines(s, state.options.durations)
         lines += remote_lines(s.remote, state.options.remote)
     if state.report_written:
@@ -149,6 +158,9 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
         "compiles": s.compiles, "prefetched": s.prefetched,
         "compile_seconds": round(s.compile_seconds, 3),
         "wait_seconds": round(s.wait_seconds, 3), "corrupt": s.corrupt,
+        # microseconds: a short test's hold is still counted
+        "gpu_wait_seconds": round(s.gpu_wait_seconds, 6),
+        "gpu_hold_seconds": round(s.gpu_hold_seconds, 6),
         "libraries": libraries,
     }
 
