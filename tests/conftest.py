@@ -63,7 +63,8 @@ _import_the_whole_plugin()
 
 ENV_VARS = ("MLC_JIT_POLICY", "MLC_JIT_CACHE_DIR", "MLC_LLM_HOME", "MLC_DSO_SUFFIX",
             "MLC_TEMP_DIR", "PYTEST_ADDOPTS", "PYTEST_XDIST_AUTO_NUM_WORKERS",
-            "TVM_TEST_TARGETS")
+            "TVM_TEST_TARGETS", "TVM_TEST_LOCK_DIR", "MLC_JIT_GPU_LOCK", "MLC_JIT_GPU_ASSIGN",
+            "MLCJIT_TEST_PRESENCE")
 
 #: A real Relax model whose factory records each call (one call = one compilation).
 TINY_MODEL = '''

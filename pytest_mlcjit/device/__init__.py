@@ -3,7 +3,15 @@
 A *device* is where a library runs (``cpu``, ``cuda:1``); a *target* is what the compiler
 emits code for (``{"kind": "cuda", "arch": "sm_90"}``). Devices are probed once per session
 in a subprocess with a timeout, so a broken driver can never hang the test process, and a
-cheap look for the driver's files first means machines without a GPU pay nothing.
+cheap look for the driver's files first means machines without a GPU pay nothing. The probe
+can also count the GPUs of a kind (``count=True``: indexes 1, 2… in the same subprocess), so
+that xdist workers can be spread over them (``--mlc-jit-gpu-assign``).
+
+Test-only: ``MLCJIT_TEST_PRESENCE`` stands in for the GPUs where there are none (this
+project's own tests). Its value is a JSON object ``{"cuda:0": {"present": true, "arch":
+"sm_90"}, "cuda:1": {...}}``: for each kind it names, the probe answers from it instead of
+asking the driver (a device it does not list is absent) and counts its present entries.
+Nothing but tests sets it: a library "present" this way cannot be loaded.
 """
 
 from __future__ import annotations
@@ -172,32 +180,84 @@ def _cheap_absence(device: Device) -> str | None:  # noqa: PLR0911 - one answer 
     return None
 
 
+#: Test-only: a JSON stand-in for the GPUs (see the module's docstring).
+TEST_PRESENCE_ENV = "MLCJIT_TEST_PRESENCE"
+#: The most GPUs of one kind ``count=True`` looks for.
+MAX_GPUS = 64
+
+
+def _stand_in() -> dict[Device, Presence]:
+    """The devices :data:`TEST_PRESENCE_ENV` stands in for (empty when it is not set)."""
+    text = os.environ.get(TEST_PRESENCE_ENV, "")
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return {Device.parse(name): Presence.from_json(entry) for name, entry in data.items()}
+    except (ValueError, TypeError, KeyError, AttributeError, ConfigError) as exc:
+        raise ConfigError(f"invalid {TEST_PRESENCE_ENV} (test-only): {exc}") from None
+
+
 def probe(
-    devices: Iterable[Device], *, timeout: float = 60.0, python: str = sys.executable
+    devices: Iterable[Device], *, timeout: float = 60.0, python: str = sys.executable,
+    count: bool = False,
 ) -> dict[str, Presence]:
     """Probe each device once; return ``{str(device): Presence}``.
 
     ``cpu`` is always present. GPUs that are surely absent are reported without starting a
     process; the rest are asked in one subprocess that imports TVM, bounded by ``timeout``.
+    ``count``: for each GPU named without an index, the other GPUs of its kind are probed
+    too (in the same subprocess) and each present one is in the result (``cuda:1``…), so
+    :func:`gpu_count` can count them.
     """
     result: dict[str, Presence] = {}
     ask: list[Device] = []
+    counted: list[str] = []
+    stand_in = _stand_in()
+    faked = {d.kind for d in stand_in}
     for device in dict.fromkeys(devices):
         if device.kind == "cpu":
             result[str(device)] = Presence(True)
+        elif device.kind in faked:
+            result[str(device)] = stand_in.get(
+                device, Presence(False, f"{TEST_PRESENCE_ENV} names no {device.full_name}"))
+            if count and device.index == 0:
+                result.update((str(d), p) for d, p in stand_in.items()
+                              if d.kind == device.kind and p.present)
         elif (why := _cheap_absence(device)) is not None:
             result[str(device)] = Presence(False, why)
         else:
             ask.append(device)
+            if count and device.index == 0:
+                counted.append(device.kind)
     if ask:
-        result.update(_probe_in_subprocess(ask, timeout=timeout, python=python))
+        result.update(_probe_in_subprocess(ask, timeout=timeout, python=python,
+                                           counted=counted))
     return result
 
 
+def gpu_count(presence: Mapping[str, Presence], kind: str) -> int:
+    """How many GPUs of ``kind`` a probe found present (all of them where it counted:
+    ``probe(count=True)``)."""
+    return len(gpus_present(presence, kind))
+
+
+def gpus_present(presence: Mapping[str, Presence], kind: str) -> list[Device]:
+    """The present devices of ``kind`` in a probe's result, by index."""
+    found = []
+    for name, p in presence.items():
+        if p.present and name.partition(":")[0] == kind:
+            found.append(Device.parse(name))
+    return sorted(set(found))
+
+
 def _probe_in_subprocess(
-    devices: list[Device], *, timeout: float, python: str
+    devices: list[Device], *, timeout: float, python: str, counted: Iterable[str] = ()
 ) -> dict[str, Presence]:
-    cmd = [python, "-m", "pytest_mlcjit.device._probe", *(d.full_name for d in devices)]
+    cmd = [python, "-m", "pytest_mlcjit.device._probe", *(d.full_name for d in devices),
+           *(f"{kind}:*" for kind in counted)]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, check=False,
@@ -211,7 +271,9 @@ def _probe_in_subprocess(
         why = f"device probe failed (exit {proc.returncode}): {tail[0]}"
         return {str(d): Presence(False, why) for d in devices}
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {str(d): Presence.from_json(data[d.full_name]) for d in devices}
+    result = {str(Device.parse(name)): Presence.from_json(entry)
+              for name, entry in data.items() if not name.endswith(":*")}
+    return {**result, **{str(d): Presence.from_json(data[d.full_name]) for d in devices}}
 
 
 def resolve_auto(names: list[str], presence: Mapping[str, Presence]) -> list[str]:

@@ -45,7 +45,7 @@ from pytest_mlcjit.device import Device, Presence, probe
 from pytest_mlcjit.engine import failures
 from pytest_mlcjit.engine.activity import Board, default_board, describe_spec, describe_target
 from pytest_mlcjit.engine.failures import log_tail, no_space, ran_out_of_space, readonly_miss
-from pytest_mlcjit.engine.model import CompiledModel
+from pytest_mlcjit.engine.model import CompiledModel, served_again
 from pytest_mlcjit.engine.request import Query, RequestState
 from pytest_mlcjit.engine.schedule import spec_digest
 from pytest_mlcjit.engine.settings import Settings, from_environment
@@ -224,7 +224,7 @@ class JIT:
         with self._lock:
             done = self._done.get((req.digest, store.root))
         if done is not None and self._still_valid(done, query, store):
-            return dataclasses.replace(done, hit=True)
+            return served_again(done, req.device)
         with self._holding_key(state, store):
             return self._compile_or_fetch(state, query, store, pol)
 

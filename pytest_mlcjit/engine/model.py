@@ -462,3 +462,11 @@ def _to_numpy(value: Any) -> Any:
     if isinstance(value, list | tuple) or type(value).__name__ in ("Array", "ADT", "Tuple"):
         return tuple(_to_numpy(v) for v in value)
     return value
+
+
+def served_again(model: CompiledModel, device: Device) -> CompiledModel:
+    """``model`` served again from the engine's memory, as a hit, for ``device``: another
+    GPU of the same architecture gets a model of its own, not yet loaded."""
+    if device == model.device:
+        return dataclasses.replace(model, hit=True)
+    return dataclasses.replace(model, hit=True, device=device, _vm=None)

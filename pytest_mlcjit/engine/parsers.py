@@ -151,6 +151,12 @@ def remote_url(source: str, text: str) -> str:
     return text
 
 
+#: ``--mlc-jit-gpu-lock``: auto, on or off (an error names the bad value and these).
+gpu_lock = choice("auto", "on", "off")
+#: ``--mlc-jit-gpu-assign``: auto or off (an error names the bad value and these).
+gpu_assign = choice("auto", "off")
+
+
 def compile_workers(source: str, text: str) -> str:
     value: str = choice("auto", "on", "off")(source, text)
     if value == "on":

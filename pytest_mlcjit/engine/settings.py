@@ -254,6 +254,24 @@ class Settings:
         "the same error twice in a row (never for running out of memory) is otherwise "
         "reported at once, without compiling, while its key and recorded inputs are "
         "unchanged. ini mlc_jit_retry_failed.")
+    gpu_lock: str = option(
+        "--mlc-jit-gpu-lock", ini="mlc_jit_gpu_lock", env="MLC_JIT_GPU_LOCK",
+        parse=parsers.gpu_lock, default="auto", metavar="{auto,on,off}",
+        ini_help="hold the GPU lock while gpu tests run: " + _AUTO_OFF_ON,
+        help="run the call phase of every test marked gpu holding the machine's GPU lock, "
+        "TVM's own (tvm.testing.run_with_gpu_lock: flock on $TVM_TEST_LOCK_DIR/gpu.lock, "
+        "gpu-<i>.lock for GPU i > 0); setup (compiling, loading) and teardown stay outside "
+        "it. auto: under xdist with 2+ workers, and whenever TVM_TEST_LOCK_DIR is set. Env "
+        "MLC_JIT_GPU_LOCK; ini mlc_jit_gpu_lock; default auto.")
+    gpu_assign: str = option(
+        "--mlc-jit-gpu-assign", ini="mlc_jit_gpu_assign", env="MLC_JIT_GPU_ASSIGN",
+        parse=parsers.gpu_assign, default="auto", metavar="{auto,off}",
+        ini_help="spread xdist workers over the GPUs: auto or off",
+        help="on a host with several GPUs of a kind named without an index (--mlc-device="
+        "cuda), xdist worker gwI runs its tests on GPU I mod G (cuda:1…); a library is "
+        "shared by the GPUs of one architecture; an explicit index is never moved. auto: "
+        "when the probe finds 2+ GPUs; off: every worker on GPU 0. Env MLC_JIT_GPU_ASSIGN; "
+        "ini mlc_jit_gpu_assign; default auto.")
 
     # -- facts of the run (no row) ----------------------------------------------------------
     #: Identifies one test run across all its xdist workers (REDO and failure memory).

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_mlcjit.errors import CompileError, ConfigError, MlcJitError
+from pytest_mlcjit.plugin import gpu, plan
 from pytest_mlcjit.plugin import options as opts
-from pytest_mlcjit.plugin import plan
+from pytest_mlcjit.plugin.gpu import MARKER as GPU_LOCK_MARKER
+from pytest_mlcjit.plugin.gpu import mlc_gpu_lock, pytest_runtest_call  # noqa: F401
 from pytest_mlcjit.plugin.session import (
     RunState,
     compile_log_key,
@@ -46,6 +48,7 @@ MARKERS = (
     "mlc_jit_policy(policy): the JIT policy (ON, OFF, REDO, READONLY) for this test only.",
     "gpu: the test runs on a GPU device (pytest-mlcjit adds it to each test parametrized "
     "onto one, as TVM's suite marks its GPU tests); deselect them with -m 'not gpu'.",
+    GPU_LOCK_MARKER,
 )
 
 
@@ -122,8 +125,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     state = config.stash[state_key]
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is None and any(plan.uses_plugin(item) for item in session.items):
-        _start_progress(config)
+    if workerinput is None and any(plan.uses_plugin(item) or gpu.wraps_call(item)
+                                   for item in session.items):
+        _start_progress(config)  # compiles, downloads, waits for a compile or the GPU
     if state.options.prepare:
         return
     index, count = (0, 1) if workerinput is None else (
@@ -325,13 +329,14 @@ def mlc_jit(pytestconfig: pytest.Config) -> JIT:
 
 @pytest.fixture
 def mlc_device(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Device:
-    """The device this test runs on; tests using it run once per ``--mlc-device`` entry."""
+    """The device this test runs on; tests using it run once per ``--mlc-device`` entry.
+    A GPU named without an index is this xdist worker's GPU on a multi-GPU host."""
     params = {"mlc_device": request.param} if hasattr(request, "param") else {}
     if isinstance(params.get("mlc_device"), plan.NoDevice):  # a bad marker, an absent device
         pytest.fail(params["mlc_device"].message, pytrace=False)
-    settings = run_state(pytestconfig).settings
-    try:
-        device = plan.requested_device(params, settings)
+    state = run_state(pytestconfig)
+    try:  # a GPU without an index: this xdist worker's GPU (--mlc-jit-gpu-assign)
+        device = plan.requested_device(params, state.settings, state.worker)
     except ConfigError as exc:
         error = f"mlc_device: {exc}"
     else:
@@ -354,6 +359,10 @@ def compiled_model(request: pytest.FixtureRequest, mlc_device: Device,
             # this test's usage error, not a request: checked before compile() counts one.
             mlc_jit.request(spec, mlc_device, policy)
         model = mlc_jit.compile(spec, mlc_device, policy=policy)
+        if model.device != mlc_device and model.device.kind == mlc_device.kind:
+            import dataclasses  # one library for GPUs of one arch: returned for another
+
+            model = dataclasses.replace(model, device=mlc_device, _vm=None)
         run_state(request.config).used.add(model.digest)
         return model
     except MlcJitError as exc:

@@ -178,20 +178,42 @@ def requested_spec(node: pytest.Item, params: Mapping[str, Any]) -> tuple[Any, P
     return spec, requested_policy(node)
 
 
-def requested_device(params: Mapping[str, Any], settings: Settings) -> Device | None:
+def requested_device(params: Mapping[str, Any], settings: Settings,
+                     worker: str = "main") -> Device | None:
     """The device a test runs on: its ``mlc_device`` parameter (a Device, or a device
     string where the test parametrizes ``mlc_device`` itself), else the first selected
-    device; None for the placeholder of a test no selected device allows."""
+    device; None for the placeholder of a test no selected device allows. A GPU named
+    without an index goes to ``worker``'s GPU of its kind (:func:`assigned_device`)."""
     if "mlc_device" not in params:
-        return Device.parse(settings.devices[0])
+        return assigned_device(Device.parse(settings.devices[0]), settings, worker)
     value = params["mlc_device"]
-    if value is None or isinstance(value, Device):
+    if value is None:
         return value
+    if isinstance(value, Device):
+        return assigned_device(value, settings, worker)
     if isinstance(value, NoDevice):
         if value.invalid:
             raise SpecError(value.message)
         return None
-    return Device.parse(str(value))
+    return assigned_device(Device.parse(str(value)), settings, worker)
+
+
+def assigned_device(device: Device, settings: Settings, worker: str) -> Device:
+    """The GPU that xdist worker ``worker`` (``gwI``) runs ``device``'s tests on
+    (``--mlc-jit-gpu-assign``): a GPU named without an index, where the probe found G > 1
+    of its kind, is the (I mod G)-th of them; anything else stays as it is (the CPU, an
+    explicit index, one GPU, ``off``, a process that is no worker, ``--mlc-jit-prepare``,
+    whose plan must be the same in every worker)."""
+    if (not device.is_gpu or device.index != 0 or settings.gpu_assign == "off"
+            or settings.prepare or not worker.startswith("gw")
+            or str(device) not in settings.devices):
+        return device
+    from pytest_mlcjit.device import gpus_present
+
+    gpus = gpus_present(settings.presence, device.kind)
+    if len(gpus) < 2 or not worker[2:].isdigit():
+        return device
+    return gpus[int(worker[2:]) % len(gpus)]
 
 
 def raw_spec(item: pytest.Item) -> Any:
@@ -289,7 +311,7 @@ def make_plan(items: list[pytest.Item], engine: JIT) -> Plan:
             if policy is Policy.OFF:
                 plan.excluded.append((item, "off"))
                 continue
-            device = requested_device(params_of(item), engine.settings)
+            device = requested_device(params_of(item), engine.settings, engine.board.worker)
             if device is None:
                 plan.excluded.append((item, "no-device"))
                 continue

@@ -81,7 +81,9 @@ class RunState:
             from pytest_mlcjit.device import devices_to_probe, probe, resolve_auto
 
             names = self.options.device.split(",")
-            presence = probe(devices_to_probe(names))
+            # Counting the GPUs (for --mlc-jit-gpu-assign) costs nothing more where one
+            # is asked: the same subprocess probes the other indexes.
+            presence = probe(devices_to_probe(names), count=self.options.gpu_assign != "off")
             self._settings = dataclasses.replace(
                 self.options, presence=presence, devices=tuple(resolve_auto(names, presence)))
         return self._settings
@@ -132,7 +134,8 @@ class RunState:
         parts = []
         for name in s.devices:
             p = s.presence.get(name, Presence(True))
-            parts.append(f"{name} (present)" if p.present else f"{name} (absent: {p.reason})")
+            parts.append(f"{name} ({_spread(s, name)})" if p.present
+                         else f"{name} (absent: {p.reason})")
         if s.cache_dir is not None:
             where = f"cache={s.cache_dir}"
         else:
@@ -154,6 +157,23 @@ class RunState:
             board = default_board()
             self.board = str(board) if board is not None else None
         return self.board
+
+
+def _spread(settings: Settings, name: str) -> str:
+    """``present``, and for a GPU named without an index whose kind has several GPUs
+    here, how xdist workers are spread over them (``--mlc-jit-gpu-assign``)."""
+    from pytest_mlcjit.device import Device, gpus_present
+
+    device = Device.parse(name)
+    gpus = gpus_present(settings.presence, device.kind) if device.is_gpu else []
+    if len(gpus) < 2 or device.index != 0 or settings.prepare:
+        return "present"
+    spread = settings.gpu_assign != "off"
+    how = (f"xdist worker gwI runs on {device.kind}:(I mod {len(gpus)})" if spread
+           else "every worker on GPU 0")
+    archs = sorted({settings.presence[str(g)].arch or "?" for g in gpus})
+    return (f"present, {len(gpus)} GPUs ({', '.join(archs)}): {how} "
+            "(--mlc-jit-gpu-assign)")
 
 
 def run_state(config: pytest.Config) -> RunState:
