@@ -20,7 +20,7 @@ from pytest_mlcjit.cache.layout import default_roots
 from pytest_mlcjit.cache.manage.explain import incomplete_inputs
 from pytest_mlcjit.cli.render import EXIT_FAILURE, PROG, out
 from pytest_mlcjit.compiler.backends.mlc import MLCModel
-from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
+from pytest_mlcjit.compiler.toolchain import toolchain_changes, tvm_fingerprint
 from pytest_mlcjit.engine.jit import JIT
 from pytest_mlcjit.engine.settings import Settings
 from pytest_mlcjit.errors import CliError, CliUsageError
@@ -90,6 +90,10 @@ def _explain_one(lib: dict[str, Any], scans: dict[str, list[manage.Entry]]) -> d
         lib["nearest"] = {"digest": entry.digest, "model": entry.model, "target": entry.target,
                           "created": entry.created, "last_used": entry.last_used}
         lib["differences"] = [{"field": f, "wanted": w, "cached": c} for f, w, c in diffs]
+        wanted, cached = lib.get("toolchain") or lib["key"].get("toolchain"), entry.toolchain
+        if isinstance(wanted, Mapping) and isinstance(cached, Mapping):
+            lib["toolchain_changes"] = [{"software": name, "cached": old, "installed": new}
+                                        for name, old, new in toolchain_changes(cached, wanted)]
     return lib
 
 
@@ -109,6 +113,8 @@ def _explain_lines(lib: dict[str, Any]) -> list[str]:
                      f"differs in {plural(len(diffs), 'key field')}:")
         lines += [f"    {d['field']}: wanted {json.dumps(d['wanted'])}, cached "
                   f"{json.dumps(d['cached'])}" for d in diffs]
+        lines += [f"  toolchain changed: {c['software']} {c['cached']} in the cache, "
+                  f"{c['installed']} installed" for c in lib.get("toolchain_changes", ())]
     return lines
 
 

@@ -30,7 +30,11 @@ from pytest_mlcjit.cache.locks import flocked
 from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.compiler.backends.base import Backend, BuildContext, BuildRequest
 from pytest_mlcjit.compiler.launch import child_env
-from pytest_mlcjit.compiler.toolchain import tvm_fingerprint
+from pytest_mlcjit.compiler.toolchain import (
+    describe_changes,
+    toolchain_changes,
+    tvm_fingerprint,
+)
 from pytest_mlcjit.device import Device
 from pytest_mlcjit.errors import CorruptEntryError, SpecError
 from pytest_mlcjit.key import canonical_json, file_sha256, sha256_digest
@@ -342,13 +346,11 @@ class MLCBackend(Backend):
         recorded = manifest.get("toolchain")
         if not recorded or not isinstance(recorded, Mapping) or manifest.get("adopted"):
             return None
-        for part in ("mlc_llm", "tvm"):
-            old, new = recorded.get(part) or {}, req.toolchain[part] or {}
-            if {k: old.get(k) for k in ("version", "commit")} != {
-                    k: new.get(k) for k in ("version", "commit")}:
-                return (f"built by {part} {old.get('version')} ({old.get('commit')}), "
-                        f"installed is {part} {new.get('version')} ({new.get('commit')})")
-        return None
+        # MLC's own key (its file name) cannot name the toolchain: a change makes it stale.
+        parts = ("mlc_llm", "tvm")
+        changes = toolchain_changes({p: recorded.get(p) or {} for p in parts},
+                                    {p: req.toolchain[p] or {} for p in parts})
+        return describe_changes(changes) if changes else None
 
     def adopt(self, req: BuildRequest, paths: EntryPaths) -> Manifest:
         """A manifest for a library MLC itself put there, once it proves loadable."""

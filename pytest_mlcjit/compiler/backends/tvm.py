@@ -11,7 +11,13 @@ from typing import Any
 
 from pytest_mlcjit.cache.layout import EntryPaths, tvm_entry
 from pytest_mlcjit.compiler.backends.base import Backend, BuildContext, BuildRequest
-from pytest_mlcjit.compiler.toolchain import host_fingerprint, nvcc_version, tvm_fingerprint
+from pytest_mlcjit.compiler.toolchain import (
+    describe_changes,
+    host_fingerprint,
+    nvcc_version,
+    toolchain_changes,
+    tvm_fingerprint,
+)
 from pytest_mlcjit.device import Device, TargetJSON, device_for_target, target_for, target_kind
 from pytest_mlcjit.errors import SpecError
 from pytest_mlcjit.inputs.closure import import_root, local_import_closure
@@ -21,7 +27,8 @@ from pytest_mlcjit.spec import TVMModel
 
 
 def toolchain(target: TargetJSON | str) -> dict[str, Any]:
-    """What compiles the bytes: TVM's version and build, and nvcc's for CUDA targets."""
+    """What compiles the bytes: TVM's version and build with the versions of the
+    distributions imported with it (apache-tvm-ffi…), and nvcc's release for CUDA targets."""
     chain: dict[str, Any] = {"tvm": tvm_fingerprint()}
     if target_kind(target) == "cuda":
         chain["nvcc"] = nvcc_version()
@@ -122,5 +129,8 @@ class TVMBackend(Backend):
         key = manifest.get("key")
         recorded = key.get("toolchain") if isinstance(key, Mapping) else None
         if recorded is not None and recorded != req.key["toolchain"]:
-            return f"built by toolchain {recorded}, installed is {req.key['toolchain']}"
+            changes = (toolchain_changes(recorded, req.key["toolchain"])
+                       if isinstance(recorded, Mapping) else [])
+            return describe_changes(changes) if changes else (
+                f"built by toolchain {recorded}, installed is {req.key['toolchain']}")
         return None
