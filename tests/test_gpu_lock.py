@@ -273,6 +273,29 @@ def test_holding():
     assert _stamp(work, "body-end") < _stamp(work, "tvm-start")
 
 
+TVM_STYLE = """
+import pytest
+import tvm.testing.locking as locking
+
+
+@pytest.mark.gpu
+def test_takes_tvms_lock_itself():
+    assert locking.run_with_gpu_lock(lambda: 42) == 42
+"""
+
+
+def test_a_gpu_test_that_takes_tvms_lock_itself_does_not_wait_for_itself(
+        project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TVM's own GPU tests call ``run_with_gpu_lock`` in their body. With the plugin's lock
+    on, that call runs at once: tvm-ffi's FileLock opens the file again, and a second
+    ``flock`` through another open file would wait for this very process forever
+    (pytest-timeout's limit is a safety net against that hang, not a timing assertion)."""
+    monkeypatch.setenv("TVM_TEST_LOCK_DIR", str(tmp_path / "locks"))
+    project.pytester.makepyfile(test_tvmstyle=TVM_STYLE)
+    result = project.run("-q", "--mlc-jit-gpu-lock=on", "-p", "timeout", "--timeout=30")
+    result.assert_outcomes(passed=1)
+
+
 def test_a_dead_holders_lock_is_free_at_once(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 of a holder: the kernel released its flock, so the next taker gets it at

@@ -282,6 +282,7 @@ def test_adopts_a_library_mlc_put_there(model_dir: Path, tmp_path: Path, standin
     assert _count(standin) == 1
 
 
+@pytest.mark.reliability  # default tier: test_adopts_a_library_mlc_put_there, test_corruption
 @STANDIN_ONLY
 def test_an_unloadable_library_without_manifest_is_replaced(
     model_dir: Path, tmp_path: Path, standin: Path
@@ -325,6 +326,7 @@ def test_off_and_readonly_messages(model_dir: Path, tmp_path: Path) -> None:
         _engine(tmp_path / "home", "READONLY").compile(MLCModel(model_dir), "cpu")
 
 
+@pytest.mark.reliability  # slow (two MLC compiles); the staging rules: test_isolation
 def test_mlc_temp_dir(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     temp = tmp_path / "mlc-temp"
     temp.mkdir()
@@ -363,6 +365,7 @@ def test_android(compiled_model):
 '''
 
 
+@pytest.mark.reliability  # default tier: test_xdist's one compile per key under -n 2
 @STANDIN_ONLY
 def test_n2_compiles_each_mlc_key_once(project: Project, model_dir: Path,
                                        standin: Path) -> None:

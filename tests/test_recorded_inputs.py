@@ -161,6 +161,7 @@ def test_switching_back_and_forth_compiles_each_state_once(project: Project) -> 
     assert len(project.libraries()) == 2
 
 
+@pytest.mark.reliability  # default tier: the in-process input-state tests above, test_xdist
 def test_n2_one_compile_per_input_state(project: Project) -> None:
     """Factories that read data files: one compile per distinct input state; a warm run
     compiles nothing; then, under -n 2 (two workers that each prefetch, and run tests of

@@ -207,7 +207,13 @@ def _open(path: Path) -> int:
     try:
         fd = os.open(path, flags, 0o666)
     except PermissionError:  # another user's file: a read-only descriptor locks as well
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except PermissionError as exc:
+            raise MlcJitError(
+                f"cannot open the GPU lock {path} ({exc.strerror}; it is another user's): "
+                f"set {ENV_LOCK_DIR} to a directory of your own, or ask its owner to make "
+                "it readable") from None
     with contextlib.suppress(OSError):  # ours: every user may take it (umask or not)
         if os.fstat(fd).st_uid == os.getuid() and stat.S_IMODE(os.fstat(fd).st_mode) != 0o666:
             os.fchmod(fd, 0o666)
@@ -229,7 +235,12 @@ class GpuLock:
         """Take the lock if it is free now (or this process holds it already)."""
         if not self._held.turn.acquire(blocking=False):
             return False
-        if self._held.depth or self._flock(blocking=False):
+        try:
+            taken = bool(self._held.depth) or self._flock(blocking=False)
+        except BaseException:
+            self._held.turn.release()
+            raise
+        if taken:
             self._held.depth += 1
             return True
         self._held.turn.release()

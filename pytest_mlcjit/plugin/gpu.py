@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -39,10 +40,22 @@ def lock_enabled(config: pytest.Config) -> bool:
     """``on``; ``off``; ``auto``: under xdist with 2+ workers, or ``TVM_TEST_LOCK_DIR`` set."""
     if _enabled_key not in config.stash:
         mode = run_state(config).options.gpu_lock
-        workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+        workers = _workers(config)
         config.stash[_enabled_key] = mode == "on" or (
             mode == "auto" and (workers >= 2 or bool(os.environ.get(ENV_LOCK_DIR))))
     return config.stash[_enabled_key]
+
+
+def _workers(config: pytest.Config) -> int:
+    """How many xdist workers the run has (a worker is told; the controller counts ``-n``;
+    ``-n auto`` counts as several)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return int(workerinput.get("workercount", 1))
+    n = getattr(config.option, "numprocesses", None)
+    if isinstance(n, int):
+        return n
+    return 2 if n in ("auto", "logical") else 1
 
 
 def wraps_call(item: pytest.Item) -> bool:
@@ -85,7 +98,7 @@ def holding(config: pytest.Config, device: Device | None, test: str) -> Iterator
                                   digest="", root=str(lock.path))
 
     start = time.monotonic()
-    with gpu_lock(device, owner=owner, waiting=waiting) as lock:
+    with gpu_lock(device, owner=owner, waiting=waiting) as lock, _tvm_sees_it_held(lock):
         outermost, taken = lock.depth == 1, time.monotonic()
         try:
             yield lock
@@ -93,6 +106,44 @@ def holding(config: pytest.Config, device: Device | None, test: str) -> Iterator
             if outermost:
                 engine.stats.gpu_wait_seconds += taken - start
                 engine.stats.gpu_hold_seconds += time.monotonic() - taken
+
+
+@contextlib.contextmanager
+def _tvm_sees_it_held(lock: GpuLock) -> Iterator[None]:
+    """While this process holds ``lock``, TVM's ``run_with_gpu_lock`` called in this process
+    (a gpu test's body, as TVM's own tests do) runs at once instead of waiting forever for
+    ourselves: its ``FileLock`` opens the file again, and a second ``flock`` through another
+    open file conflicts with ours even in one process. Only when ``tvm.testing.locking``
+    is already imported (it is by any test that uses it); restored afterwards."""
+    module: Any = sys.modules.get("tvm.testing.locking")
+    original: Any = getattr(module, "FileLock", None)
+    if module is None or original is None or getattr(original, "_mlcjit_held", False):
+        yield
+        return
+    held = os.path.realpath(lock.path)
+
+    class HeldHere:
+        """TVM's ``FileLock``, except for the file this process holds already."""
+
+        _mlcjit_held = True
+
+        def __init__(self, lock_file_path: str) -> None:
+            same = os.path.realpath(lock_file_path) == held
+            self._inner = None if same else original(lock_file_path)
+
+        def __enter__(self) -> HeldHere:
+            if self._inner is not None:
+                self._inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> bool:
+            return bool(self._inner.__exit__(*exc)) if self._inner is not None else False
+
+    module.FileLock = HeldHere
+    try:
+        yield
+    finally:
+        module.FileLock = original
 
 
 @pytest.hookimpl(wrapper=True)
