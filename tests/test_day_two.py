@@ -430,3 +430,17 @@ def test_default_names_and_an_empty_accounting_line() -> None:
     assert default_name("models.mlp:tiny") == "mlp.tiny"
     assert default_name("tinymodel") == "tinymodel"
     assert Stats().accounting_line() == "no requests"
+
+
+def test_a_spec_the_engine_cannot_key_is_no_request(tmp_path: Path) -> None:
+    """Called from code too (not only through the fixture): a factory that is not there
+    fails the call and is counted as no request; OFF is still a missed request."""
+    from pytest_mlcjit import JIT, JitDisabledError, MlcJitError, Settings
+
+    engine = JIT(Settings(cache_dir=tmp_path / "cache"))
+    with pytest.raises(MlcJitError):
+        engine.compile(TVMModel("nosuchmodule_of_this_test:build"), "cpu")
+    assert engine.stats.requests == 0
+    with pytest.raises(JitDisabledError):
+        engine.compile(TVMModel("nosuchmodule_of_this_test:build"), "cpu", policy="OFF")
+    assert (engine.stats.requests, engine.stats.outcomes.get("missed")) == (1, 1)

@@ -202,8 +202,8 @@ class JIT:
         try:
             model = self._compile(state, spec, device, policy)
         except BaseException as exc:
-            if not state.background:
-                missed = isinstance(exc, CacheMissError | JitDisabledError)
+            missed = isinstance(exc, CacheMissError | JitDisabledError)
+            if not state.background and (state.req is not None or missed):  # a bad spec: none
                 self._count(state, "missed" if missed else "failed")
             raise
         if not state.background:

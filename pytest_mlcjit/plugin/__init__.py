@@ -354,15 +354,7 @@ def compiled_model(request: pytest.FixtureRequest, mlc_device: Device,
     try:
         params = {"compiled_model": request.param} if hasattr(request, "param") else {}
         spec, policy = plan.requested_spec(request.node, params)
-        if (policy or mlc_jit.settings.policy) is not Policy.OFF:
-            # A spec the engine cannot key (a factory that is not there, a bad field) is
-            # this test's usage error, not a request: checked before compile() counts one.
-            mlc_jit.request(spec, mlc_device, policy)
         model = mlc_jit.compile(spec, mlc_device, policy=policy)
-        if model.device != mlc_device and model.device.kind == mlc_device.kind:
-            import dataclasses  # one library for GPUs of one arch: returned for another
-
-            model = dataclasses.replace(model, device=mlc_device, _vm=None)
         run_state(request.config).used.add(model.digest)
         return model
     except MlcJitError as exc:
