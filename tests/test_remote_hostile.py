@@ -31,7 +31,8 @@ from pytest_mlcjit._util.fs import read_json
 from pytest_mlcjit.cache.history import read_runs
 from pytest_mlcjit.cache.manifest import parse_manifest
 from pytest_mlcjit.cache.store.remote import RemoteOptions, open_remote
-from pytest_mlcjit.cache.store.tiered import RemoteStats, RemoteTier
+from pytest_mlcjit.cache.store.remote_stats import RemoteStats
+from pytest_mlcjit.cache.store.tiered import RemoteTier
 from pytest_mlcjit.engine.activity import read_board
 from pytest_mlcjit.engine.settings import Settings
 from pytest_mlcjit.errors import CorruptEntryError, RemoteAuthError, RemoteUnavailableError
@@ -186,7 +187,7 @@ def test_the_stats_of_many_workers_show_each_warning_once() -> None:
     it (each names what it was doing), so is an upload refused for permission (each
     worker names its library), skipped objects are summed into one line, other
     warnings are kept once each and at most MAX_NOTES of them."""
-    from pytest_mlcjit.cache.store.tiered import MAX_NOTES
+    from pytest_mlcjit.cache.store.remote_stats import MAX_NOTES
 
     total = RemoteStats()
     for worker in range(3):

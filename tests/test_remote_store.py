@@ -33,6 +33,7 @@ from s3server import (
 
 from conftest import wait_until
 from pytest_mlcjit.cache.store.remote import base as remote_base
+from pytest_mlcjit.cache.store.remote import entries as remote_entries
 from pytest_mlcjit.cache.store.remote import open_remote, parse_remote_url
 from pytest_mlcjit.cache.store.remote.base import Remote, RemoteEntry
 from pytest_mlcjit.cache.store.remote.file import FileRemote
@@ -297,6 +298,7 @@ def test_malformed_and_stray_objects_are_reported_or_ignored(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A smaller limit, so that the test need not write 16 MiB to the server.
     monkeypatch.setattr(remote_base, "MAX_MANIFEST_BYTES", 1 << 20)
+    monkeypatch.setattr(remote_entries, "MAX_MANIFEST_BYTES", 1 << 20)
     remote = open_remote(remote_url, signing_key=None)
     good = published(remote, tmp_path, b"good")
     backdoor.write(f"entries/{KEY}/{ENTRY2}.json", b"{not json")

@@ -32,7 +32,7 @@ from test_mlc import STANDIN_ONLY, model_dir, standin  # noqa: F401 (fixtures)
 
 from conftest import Project, run_cli, wait_until
 from pytest_mlcjit.cache.store.remote import open_remote
-from pytest_mlcjit.engine.jit import REMOTE_RETRIES
+from pytest_mlcjit.engine.remote import REMOTE_RETRIES
 
 pytest_plugins = ["s3server"]
 

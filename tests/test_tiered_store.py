@@ -47,7 +47,7 @@ from pytest_mlcjit.cache.store.remote import (
     parse_remote_url,
 )
 from pytest_mlcjit.cache.store.remote.base import Chunks, StoredObject
-from pytest_mlcjit.cache.store.tiered import RemoteStats
+from pytest_mlcjit.cache.store.remote_stats import RemoteStats
 from pytest_mlcjit.errors import (
     BadURL,
     RemoteAuthError,

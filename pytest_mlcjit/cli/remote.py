@@ -8,7 +8,7 @@ import os
 from pytest_mlcjit.cache.manage import remote as jobs
 from pytest_mlcjit.cache.store.remote import Remote, open_remote
 from pytest_mlcjit.cli.render import EXIT_FAILURE, out
-from pytest_mlcjit.engine.jit import remote_options
+from pytest_mlcjit.engine.remote import remote_options
 from pytest_mlcjit.engine.settings import from_environment
 from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.units import format_size, format_time, plural

@@ -37,15 +37,14 @@ from pytest_mlcjit.cache.store.interface import (
     Store,
     why_not,
 )
-from pytest_mlcjit.cache.store.remote import RemoteOptions
-from pytest_mlcjit.cache.store.remote.signing import signing_key_from_env
 from pytest_mlcjit.compiler.backends import BuildContext, BuildRequest, backend_for
 from pytest_mlcjit.compiler.launch import Builds
 from pytest_mlcjit.device import Device, Presence, probe
 from pytest_mlcjit.engine import failures
-from pytest_mlcjit.engine.activity import Board, default_board, describe_spec, describe_target
+from pytest_mlcjit.engine.activity import Board, describe_spec, describe_target
 from pytest_mlcjit.engine.failures import log_tail, no_space, ran_out_of_space, readonly_miss
 from pytest_mlcjit.engine.model import CompiledModel, served_again
+from pytest_mlcjit.engine.remote import remote_options
 from pytest_mlcjit.engine.request import Query, RequestState
 from pytest_mlcjit.engine.schedule import spec_digest
 from pytest_mlcjit.engine.settings import Settings, from_environment
@@ -60,17 +59,6 @@ from pytest_mlcjit.errors import (
 )
 from pytest_mlcjit.inputs.check import InputChecker, changes_since
 from pytest_mlcjit.policy import Policy
-
-#: How many times botocore retries a failed remote request (throttling, 5xx).
-REMOTE_RETRIES = 2
-
-
-def remote_options(settings: Settings) -> RemoteOptions:
-    """How a run or the CLI reaches the remote (signing key, timeouts, the run's board)."""
-    return RemoteOptions(signing_key_from_env(), settings.remote_connect_timeout,
-                         settings.remote_read_timeout, REMOTE_RETRIES, None, settings.run_id,
-                         default_board() if settings.remote else None,
-                         settings.remote_deadline, settings.remote_min_throughput)
 
 
 class JIT:

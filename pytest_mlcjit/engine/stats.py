@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pytest_mlcjit.cache.store.tiered import RemoteStats
+from pytest_mlcjit.cache.store.remote_stats import RemoteStats
 from pytest_mlcjit.units import plural
 
 Outcome = Literal["hit", "remote_hit", "compiled", "waited", "failed", "missed"]

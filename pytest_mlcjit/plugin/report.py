@@ -24,7 +24,7 @@ from pytest_mlcjit.plugin.session import RunState
 from pytest_mlcjit.units import format_size, plural
 
 if TYPE_CHECKING:
-    from pytest_mlcjit.cache.store.tiered import RemoteStats
+    from pytest_mlcjit.cache.store.remote_stats import RemoteStats
     from pytest_mlcjit.engine.activity import Board
 
 #: Lines of the compile log a failed test's report section shows.

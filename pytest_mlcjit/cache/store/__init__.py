@@ -21,7 +21,8 @@ from pytest_mlcjit.cache.store.interface import Store
 from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.cache.store.readonly import ReadOnlyStore
 from pytest_mlcjit.cache.store.remote import RemoteOptions
-from pytest_mlcjit.cache.store.tiered import RemoteStats, RemoteTier, TieredStore
+from pytest_mlcjit.cache.store.remote_stats import RemoteStats
+from pytest_mlcjit.cache.store.tiered import RemoteTier, TieredStore
 from pytest_mlcjit.cache.store.unwritable import UnwritableStore
 from pytest_mlcjit.inputs.check import InputChecker
 

@@ -26,7 +26,6 @@ the failure policy, as sccache and ccache users asked for it:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -51,6 +50,7 @@ from pytest_mlcjit.cache.store.interface import (
 from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions, open_remote
 from pytest_mlcjit.cache.store.remote.base import RemoteEntry
 from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD
+from pytest_mlcjit.cache.store.remote_stats import RemoteStats
 from pytest_mlcjit.errors import (
     RemoteAuthError,
     RemoteConfigError,
@@ -60,7 +60,6 @@ from pytest_mlcjit.errors import (
 )
 from pytest_mlcjit.inputs.check import InputChecker, changes_since
 from pytest_mlcjit.key import sha256_digest
-from pytest_mlcjit.units import plural
 
 REMOTE_MODES = ("read", "readwrite")
 #: Manifest fields a download does not carry over: the local publish writes its own.
@@ -69,96 +68,6 @@ _LOCAL_FIELDS = ("digest", "library", "sha256", "size", "log", SIGNATURE_FIELD)
 
 #: How long a run's "remote down" file is kept (a later run that finds it down removes it).
 MARKER_KEPT_S = 86400.0
-#: Distinct warnings a run keeps besides the aggregated ones (more are counted only), so
-#: that the summary and the run's line in ``runs.jsonl`` stay short whatever the remote holds.
-MAX_NOTES = 10
-
-
-@dataclasses.dataclass
-class RemoteStats:
-    """What the remote did in a run (merged across xdist workers on the controller).
-
-    ``warnings`` is what the summary shows, one line each, built from the fields after it:
-    the remote going down (once per run, whichever process found it), the unusable remote
-    objects skipped (one line: how many, and the first), and other warnings (each once,
-    at most :data:`MAX_NOTES`)."""
-
-    downloads: int = 0
-    download_bytes: int = 0
-    download_seconds: float = 0.0
-    uploads: int = 0
-    upload_bytes: int = 0
-    errors: int = 0
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    #: Why the remote went down in this run (the first report wins).
-    down: str | None = None
-    #: Why an upload was refused for permission, so that the run only reads (the first
-    #: report wins: every worker that meets the refusal says it once, the run once).
-    upload_refused: str | None = None
-    #: Remote objects skipped as unusable (junk, a bad signature), and the first's reason.
-    skipped: int = 0
-    skipped_first: str | None = None
-    #: Other warnings (a refused download, a refused upload), each once.
-    notes: list[str] = dataclasses.field(default_factory=list)
-    notes_dropped: int = 0
-
-    def note(self, message: str) -> None:
-        """Add a warning (once; past :data:`MAX_NOTES`, counted only)."""
-        if message in self.notes:
-            return
-        if len(self.notes) < MAX_NOTES:
-            self.notes.append(message)
-        else:
-            self.notes_dropped += 1
-        self._show()
-
-    def skip(self, reason: str, count: int = 1) -> None:
-        """Count ``count`` unusable remote objects skipped (``reason``: the first's)."""
-        self.skipped += count
-        self.skipped_first = self.skipped_first or reason
-        self._show()
-
-    def went_down(self, message: str) -> None:
-        self.down = self.down or message
-        self._show()
-
-    def refused_upload(self, message: str) -> None:
-        self.upload_refused = self.upload_refused or message
-        self._show()
-
-    def _show(self) -> None:
-        lines = [self.down] if self.down else []
-        if self.upload_refused:
-            lines.append(self.upload_refused)
-        if self.skipped:
-            what = plural(self.skipped, "unusable remote object")
-            lines.append(f"{what} skipped: {self.skipped_first}" if self.skipped == 1
-                         else f"{what} skipped, the first: {self.skipped_first}")
-        lines += self.notes
-        if self.notes_dropped:
-            lines.append(f"{plural(self.notes_dropped, 'more remote warning')} not shown")
-        self.warnings = lines
-
-    def merge(self, other: Mapping[str, Any]) -> None:
-        """Add another process's :meth:`to_json`."""
-        for field in dataclasses.fields(self):
-            value = other.get(field.name)
-            if field.name == "notes":
-                for note in value if isinstance(value, list) else ():
-                    if isinstance(note, str):
-                        self.note(note)
-            elif field.name in ("down", "upload_refused", "skipped_first"):
-                if isinstance(value, str) and getattr(self, field.name) is None:
-                    setattr(self, field.name, value)
-            elif (field.name != "warnings" and isinstance(value, int | float)
-                  and not isinstance(value, bool)):
-                setattr(self, field.name, getattr(self, field.name) + value)
-        self._show()
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 class RemoteTier:
     """One remote for one run: the adapter, the failure policy and the statistics;
     thread-safe. ``mode`` ``read`` never uploads."""

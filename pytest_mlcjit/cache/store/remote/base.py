@@ -10,19 +10,29 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import threading
-import time
 import urllib.parse
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pytest_mlcjit._util import remote_limits
 from pytest_mlcjit._util.fs import FILE_MODE, fault_point
-from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES, loads_bounded
+from pytest_mlcjit._util.jsonsafe import loads_bounded
 from pytest_mlcjit._util.remote_limits import Deadline
-from pytest_mlcjit.cache.layout import DIGEST_RE
+from pytest_mlcjit.cache.store.remote.entries import (
+    CHUNK,
+    ENTRY_NAME_RE,
+    MAX_LIBRARY_BYTES,
+    MAX_MANIFEST_BYTES,
+    Chunks,
+    RemoteEntry,
+    StoredObject,
+    check_digest,
+    manifest_problem,
+    read_limited,
+)
+from pytest_mlcjit.cache.store.remote.maintenance import prune_remote, verify_remote
 from pytest_mlcjit.cache.store.remote.signing import (
     SIGNATURE_FIELD,
     manifest_signature,
@@ -30,66 +40,11 @@ from pytest_mlcjit.cache.store.remote.signing import (
 )
 from pytest_mlcjit.cache.store.remote.url import RemoteURL
 from pytest_mlcjit.errors import (
-    RemoteConfigError,
     RemoteError,
     RemoteIntegrityError,
     RemoteUnavailableError,
 )
 from pytest_mlcjit.key import file_sha256
-
-#: A manifest is a few hundred bytes; anything far larger is not one.
-MAX_MANIFEST_BYTES = MAX_JSON_BYTES
-#: The largest library a remote manifest may name (1 PiB: anything larger is junk, and a
-#: size is used in arithmetic, as the download's deadline).
-MAX_LIBRARY_BYTES = 1 << 50
-
-CHUNK = 1 << 20
-
-
-#: An object's bytes, in chunks: a generator, closed when the reader stops early.
-Chunks = Generator[bytes, None, None]
-
-
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-
-
-_ENTRY_NAME_RE = re.compile(r"entries/([0-9a-f]{32}|[0-9a-f]{64})/"
-                            r"([0-9a-f]{32}|[0-9a-f]{64})\.json")
-
-
-_BLOB_NAME_RE = re.compile(r"blobs/([0-9a-f]{64})")
-
-
-def _manifest_problem(manifest: Any, key_digest: str | None,
-                      entry_digest: str | None = None) -> str | None:
-    """Why ``manifest`` is not a usable manifest (of ``key_digest`` and ``entry_digest``,
-    if given), or None.
-
-    The manifest must name its key (``key_digest``, else ``digest``) and, with a
-    ``key_digest``, its entry (``digest``): that binds a signature to both, so a signed
-    manifest copied under another key or entry is refused."""
-    if not isinstance(manifest, dict):
-        return "is not a JSON object"
-    sha, size = manifest.get("sha256"), manifest.get("size")
-    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-        return f"has an invalid sha256 {sha!r} (expected 64 lowercase hex digits)"
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_LIBRARY_BYTES:
-        return (f"has an invalid size {str(size)[:40]} (expected an integer from 0 to "
-                f"{MAX_LIBRARY_BYTES})")
-    digest = manifest.get("digest")
-    named_key = manifest.get("key_digest", digest)
-    if key_digest is not None and named_key != key_digest:
-        return f"is for key {named_key!r}, not {key_digest}"
-    if entry_digest is not None and "key_digest" in manifest and digest != entry_digest:
-        return f"is for entry {digest!r}, not {entry_digest}"
-    return None
-
-
-def _check_digest(digest: str, what: str) -> str:
-    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-        raise RemoteConfigError(f"invalid {what} {digest!r}: expected 32 or 64 lowercase hex "
-                                "digits")
-    return digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,42 +66,6 @@ class RemoteOptions:
     #: A remote operation's total deadline: ``deadline + bytes / min_throughput`` seconds.
     deadline: float = remote_limits.DEADLINE_S
     min_throughput: float = remote_limits.MIN_THROUGHPUT
-
-
-class RemoteEntry(NamedTuple):
-    """One manifest found on a remote, usable or not.
-
-    ``problem`` is None for a usable entry; otherwise it says why the entry must not be
-    used (unreadable JSON, bad fields, missing or invalid signature, or, from
-    :meth:`Remote.verify`, a bad blob), and ``manifest`` holds what could be parsed.
-    """
-
-    key_digest: str
-    entry_digest: str
-    location: str  #: the manifest object's URL (redacted)
-    manifest: dict[str, Any] | None
-    problem: str | None
-    modified: float | None  #: when the store last wrote the manifest object (epoch seconds)
-
-    @property
-    def usable(self) -> bool:
-        return self.problem is None
-
-    @property
-    def created(self) -> float | None:
-        """The manifest's ``created`` time if it has a number there, else ``modified``."""
-        created = (self.manifest or {}).get("created")
-        if isinstance(created, (int, float)) and not isinstance(created, bool):
-            return float(created)
-        return self.modified
-
-
-class StoredObject(NamedTuple):
-    """An object as a store lists it: its name under the remote's root, size, mtime."""
-
-    name: str
-    size: int
-    modified: float
 
 
 # -- the remote interface -------------------------------------------------------------------
@@ -192,7 +111,7 @@ class Remote(abc.ABC):
         key or, when a signing key is set, lacks a valid signature). Raises the
         :class:`RemoteError` subclasses for failures of the remote itself.
         """
-        _check_digest(key_digest, "cache key digest")
+        check_digest(key_digest, "cache key digest")
         found = (self._entry(obj) for obj in self._list(f"entries/{key_digest}/"))
         return sorted((e for e in found if e is not None), key=lambda e: e.entry_digest)
 
@@ -250,7 +169,7 @@ class Remote(abc.ABC):
             return dest
 
     def _usable_blob(self, manifest: Mapping[str, Any]) -> tuple[str, int]:
-        problem = _manifest_problem(dict(manifest), None)
+        problem = manifest_problem(dict(manifest), None)
         if problem is None and self._signing_key is not None:
             problem = signature_problem(manifest, self._signing_key)
         if problem is not None:
@@ -271,9 +190,9 @@ class Remote(abc.ABC):
         published it). ``replace=True`` overwrites the blob and the manifest (a forced
         rebuild) and returns True.
         """
-        _check_digest(key_digest, "cache key digest")
-        _check_digest(entry_digest, "entry digest")
-        problem = _manifest_problem(dict(manifest), key_digest, entry_digest)
+        check_digest(key_digest, "cache key digest")
+        check_digest(entry_digest, "entry digest")
+        problem = manifest_problem(dict(manifest), key_digest, entry_digest)
         if problem is not None:
             raise RemoteIntegrityError(f"refusing to upload {library}: its manifest {problem}")
         sha, size = manifest["sha256"], manifest["size"]
@@ -303,84 +222,20 @@ class Remote(abc.ABC):
         with self.within(f"publishing {self._location(name)}", len(data)):
             return self._put_manifest(name, data, create_only=not replace)
 
-    # -- maintenance ---------------------------------------------------------------------
+    # -- maintenance (:mod:`.maintenance`) ----------------------------------------------
     def verify(self, entries: Iterable[RemoteEntry] | None = None) -> list[RemoteEntry]:
-        """Check every entry (or those of ``entries``, from :meth:`iter_entries`): its
-        manifest (and signature, if a key is set) and its blob's bytes (read in full and
-        hashed). Returns the entries with a problem (each blob is read once however many
-        entries name it)."""
-        bad: list[RemoteEntry] = []
-        blobs: dict[tuple[str, int], str | None] = {}
-        for entry in self.iter_entries() if entries is None else entries:
-            if entry.problem is not None or entry.manifest is None:
-                bad.append(entry)
-                continue
-            sha, size = entry.manifest["sha256"], entry.manifest["size"]
-            if (sha, size) not in blobs:
-                blobs[sha, size] = self._blob_problem(sha, size)
-            if blobs[sha, size] is not None:
-                bad.append(entry._replace(problem=f"manifest {entry.location} "
-                                                  f"{blobs[sha, size]}"))
-        return bad
-
-    def _blob_problem(self, sha: str, size: int) -> str | None:
-        """Why blob ``sha`` does not hold ``size`` bytes hashing to ``sha``, or None."""
-        h, n = hashlib.sha256(), 0
-        name = f"blobs/{sha}"
-        with self.within(f"verifying {self._location(name)}", size) as deadline:
-            stream = self._open_stream(name)
-            if stream is None:
-                return f"names {self._location(name)}, which is missing"
-            with contextlib.closing(stream):
-                for chunk in stream:
-                    if deadline.passed():
-                        raise self.late(f"verifying {self._location(name)}", deadline)
-                    n += len(chunk)
-                    if n > size:
-                        return (f"names {self._location(name)}, which has more than {size} "
-                                "bytes")
-                    h.update(chunk)
-        if n != size or h.hexdigest() != sha:
-            return (f"names {self._location(name)}, which is corrupt: {n} bytes, sha256 "
-                    f"{h.hexdigest()} (the manifest says {size} bytes, sha256 {sha})")
-        return None
+        """Check every entry (or those of ``entries``) and its blob's bytes; the entries
+        with a problem (:func:`.maintenance.verify_remote`)."""
+        return verify_remote(self, entries)
 
     def prune(self, older_than_seconds: float, *,
               blob_grace_seconds: float = 3600.0) -> list[str]:
-        """Remove the manifests created more than ``older_than_seconds`` ago (their
-        ``created`` field, else the object's time), then the blobs no remaining manifest
-        names that are older than ``blob_grace_seconds`` (a blob younger than that may
-        belong to an upload whose manifest is not written yet). Returns the removed
-        objects' URLs.
-
-        Blobs are listed before manifests, so a blob uploaded while this runs is never
-        removed. Run it from one maintenance job: an upload that reuses an old orphaned
-        blob in the instant between listing and removal leaves an entry whose blob is
-        missing, which :meth:`download` and :meth:`verify` report and ``replace=True``
-        repairs.
-        """
-        now = time.time()
-        blobs = list(self._list("blobs/"))
-        referenced: set[str] = set()
-        removed: list[str] = []
-        for entry in self.iter_entries():
-            created = entry.created
-            if created is not None and created < now - older_than_seconds:
-                self._delete(f"entries/{entry.key_digest}/{entry.entry_digest}.json")
-                removed.append(entry.location)
-            elif isinstance(entry.manifest, dict):
-                referenced.add(str(entry.manifest.get("sha256")))
-        for blob in blobs:
-            match = _BLOB_NAME_RE.fullmatch(blob.name)
-            if (match and match.group(1) not in referenced
-                    and blob.modified < now - blob_grace_seconds):
-                self._delete(blob.name)
-                removed.append(self._location(blob.name))
-        return removed
+        """Remove old entries and the blobs no entry names (:func:`.maintenance.prune_remote`)."""
+        return prune_remote(self, older_than_seconds, blob_grace_seconds=blob_grace_seconds)
 
     # -- helpers -------------------------------------------------------------------------
     def _entry(self, obj: StoredObject) -> RemoteEntry | None:
-        match = _ENTRY_NAME_RE.fullmatch(obj.name)
+        match = ENTRY_NAME_RE.fullmatch(obj.name)
         if match is None:
             return None  # not a manifest name: ignored
         key_digest, entry_digest = match.groups()
@@ -396,7 +251,7 @@ class Remote(abc.ABC):
         except ValueError as exc:  # junk: too large, too deep, not UTF-8 JSON
             problem = f"is not UTF-8 JSON ({exc})"
         else:
-            problem = _manifest_problem(manifest, key_digest, entry_digest)
+            problem = manifest_problem(manifest, key_digest, entry_digest)
             if problem is None and self._signing_key is not None:
                 problem = signature_problem(manifest, self._signing_key)
         return RemoteEntry(key_digest, entry_digest, where,
@@ -482,14 +337,5 @@ class Remote(abc.ABC):
         """Remove an object; absent is fine."""
 
 
-def read_limited(chunks: Iterator[bytes], where: str, deadline: Deadline | None = None
-                 ) -> bytes:
-    data = bytearray()
-    for chunk in chunks:
-        if deadline is not None and deadline.passed():
-            raise RemoteUnavailableError(f"{where}: deadline")  # worded by Remote.within
-        data += chunk
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise RemoteIntegrityError(f"{where} is larger than {MAX_MANIFEST_BYTES} bytes: "
-                                       "not a manifest")
-    return bytes(data)
+__all__ = ["CHUNK", "MAX_LIBRARY_BYTES", "MAX_MANIFEST_BYTES", "Chunks", "Remote",
+           "RemoteEntry", "RemoteOptions", "StoredObject", "read_limited"]
