@@ -284,6 +284,10 @@ OPT_IN = {
                     "stress, full disks, other users, pty progress, nested xdist stress: "
                     "docs/reliability.md); .ci/run runs it as its own step: "
                     "pytest -n 2 --run-reliability -m reliability"),
+    "servers": ("--run-servers", "also run the tests that start the npm test servers and "
+                "clients (Azurite, GitHub's cache stand-in proven by @actions/cache: "
+                "npm ci --prefix tests/node); .ci/run runs them as their own step: "
+                "pytest -n 2 --run-servers -m servers"),
     "bench": ("--run-bench", "also run the tests marked bench (the benchmarks' --quick modes, "
               "minutes of CPU); .ci/run runs them once: pytest -n 2 --run-bench -m bench"),
 }

@@ -64,6 +64,9 @@ ADAPTERS: dict[str, Adapter] = {
     "s3": Adapter("pytest_mlcjit.cache.store.remote.s3:S3Remote", "s3://BUCKET[/PREFIX]"),
     "file": Adapter("pytest_mlcjit.cache.store.remote.file:FileRemote",
                     "file:///ABSOLUTE/PATH"),
+    "az": Adapter("pytest_mlcjit.cache.store.remote.azure:AzureRemote",
+                  "az://CONTAINER[/PREFIX]"),
+    "gha": Adapter("pytest_mlcjit.cache.store.remote.gha:GHARemote", "gha://[SCOPE]"),
 }
 
 
