@@ -40,6 +40,12 @@ import pytest
 import tvm  # noqa: F401
 from tvm import relax  # noqa: F401
 
+# The same for the HTTP clients the remote tests use (a second copy of requests' cookie
+# jar, say, fails the first copy's checks: "You can only merge into CookieJar").
+with contextlib.suppress(ImportError):
+    import azure.storage.blob  # noqa: F401
+    import requests  # noqa: F401
+
 import pytest_mlcjit
 
 

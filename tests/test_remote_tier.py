@@ -156,7 +156,7 @@ def test_prepare_shards_fill_the_remote_and_other_machines_compile_nothing(
                        f"--mlc-jit-shard={index}/2")
         assert ret == 0, out
         assert f"shard {index}/2 (--mlc-jit-shard)" in out, out
-        uploads += counted(out, "upload")
+        uploads += counted(out, "(?:library|libraries) uploaded")
     compiled = sorted(line.split()[1] for line in project.compiles())
     assert compiled == sorted(f"hidden={c['hidden']}" for c in CONFIGS), "each once"
     assert uploads == len(CONFIGS)
@@ -168,7 +168,7 @@ def test_prepare_shards_fill_the_remote_and_other_machines_compile_nothing(
     ret, out = run(b, "-n", "2")
     assert ret == 0, out
     assert len(project.compiles()) == len(CONFIGS), "machine B compiled"
-    assert "3 downloads" in out, out
+    assert "3 libraries downloaded" in out, out
     assert len(b.libraries()) == len(CONFIGS)
 
     readonly = machine(project, "c")

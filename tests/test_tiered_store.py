@@ -467,7 +467,8 @@ def test_a_remote_that_goes_down_is_reported_once_then_left_alone(
     """The remote goes down mid-run: the next remote request fails, the run warns once
     (naming the remote and the error) and falls back to the local cache; later requests
     skip the remote even after it is back (it holds an entry they miss), and publish
-    locally without uploading. The next run uses the remote again."""
+    locally without uploading: each such upload is a write not made, counted and said once
+    (one line, however many). The next run uses the remote again."""
     through_spare_server(shared, request)
     held, data = Entry("held"), os.urandom(20_000)
     compile_into(machine("a").store(), held, data)
@@ -487,6 +488,9 @@ def test_a_remote_that_goes_down_is_reported_once_then_left_alone(
     compile_into(store, Entry("after"), os.urandom(1000))
 
     assert run.stats.warnings == [warning]
+    assert run.stats.uploads_failed == 2
+    assert run.stats.upload_failures == [
+        "not uploaded: the remote was down for the rest of the run"]
     assert {n for n in shared.door.names() if n.startswith("entries/")} == {
         shared.manifest(held)}, "the run uploaded after the remote went down"
     assert not library_at(tmp_path / "b", held).exists()
@@ -589,7 +593,8 @@ def test_a_library_that_does_not_match_its_manifest_is_never_loaded(
     """Bytes changed on the remote (tampered, same size) or another entry's valid library
     in place of this one's (swapped): the download is refused and deleted, nothing is
     published or left staged, the request misses (it compiles instead) and each refusal
-    is warned; with --mlc-jit-remote-required it fails with RemoteIntegrityError."""
+    is warned; with --mlc-jit-remote-required it fails with RemoteIntegrityError. A job
+    that writes sets the refused entry aside (test_remote_quarantine.py: then rebuilt)."""
     tampered, swapped = Entry("tampered"), Entry("swapped")
     original, other = os.urandom(30_000), os.urandom(40_000)
     a = machine("a").store()
@@ -598,7 +603,7 @@ def test_a_library_that_does_not_match_its_manifest_is_never_loaded(
     shared.door.write(shared.blob(original), bytes(b ^ 0xFF for b in original))
     shared.door.write(shared.blob(other), original)
 
-    run = machine("b")
+    run = machine("b", mode="read")  # a reader: it leaves the refused entries in place
     store = run.store()
     for query in (tampered, swapped):
         assert isinstance(fetch(store, query), Missing)
@@ -615,6 +620,7 @@ def test_a_library_that_does_not_match_its_manifest_is_never_loaded(
     with pytest.raises(RemoteIntegrityError, match="is corrupt"):
         fetch(required, swapped)
     assert not library_at(tmp_path / "d", swapped).exists()
+    assert shared.manifest(swapped) not in shared.door.names(), "not set aside"
 
 
 # -- the seam ---------------------------------------------------------------------------------

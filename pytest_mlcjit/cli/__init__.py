@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from pytest_mlcjit._version import __version__
 from pytest_mlcjit.cli.local import cmd_clear, cmd_info, cmd_list, cmd_prune, cmd_verify
-from pytest_mlcjit.cli.remote import cmd_remote
+from pytest_mlcjit.cli.remote import add_remote_commands, cmd_remote
 from pytest_mlcjit.cli.render import EXIT_FAILURE, EXIT_USAGE, PROG, count_arg
 from pytest_mlcjit.cli.requests import cmd_explain, cmd_key
 from pytest_mlcjit.errors import (
@@ -94,20 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     p = add("remote", cmd_remote, "the remote tier (--remote URL or $MLC_JIT_REMOTE; "
             "signatures checked with $MLC_JIT_REMOTE_SIGNING_KEY): ls lists its entries, "
-            "verify checks every digest and signature (exit 1 on a bad entry), prune "
-            "--older-than AGE removes old entries and unused blobs")
-    remote_sub = p.add_subparsers(dest="remote_command", metavar="ls|verify|prune",
-                                  required=True)
-    for name, text in (("ls", "list the remote's entries"),
-                       ("verify", "check every entry's digest and signature"),
-                       ("prune", "remove entries created longer ago than --older-than")):
-        r = remote_sub.add_parser(name, parents=[common], help=text, description=text)
-        r.add_argument("--remote", metavar="URL", default=None,
-                       help="s3://bucket/prefix or file:///path (default $MLC_JIT_REMOTE)")
-        if name == "prune":
-            r.add_argument("--older-than", required=True, metavar="AGE",
-                           type=argparse_type(lambda t: parse_age(t, what="--older-than")),
-                           help="remove entries created longer ago than AGE: 30d, 12h, 2w")
+            "verify checks every digest and signature (exit 1 on a bad entry) and lists the "
+            "quarantined ones, prune removes old or least recently used entries and the "
+            "blobs no entry uses, rm removes one entry or key")
+    add_remote_commands(p, common)
     p = add("clear", cmd_clear, "remove every entry (except one being compiled), the "
             "quarantine and the run history")
     p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")

@@ -83,8 +83,15 @@ def no_space(model: str, root: Path, why: str, log: Path | None = None) -> Compi
         log_tail=log_tail(log) if log is not None else None)
 
 
-def readonly_miss(describe: str, digest: str, root: Path, found: Lookup) -> str:
-    """Why READONLY found no usable library for a key, and what to do."""
+def readonly_miss(describe: str, digest: str, root: Path, found: Lookup,
+                  fetched: Lookup | None = None) -> str:
+    """Why READONLY found no usable library for a key, and what to do: first a remote
+    entry that was refused (``fetched``: what the further tiers answered), with the
+    refusal and its fix, rather than "no cached library"."""
+    if isinstance(fetched, Missing) and fetched.refused:
+        return (f"the remote's library for key {digest} ({describe}) was refused: "
+                f"{fetched.refused}. {refusal_fix(fetched.refused)} The policy is READONLY, "
+                "which never compiles or repairs")
     if (missing := missing_cache(root)) is not None:
         return f"no cached library for key {digest} ({describe}): {missing}"
     if isinstance(found, Missing):
@@ -99,6 +106,35 @@ def readonly_miss(describe: str, digest: str, root: Path, found: Lookup) -> str:
         "READONLY, which never compiles or repairs; warm the cache first (pytest "
         "--mlc-jit-prepare, or a run with --mlc-jit-policy=ON)"
     )
+
+
+#: A refusal's kind, by what the remote tier said (its words: :mod:`..cache.store.tiered`,
+#: :mod:`..cache.store.remote.signing`): the first that matches gives the fix.
+_BAD_BYTES_FIX = ("a job that writes sets the entry aside (quarantine/ on the remote); "
+                  "rebuild it there (a run with --mlc-jit-policy=ON compiles and uploads a "
+                  "good one; pytest-mlcjit remote verify lists the bad entries).")
+_REFUSAL_FIXES = (
+    (("supersed",), "A newer entry replaced it: publish the current library again from a "
+     "trusted writer (a run with --mlc-jit-policy=ON there)."),
+    (("load check",), "Its library does not load, or lacks a function its manifest "
+     "records: " + _BAD_BYTES_FIX),
+    (("is corrupt", "is missing", "sha256"), "The library on the remote is not the one its "
+     "manifest names: " + _BAD_BYTES_FIX),
+    (("unsigned", "signature", "signed"), "Only entries signed by a trusted key are "
+     "loaded: publish it again from a job that signs with a trusted key (a run with "
+     "--mlc-jit-policy=REDO there replaces it), or, if you trust its signer, add that "
+     "signer's public key to MLC_JIT_REMOTE_TRUSTED_KEYS (with HMAC, use the writer's "
+     "MLC_JIT_REMOTE_SIGNING_KEY)."),
+    ((), "The entry is not usable here: publish it again from a trusted writer (a run with "
+     "--mlc-jit-policy=ON there); pytest-mlcjit remote verify lists the bad entries."),
+)
+
+
+def refusal_fix(refused: str) -> str:
+    """What to do about a refused remote entry (``refused``: why it was refused)."""
+    text = refused.lower()
+    return next(fix for words, fix in _REFUSAL_FIXES
+                if not words or any(word in text for word in words))
 
 
 def missing_cache(root: Path) -> str | None:

@@ -39,16 +39,17 @@ from pytest_mlcjit.cache.store.interface import (
 )
 from pytest_mlcjit.compiler.backends import BuildContext, BuildRequest, backend_for
 from pytest_mlcjit.compiler.launch import Builds
+from pytest_mlcjit.compiler.loadcheck import LoadChecker
 from pytest_mlcjit.device import Device, Presence, probe
 from pytest_mlcjit.engine import failures
 from pytest_mlcjit.engine.activity import Board, describe_spec, describe_target
 from pytest_mlcjit.engine.failures import log_tail, no_space, ran_out_of_space, readonly_miss
 from pytest_mlcjit.engine.model import CompiledModel, served_again
-from pytest_mlcjit.engine.remote import remote_options
+from pytest_mlcjit.engine.remote import remote_mode, remote_options
 from pytest_mlcjit.engine.request import Query, RequestState
 from pytest_mlcjit.engine.schedule import spec_digest
 from pytest_mlcjit.engine.settings import Settings, from_environment
-from pytest_mlcjit.engine.stats import LibraryStats, Outcome, Stats
+from pytest_mlcjit.engine.stats import LibraryStats, Outcome, Stats, by_download
 from pytest_mlcjit.engine.unpublished import Unpublished, disk_full_said
 from pytest_mlcjit.errors import (
     CacheMissError,
@@ -79,9 +80,10 @@ class JIT:
         self.builds = Builds(warm=settings.compile_workers != "off")
         self.stores = Stores(
             allow_untrusted=settings.allow_untrusted, warnings=self.warnings,
-            checker=self.checker, remote=settings.remote, remote_mode=settings.remote_mode,
+            checker=self.checker, remote=settings.remote, remote_mode=remote_mode(settings),
             remote_required=settings.remote_required, remote_stats=self.stats.remote,
-            remote_options=remote_options(settings))
+            remote_options=remote_options(settings), load_check=LoadChecker(self.builds),
+            worker=self.board.worker)
         self._presence: dict[str, Presence] = dict(settings.presence)
         self._requests: dict[tuple[Any, str | None, bool], BuildRequest] = {}
         self._done: dict[tuple[str, Path], CompiledModel] = {}
@@ -231,7 +233,8 @@ class JIT:
             if policy is Policy.READONLY:
                 with self._lock:
                     self.stats.corrupt += isinstance(found, Corrupt)
-                raise CacheMissError(readonly_miss(req.describe, req.digest, store.root, found))
+                raise CacheMissError(readonly_miss(req.describe, req.digest, store.root, found,
+                                                   fetched))
         self._check_failure(query, store, policy, known=False)
         with self._locked(state, store):  # a read-only cache refuses: this would compile
             found = store.lookup(query, redo_run=redo)
@@ -372,6 +375,7 @@ class JIT:
     def _count(self, state: RequestState, outcome: Outcome,
                model: CompiledModel | None = None) -> None:
         """Count a request (its outcome, and how long it waited)."""
+        outcome = by_download(outcome, model, self.settings.run_id)
         size = model.manifest.get("size") if model is not None else None
         with self._lock:
             lib = self._library(state.req) if state.req is not None else None

@@ -148,6 +148,14 @@ def remote_url(source: str, text: str) -> str:
         from pytest_mlcjit.cache.store.remote.s3 import require_boto3  # noqa: PLC0415
 
         require_boto3()
+    if url.scheme == "az":  # the SDK installed, and credentials in the environment
+        from pytest_mlcjit.cache.store.remote.azure import require_azure  # noqa: PLC0415
+
+        require_azure()
+    if url.scheme == "gha":  # the service's URL and token, as a workflow step exports them
+        from pytest_mlcjit.cache.store.remote.gha import service_env  # noqa: PLC0415
+
+        service_env(url.redacted)
     return text
 
 

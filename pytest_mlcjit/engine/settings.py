@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pytest_mlcjit._util import remote_limits
 from pytest_mlcjit.device import Presence
 from pytest_mlcjit.engine import parsers
+from pytest_mlcjit.engine import remote as remote_keys
 from pytest_mlcjit.errors import ConfigError
 from pytest_mlcjit.policy import Policy
 
@@ -52,6 +53,9 @@ class Option:
     workers: bool = True
     #: A second environment variable read after ``env`` (TVM's ``TVM_TEST_TARGETS``).
     env_fallback: tuple[str, parsers.Parse] | None = None
+    #: Whether ``env`` set but empty is given to the parser (which refuses it), instead of
+    #: counting as unset (a key variable: empty is a mistake, never "no key").
+    empty_is_set: bool = False
 
     @property
     def dest(self) -> str:
@@ -63,10 +67,11 @@ class Option:
 def option(flag: str | None, *, ini: str | None = None, env: str | None = None,
            parse: parsers.Parse, default: Any, help: str, ini_help: str = "",
            metavar: str | None = None, kind: Literal["value", "switch", "path"] = "value",
-           workers: bool = True, env_fallback: tuple[str, parsers.Parse] | None = None
-           ) -> Any:
+           workers: bool = True, env_fallback: tuple[str, parsers.Parse] | None = None,
+           empty_is_set: bool = False) -> Any:
     """A :class:`Settings` field that is an option (one row of the table)."""
-    row = Option(flag, ini, env, parse, help, ini_help, metavar, kind, workers, env_fallback)
+    row = Option(flag, ini, env, parse, help, ini_help, metavar, kind, workers, env_fallback,
+                 empty_is_set)
     return dataclasses.field(default=default, metadata={"option": row})
 
 
@@ -137,8 +142,9 @@ class Settings:
         ini_help="background prefetch: " + _AUTO_OFF_ON,
         help="compile, in the background right after collection, the libraries the "
         "collected tests need, longest expected compile first, each worker taking the next "
-        "one no other worker is compiling. auto: under xdist with 2+ workers. ini "
-        "mlc_jit_prefetch; default auto.")
+        "one no other worker is compiling. auto: under xdist with 2+ workers; off: also "
+        "no remote hit fetched ahead (MLC_JIT_REMOTE_AHEAD). ini mlc_jit_prefetch; default "
+        "auto.")
     max_size: int | None = option(
         "--mlc-jit-max-size", ini="mlc_jit_max_size", parse=parsers.size, default=None,
         metavar="SIZE", ini_help="cache size cap applied after each run (10G, 500M)",
@@ -182,13 +188,16 @@ class Settings:
         metavar="N", workers=False, ini_help="list the N slowest compiles (0: all)",
         help="list the N slowest compiles in the summary (0: all). ini mlc_jit_durations; "
         "default 5 when a compile took over 10s, else none.")
-    #: The remote tier (``s3://bucket/prefix`` or ``file:///path``), None for none.
+    #: The remote tier (``s3://``, ``az://``, ``gha://`` or ``file://``), None for none.
     remote: str | None = option(
         "--mlc-jit-remote", ini="mlc_jit_remote", env="MLC_JIT_REMOTE",
         parse=parsers.remote_url, default=None, metavar="URL",
-        ini_help="remote tier URL (s3://bucket/prefix, file:///path)",
+        ini_help="remote tier URL (s3://bucket/prefix, az://container/prefix, gha://[scope], "
+        "file:///path)",
         help="a second cache tier shared by many machines: s3://bucket/prefix (needs "
-        "pytest-mlcjit[remote]; credentials, region and endpoint from the AWS_* variables) "
+        "pytest-mlcjit[remote]; credentials, region and endpoint from the AWS_* variables), "
+        "az://container/prefix (needs pytest-mlcjit[azure]; AZURE_STORAGE_* variables), "
+        "gha://[scope] (GitHub Actions' cache; ACTIONS_RESULTS_URL, ACTIONS_RUNTIME_TOKEN) "
         "or file:///path. Env MLC_JIT_REMOTE; ini mlc_jit_remote; default: none.")
     remote_mode: str = option(
         "--mlc-jit-remote-mode", ini="mlc_jit_remote_mode", env="MLC_JIT_REMOTE_MODE",
@@ -200,7 +209,19 @@ class Settings:
         "--mlc-jit-remote-required", ini="mlc_jit_remote_required", parse=parsers.truth,
         default=False, kind="switch", ini_help="fail on remote errors (true or false)",
         help="a remote error (unreachable, timeout, throttled) fails the tests that meet it "
-        "instead of falling back to compiling locally. ini mlc_jit_remote_required.")
+        "instead of falling back to compiling locally, and an upload that could not be made "
+        "fails the run. ini mlc_jit_remote_required.")
+    #: The remote's size budget, applied by the controller after a prepare run that
+    #: uploaded (None: none).
+    remote_max_size: int | None = option(
+        "--mlc-jit-remote-max-size", ini="mlc_jit_remote_max_size",
+        env="MLC_JIT_REMOTE_MAX_SIZE", parse=parsers.size, default=None, metavar="SIZE",
+        workers=False, ini_help="remote size budget applied after a prepare run (10G, 500M)",
+        help="after a --mlc-jit-prepare run that uploaded, remove the remote's least "
+        "recently used entries until the blobs the others use total at most SIZE (10G, "
+        "500M, 2GiB), as 'pytest-mlcjit remote prune --max-size' does, never an entry this "
+        "run used or uploaded. Env MLC_JIT_REMOTE_MAX_SIZE; ini mlc_jit_remote_max_size; "
+        "default: no budget.")
     remote_connect_timeout: float = option(
         None, env="MLC_JIT_REMOTE_CONNECT_TIMEOUT",
         parse=parsers.seconds_up_to(remote_limits.MAX_TIMEOUT_S),
@@ -229,6 +250,51 @@ class Settings:
         help="the slowest transfer accepted, in bytes per second (1MB: 1,000,000): an "
         "operation's deadline is MLC_JIT_REMOTE_DEADLINE plus its size at this rate. Env "
         "MLC_JIT_REMOTE_MIN_THROUGHPUT; default 1MB.")
+    #: The gha:// adapter reads these three itself (the cache layer: also for the CLI);
+    #: the rows document them and check their values at the start of a run.
+    gha_max_wait: float = option(
+        None, env="MLC_JIT_GHA_MAX_WAIT", parse=parsers.seconds_up_to(remote_limits.MAX_TIMEOUT_S),
+        default=120.0,
+        help="gha:// remotes: the most seconds one request to the GitHub Actions cache waits in "
+        "all for throttling (429) and server errors (5xx), as Retry-After asks, within the "
+        "operation's deadline; then the write or read is given up and reported. Env "
+        "MLC_JIT_GHA_MAX_WAIT; default 120.")
+    gha_rate: int = option(
+        None, env="MLC_JIT_GHA_RATE", parse=parsers.count, default=200,
+        help="gha:// remotes: the GitHub Actions cache's limit of new entries per "
+        "MLC_JIT_GHA_RATE_WINDOW seconds per repository; creations are paced to a burst of a "
+        "tenth of it, then 90% of it (0: not paced). Env MLC_JIT_GHA_RATE; default 200.")
+    gha_rate_window: float = option(
+        None, env="MLC_JIT_GHA_RATE_WINDOW",
+        parse=parsers.seconds_up_to(remote_limits.MAX_TIMEOUT_S), default=60.0,
+        help="gha:// remotes: the window of MLC_JIT_GHA_RATE, in seconds. Env "
+        "MLC_JIT_GHA_RATE_WINDOW; default 60.")
+    #: What MLC_JIT_REMOTE_SIGNING_KEY holds (``ed25519:<key id>``, ``hmac-sha256``), never
+    #: the key: the engine reads it from the environment (:mod:`.remote`).
+    remote_signing_key: str | None = option(
+        None, env="MLC_JIT_REMOTE_SIGNING_KEY", parse=remote_keys.signing_key_kind,
+        default=None, empty_is_set=True,
+        help="the key that signs what this run uploads to the remote: an Ed25519 private key "
+        "(PEM text, or the path of a .pem file: readers verify it with its public key) or "
+        "an HMAC secret (which signs and verifies). Set but empty, malformed, or a public "
+        "key: a usage error. Env MLC_JIT_REMOTE_SIGNING_KEY; default: none (unsigned).")
+    #: The key ids of MLC_JIT_REMOTE_TRUSTED_KEYS' public keys (the keys: :mod:`.remote`).
+    remote_trusted_keys: tuple[str, ...] = option(
+        None, env="MLC_JIT_REMOTE_TRUSTED_KEYS", parse=remote_keys.trusted_key_ids,
+        default=(), empty_is_set=True,
+        help="Ed25519 public keys (PEM text, or paths of PEM files, separated by newlines or "
+        f"{os.pathsep!r}): remote entries are loaded only when signed by one of them. Set "
+        "but empty or malformed: a usage error. Env MLC_JIT_REMOTE_TRUSTED_KEYS; default: "
+        "none.")
+    #: Remote hits downloaded at once ahead of time, right after collection (0: none).
+    remote_ahead: int = option(
+        None, ini="mlc_jit_remote_ahead", env="MLC_JIT_REMOTE_AHEAD", parse=parsers.count,
+        default=4, ini_help="remote hits downloaded at once ahead of time (0: none)",
+        help="how many of the run's remote hits to download at once, in the background "
+        "right after collection (the first library the tests use before they start, the "
+        "others longest expected compile first; each once per machine), before the tests "
+        "ask; 0: each is downloaded when a test first asks. --mlc-jit-prefetch=off turns it "
+        "off too. Env MLC_JIT_REMOTE_AHEAD; ini mlc_jit_remote_ahead; default 4.")
     #: The prepare shard ``(I, N)`` (--mlc-jit-shard), None for all.
     shard: tuple[int, int] | None = option(
         "--mlc-jit-shard", ini="mlc_jit_shard", parse=parsers.shard, default=None,
@@ -377,7 +443,7 @@ def _lookup(name: str, row: Option, cli: Source | None, ini: Source | None,
     if cli is not None and (given := cli(name, row)) is not None:
         return given
     for var, parse in ((row.env, row.parse), row.env_fallback or (None, row.parse)):
-        if var and (text := env.get(var)):
+        if var and ((text := env.get(var)) or (text == "" and row.empty_is_set)):
             value = parse(var, text)
             if value is not None:
                 return value, f"{var}={text}"

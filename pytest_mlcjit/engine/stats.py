@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_mlcjit.cache.store.remote_stats import RemoteStats
+from pytest_mlcjit.cache.store.tiered import DOWNLOADED_RUN_FIELD
 from pytest_mlcjit.units import plural
+
+if TYPE_CHECKING:
+    from pytest_mlcjit.engine.model import CompiledModel
 
 Outcome = Literal["hit", "remote_hit", "compiled", "waited", "failed", "missed"]
 #: What became of a request; each request is counted as exactly one of these.
-#: ``hit``: found in the local cache; ``remote_hit``: fetched from a remote tier;
-#: ``compiled``: compiled by this request; ``waited``: found after waiting for another's
-#: compile (another process's, or this process's prefetch); ``failed``: an error;
-#: ``missed``: not cached, and the policy (READONLY, OFF) does not compile.
+#: ``hit``: found in the local cache; ``remote_hit``: served by a library this run
+#: downloaded from the remote tier (by this request, or before it: a fetch ahead of time,
+#: an earlier request, another process of the run; :func:`by_download`), so that a fresh
+#: machine's requests are all remote hits, however the downloads fell; ``compiled``:
+#: compiled by this request; ``waited``: found after waiting for another's compile
+#: (another process's, or this process's prefetch); ``failed``: an error; ``missed``: not
+#: cached, and the policy (READONLY, OFF) does not compile. Downloads are counted apart,
+#: one per library (:attr:`.RemoteStats.downloads`).
 OUTCOMES: tuple[Outcome, ...] = ("hit", "remote_hit", "compiled", "waited", "failed", "missed")
 #: How the summary, ``pytest-mlcjit info`` and every other text name each outcome:
 #: (singular, plural). The JSON report and the run history use the keys of :data:`OUTCOMES`.
@@ -26,6 +34,17 @@ OUTCOME_WORDS = {
     "compiled": ("compiled", "compiled"), "waited": ("waited", "waited"),
     "failed": ("failed", "failed"), "missed": ("missed", "missed"),
 }
+
+
+def by_download(outcome: Outcome, model: CompiledModel | None, run_id: str) -> Outcome:
+    """``outcome``, or ``remote_hit`` for a hit (or a wait) served by a library that run
+    ``run_id`` downloaded: its manifest records the run that downloaded it
+    (:data:`.tiered.DOWNLOADED_RUN_FIELD`), whichever of the run's processes or threads
+    did."""
+    if outcome in ("hit", "waited") and model is not None \
+            and model.manifest.get(DOWNLOADED_RUN_FIELD) == run_id:
+        return "remote_hit"
+    return outcome
 
 
 def _add_counts(mine: dict[str, int], theirs: Mapping[str, int]) -> None:

@@ -132,14 +132,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     index, count = (0, 1) if workerinput is None else (
         int(str(workerinput["workerid"]).lstrip("gw") or 0), int(workerinput["workercount"]))
-    mode = state.options.prefetch
-    if not state.options.policy.writes or mode == "off" or (mode == "auto" and count < 2):
-        return
-    if not any(plan.uses_plugin(item) for item in session.items):
+    mode, opts = state.options.prefetch, state.options
+    compiles = opts.policy.writes and (mode == "on" or (mode == "auto" and count > 1))
+    ahead = 0 if mode == "off" or opts.remote is None else opts.remote_ahead  # remote hits
+    if not (compiles or ahead) or not any(plan.uses_plugin(item) for item in session.items):
         return
     from pytest_mlcjit.plugin.prefetch import Prefetcher
 
-    state.prefetcher = Prefetcher(state.engine, index, count)
+    state.prefetcher = Prefetcher(state.engine, index, count, compiles=compiles,
+                                  downloads=ahead)
     state.prefetcher.start(session.items)
 
 

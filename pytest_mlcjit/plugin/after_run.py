@@ -15,10 +15,13 @@ import pytest
 from pytest_mlcjit.cache.history import record_run
 from pytest_mlcjit.cache.layout import control_dir, default_roots
 from pytest_mlcjit.cache.manage import prune
+from pytest_mlcjit.cache.manage.remote import keep_to_budget
+from pytest_mlcjit.cache.store.remote import open_remote
 from pytest_mlcjit.cache.store.unwritable import writable_reason
 from pytest_mlcjit.cache.trust import Trust
+from pytest_mlcjit.engine.remote import remote_options
 from pytest_mlcjit.errors import MlcJitError
-from pytest_mlcjit.plugin.report import write_report
+from pytest_mlcjit.plugin.report import fail_if_remote_required, write_report
 from pytest_mlcjit.plugin.session import RunState
 
 
@@ -27,6 +30,7 @@ def after_run(session: pytest.Session, state: RunState) -> None:
     opts = state.options
     stats = state.stats()
     requests = stats.requests if stats is not None else 0
+    fail_if_remote_required(session, state)  # a write not made, with the remote required
     if opts.report_path is not None and not config.option.collectonly:
         state.report_written, written = write_report(state, opts.report_path,
                                                      exitstatus=int(session.exitstatus))
@@ -54,6 +58,16 @@ def after_run(session: pytest.Session, state: RunState) -> None:
                   "prepare": opts.prepare, "exitstatus": int(session.exitstatus), **data}
         for root in roots:
             record_run(root, record, state.warnings)
+    # The remote's budget (--mlc-jit-remote-max-size), once, after a prepare run that
+    # uploaded: least recently used entries first, never one this run used or uploaded.
+    if (opts.prepare and opts.remote and opts.remote_max_size is not None
+            and opts.remote_mode == "readwrite" and stats is not None
+            and stats.remote.uploads and not config.option.collectonly):
+        try:
+            remote = open_remote(opts.remote, remote_options(opts))
+            state.pruned.append(keep_to_budget(remote, opts.remote_max_size, started))
+        except (OSError, MlcJitError) as exc:
+            state.pruned.append(f"--mlc-jit-remote-max-size: pruning the remote failed: {exc}")
     if opts.max_size is None or config.option.collectonly:
         return
 

@@ -75,23 +75,65 @@ def gpu_lines(s: Stats) -> list[str]:
             f"{s.gpu_hold_seconds:.2f}s holding it"]
 
 
-def remote_lines(remote: RemoteStats, url: str | None) -> list[str]:
-    """The remote tier's line (downloads, uploads, errors) and each of its warnings."""
+def remote_lines(remote: RemoteStats, url: str | None, *, required: bool = False
+                 ) -> list[str]:
+    """The remote tier's line and each of its warnings. It counts libraries (each
+    transferred once), never requests: the accounting line's ``remote hits`` are the
+    requests those libraries served. Then the writes not made, and, with
+    ``--mlc-jit-remote-required``, that they fail the run (:func:`remote_failure`)."""
     if not url:
         return []
 
+    def libraries(n: int) -> str:
+        return plural(n, "library", "libraries")
+
     parts = []
     if remote.downloads:
-        parts.append(f"{plural(remote.downloads, 'download')} "
+        parts.append(f"{libraries(remote.downloads)} downloaded "
                      f"({format_size(remote.download_bytes)}, "
                      f"{remote.download_seconds:.2f}s)")
+    if remote.downloads_refused:
+        parts.append(f"{libraries(remote.downloads_refused)} refused after download")
     if remote.uploads:
-        parts.append(f"{plural(remote.uploads, 'upload')} "
+        parts.append(f"{libraries(remote.uploads)} uploaded "
                      f"({format_size(remote.upload_bytes)})")
+    if remote.uploads_failed:
+        parts.append(f"{plural(remote.uploads_failed, 'write')} not made")
+    if remote.quarantined:
+        parts.append(f"{plural(remote.quarantined, 'refused entry', 'refused entries')} "
+                     "set aside (quarantine/)")
+    if remote.load_checks:
+        parts.append(f"{plural(remote.load_checks, 'load check')} "
+                     f"({remote.load_check_seconds:.2f}s)")
     if remote.errors:
         parts.append(plural(remote.errors, "error"))
     lines = [f"remote {redact_url(url)}: {', '.join(parts) or 'nothing transferred'}"]
-    return lines + [f"warning: {w}" for w in remote.warnings]
+    lines += [f"warning: {w}" for w in remote.warnings]
+    lines += [f"warning: write not made: {why}" for why in remote.upload_failures]
+    if required and (failure := remote_failure(remote)) is not None:
+        lines.append(f"error: {failure}")
+    return lines
+
+
+def remote_failure(remote: RemoteStats) -> str | None:
+    """Why a run with ``--mlc-jit-remote-required`` fails although its tests may have
+    passed: writes it could not make (an upload that failed in a background prefetch, or
+    whose test passed all the same); None if there were none."""
+    if not remote.uploads_failed:
+        return None
+    return (f"{plural(remote.uploads_failed, 'write')} to the remote not made, and "
+            "--mlc-jit-remote-required is set: the run fails")
+
+
+def fail_if_remote_required(session: Any, state: RunState) -> None:
+    """With ``--mlc-jit-remote-required``, a write not made fails the run (exit status
+    1, unless it already failed otherwise); the summary says why. Called by the
+    controller once the workers' statistics are in, before the JSON report is written."""
+    stats = state.stats()
+    if (state.options.remote_required and state.options.remote and stats is not None
+            and remote_failure(stats.remote) is not None
+            and session.exitstatus in (0, 5)):  # OK, NO_TESTS_COLLECTED
+        session.exitstatus = 1  # TESTS_FAILED: what the run was for did not happen
 
 
 def summary_lines(state: RunState) -> list[str]:
@@ -102,7 +144,8 @@ def summary_lines(state: RunState) -> list[str]:
     if s is not None:
         lines += gpu_lines(s)
         lines += durations_lines(s, state.options.durations)
-        lines += remote_lines(s.remote, state.options.remote)
+        lines += remote_lines(s.remote, state.options.remote,
+                              required=state.options.remote_required)
     if state.report_written:
         lines.append(state.report_written)
     return lines + _prune_lines(state)
@@ -140,7 +183,11 @@ def write_summary(terminalreporter: Any, state: RunState) -> None:
 # -- the JSON report ------------------------------------------------------------------------
 def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
     """The run's accounting as plain data: ``requests``, ``outcomes`` (every kind, summing
-    to ``requests``) and ``libraries`` (one record per library), merged across workers."""
+    to ``requests``) and ``libraries`` (one record per library), merged across workers;
+    with a remote tier, ``remote``: its URL and :class:`.RemoteStats` (libraries
+    ``downloads`` and ``uploads``, writes not made ``uploads_failed`` with their first
+    reasons ``upload_failures``, ``downloads_refused``, ``quarantined``, ``load_checks``,
+    ``errors``, ``warnings``...), else null."""
     s = state.stats() or Stats()
     libraries = [{
         "spec": r.spec, "digest": r.digest, "target": r.target,
@@ -162,6 +209,10 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
         "gpu_wait_seconds": round(s.gpu_wait_seconds, 6),
         "gpu_hold_seconds": round(s.gpu_hold_seconds, 6),
         "libraries": libraries,
+        "remote": None if not state.options.remote else {
+            "url": redact_url(state.options.remote), **s.remote.to_json(),
+            "download_seconds": round(s.remote.download_seconds, 3),
+            "load_check_seconds": round(s.remote.load_check_seconds, 3)},
     }
 
 

@@ -140,7 +140,11 @@ class RunState:
             where = f"cache={s.cache_dir}"
         else:
             where = f"cache={default_cache_dir()} (MLC: {mlc_llm_home()})"
-        return f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
+        header = f"mlcjit: policy={s.policy.value}, devices={', '.join(parts)}, {where}"
+        from pytest_mlcjit.engine.remote import trust_line  # the remote's signatures
+
+        trust = trust_line(s)
+        return header if trust is None else f"{header}\n{trust}"
 
     def used_the_plugin(self) -> bool:
         """Whether this run has anything to report at its end (a request, a report to

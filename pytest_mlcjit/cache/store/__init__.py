@@ -4,7 +4,9 @@
 * :mod:`.local`: one cache root on this machine (with :mod:`.staging`, :mod:`.records`);
 * :mod:`.readonly`: the read-only view of a store (READONLY); :mod:`.unwritable`: that
   of a directory that cannot be written, under a policy that writes (its hits served);
-* :mod:`.tiered`: the local store, then a remote (download, backfill, upload, failures);
+* :mod:`.tiered`: the local store, then a remote (download, backfill, upload), with
+  :mod:`.remote_policy` (failures, refused entries, the load check's interface) and
+  :mod:`.remote_stats` (what the remote did in the run);
 * :mod:`.remote`: the remotes themselves, one adapter per kind (``s3``, ``file``).
 
 :class:`Stores` makes the stores of one run; the engine asks it for the store of a
@@ -21,6 +23,7 @@ from pytest_mlcjit.cache.store.interface import Store
 from pytest_mlcjit.cache.store.local import LocalStore
 from pytest_mlcjit.cache.store.readonly import ReadOnlyStore
 from pytest_mlcjit.cache.store.remote import RemoteOptions
+from pytest_mlcjit.cache.store.remote_policy import LoadCheck
 from pytest_mlcjit.cache.store.remote_stats import RemoteStats
 from pytest_mlcjit.cache.store.tiered import RemoteTier, TieredStore
 from pytest_mlcjit.cache.store.unwritable import UnwritableStore
@@ -29,18 +32,24 @@ from pytest_mlcjit.inputs.check import InputChecker
 
 class Stores:
     """The stores of one run: one per cache root and kind (taking writes or not), sharing
-    the run's remote tier (opened on first use), write warnings and input checker."""
+    the run's remote tier (opened on first use), write warnings and input checker.
+    ``load_check`` (from the engine: the cache starts no process) checks what the remote
+    tier uploads, and downloads recorded unchecked; ``worker``: this process's name in the
+    run (its record of the remote entries it used)."""
 
     def __init__(self, *, allow_untrusted: bool = False, warnings: WriteWarnings | None = None,
                  checker: InputChecker | None = None, remote: str | None = None,
                  remote_mode: str = "readwrite", remote_required: bool = False,
                  remote_options: RemoteOptions | None = None,
-                 remote_stats: RemoteStats | None = None) -> None:
+                 remote_stats: RemoteStats | None = None, load_check: LoadCheck | None = None,
+                 worker: str = "main") -> None:
         self.allow_untrusted = allow_untrusted
         self.warnings = warnings or WriteWarnings()
         self.checker = checker or InputChecker()
         self._remote_args = (remote, remote_mode, remote_required, remote_options)
         self._remote_stats = remote_stats
+        self._load_check = load_check
+        self._worker = worker
         self._tier: RemoteTier | None = None
         self._stores: dict[tuple[Path, bool], Store] = {}
         self._lock = threading.RLock()
@@ -75,7 +84,8 @@ class Stores:
         with self._lock:
             if self._tier is None:
                 self._tier = RemoteTier(url, mode=mode, required=required, options=options,
-                                        stats=self._remote_stats)
+                                        stats=self._remote_stats,
+                                        load_check=self._load_check, worker=self._worker)
             return self._tier
 
     @property
@@ -84,7 +94,8 @@ class Stores:
         return None if self._tier is None else self._tier.stats
 
     def close(self) -> None:
-        """The run is over: remove its private downloads."""
+        """The run is over: record the remote entries it used, remove its private
+        downloads."""
         if self._tier is not None:
             self._tier.close()
 

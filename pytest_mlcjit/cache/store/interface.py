@@ -66,7 +66,11 @@ class Hit:
 
 @dataclasses.dataclass(frozen=True)
 class Missing:
-    """No entry of the key (for a backend that records inputs: none of its input states)."""
+    """No entry of the key (for a backend that records inputs: none of its input states).
+    ``refused``: a further tier had entries of the key and refused them, and why (unsigned,
+    signed by an unknown key, a digest mismatch, a library that failed its load check)."""
+
+    refused: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

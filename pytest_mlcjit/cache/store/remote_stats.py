@@ -21,13 +21,31 @@ class RemoteStats:
     ``warnings`` is what the summary shows, one line each, built from the fields after it:
     the remote going down (once per run, whichever process found it), the unusable remote
     objects skipped (one line: how many, and the first), and other warnings (each once,
-    at most :data:`MAX_NOTES`)."""
+    at most :data:`MAX_NOTES`). The writes not made are apart (``uploads_failed``,
+    ``upload_failures``): the summary shows them after the warnings.
 
+    ``downloads`` and ``uploads`` count libraries (one per library transferred), not
+    requests: a request served by a download is a ``remote_hit`` of :mod:`.engine.stats`."""
+
+    #: Libraries downloaded (and used: digest verified, load check passed where needed).
     downloads: int = 0
     download_bytes: int = 0
     download_seconds: float = 0.0
+    #: Libraries uploaded (entries this run published on the remote).
     uploads: int = 0
     upload_bytes: int = 0
+    #: Writes not made: uploads that failed or were not attempted although the run writes
+    #: (the remote failed, refused, was down or read-only by then; the library failed its
+    #: load check), and the first reasons (each once, at most :data:`MAX_NOTES`).
+    uploads_failed: int = 0
+    upload_failures: list[str] = dataclasses.field(default_factory=list)
+    #: Downloads refused after the transfer (a digest mismatch, a failed load check).
+    downloads_refused: int = 0
+    #: Refused remote entries this run set aside (``quarantine/`` on the remote).
+    quarantined: int = 0
+    #: Load checks run (before uploads; after downloads of entries recorded unchecked).
+    load_checks: int = 0
+    load_check_seconds: float = 0.0
     errors: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
     #: Why the remote went down in this run (the first report wins).
@@ -58,6 +76,13 @@ class RemoteStats:
         self.skipped_first = self.skipped_first or reason
         self._show()
 
+    def write_not_made(self, why: str, count: int = 1) -> None:
+        """Count ``count`` uploads that could not be made (``why``: kept once, among the
+        first :data:`MAX_NOTES` reasons)."""
+        self.uploads_failed += count
+        if why not in self.upload_failures and len(self.upload_failures) < MAX_NOTES:
+            self.upload_failures.append(why)
+
     def went_down(self, message: str) -> None:
         self.down = self.down or message
         self._show()
@@ -87,6 +112,10 @@ class RemoteStats:
                 for note in value if isinstance(value, list) else ():
                     if isinstance(note, str):
                         self.note(note)
+            elif field.name == "upload_failures":
+                for why in value if isinstance(value, list) else ():
+                    if isinstance(why, str):
+                        self.write_not_made(why, count=0)
             elif field.name in ("down", "upload_refused", "skipped_first"):
                 if isinstance(value, str) and getattr(self, field.name) is None:
                     setattr(self, field.name, value)

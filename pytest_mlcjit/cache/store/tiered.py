@@ -8,34 +8,42 @@ read-only local store, keeps it in a private directory of the run); a publish go
 local cache, then is uploaded. The engine does not know the remote is there.
 
 :class:`RemoteTier` is the run's remote: the adapter (:mod:`.remote`), the statistics and
-the failure policy, as sccache and ccache users asked for it:
+the failure policy (its base, :class:`.remote_policy.RemotePolicy`: what happens when the
+remote fails, and to writes that could not be made). A lookup that finds no usable remote
+entry says why when the remote had one and refused it (:attr:`.interface.Missing.refused`):
+READONLY fails with that cause.
 
-* authentication and permission errors on a read always fail the request (they are never
-  a miss); an upload refused for permission while reads work (read-only credentials) is
-  warned once and the rest of the run only reads (it fails with ``--mlc-jit-remote-required``);
-* any other error (connection, timeout, an operation past its deadline, throttling, server
-  error) fails the request with ``--mlc-jit-remote-required``; otherwise it is reported
-  once, the remote is marked down for the rest of the run, and the library is compiled
-  locally. The first process of the run to find it down tells the others (a file in the
-  run's board directory: :attr:`.RemoteOptions.run_dir`), so the run waits out one timeout;
-* a remote object whose digest or signature is wrong is reported and never loaded; one that
-  is not a usable manifest is skipped and counted (:class:`RemoteStats`: one line however
-  many); a full disk during a download is reported and the library compiled instead.
+**Never sharing a broken library.** With a load check (:data:`.remote_policy.LoadCheck`,
+which the engine injects: the cache starts no process), a library is loaded in a process
+of its own and its recorded functions looked up before it is uploaded; one that fails is
+not uploaded.
+The manifest uploaded records what the check found (:data:`LOAD_CHECK_FIELD`), so a
+download of it is not checked again; a download whose manifest lacks it (an older
+version's, another tool's) is checked after its digest, before it is published locally.
+A downloaded entry that fails its digest or its load check, or (for a tier that signs its
+own uploads) its signature, is set aside on the remote (``quarantine/``) by a job that
+writes (a remote in ``readwrite`` mode and a local store that takes writes; a read-only
+job never writes), so the library compiled instead can be published in its place.
+
+**Access records.** The tier notes the remote entries the run used (downloads, and local
+hits of entries downloaded from this remote) and, in a job that writes, records them once
+at its end (:func:`.remote.maintenance.write_access`: one small object per process), which
+``remote prune --max-size`` reads as each entry's last use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_mlcjit._util.fs import is_no_space, read_json, write_json_atomic
+from pytest_mlcjit._util.fs import is_no_space
 from pytest_mlcjit.cache.manifest import Manifest
 from pytest_mlcjit.cache.store.interface import (
     MISSING,
@@ -44,148 +52,77 @@ from pytest_mlcjit.cache.store.interface import (
     Hit,
     Job,
     Lookup,
+    Missing,
     Store,
     no_job,
 )
-from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions, open_remote
+from pytest_mlcjit.cache.store.remote import Remote, RemoteOptions
 from pytest_mlcjit.cache.store.remote.base import RemoteEntry
+from pytest_mlcjit.cache.store.remote.maintenance import write_access
 from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD
-from pytest_mlcjit.cache.store.remote_stats import RemoteStats
-from pytest_mlcjit.errors import (
-    RemoteAuthError,
-    RemoteConfigError,
-    RemoteError,
-    RemoteIntegrityError,
-    RemoteUnavailableError,
+from pytest_mlcjit.cache.store.remote_policy import (
+    LoadCheck,
+    LoadResult,
+    RemotePolicy,
+    badly_signed,
 )
+from pytest_mlcjit.cache.store.remote_stats import RemoteStats
+from pytest_mlcjit.errors import RemoteError, RemoteIntegrityError
 from pytest_mlcjit.inputs.check import InputChecker, changes_since
-from pytest_mlcjit.key import sha256_digest
 
-REMOTE_MODES = ("read", "readwrite")
 #: Manifest fields a download does not carry over: the local publish writes its own.
 _LOCAL_FIELDS = ("digest", "library", "sha256", "size", "log", SIGNATURE_FIELD)
+#: The field an uploaded manifest records its load check in (what was checked): a download
+#: of it is not checked again.
+LOAD_CHECK_FIELD = "load_check"
+#: The field a downloaded entry's local manifest records the downloading run's id in: a
+#: request of that run served by it is a remote hit (in any of the run's processes).
+DOWNLOADED_RUN_FIELD = "downloaded_run"
+#: Fields of a local manifest an upload leaves out.
+_NOT_UPLOADED = ("log", "remote", DOWNLOADED_RUN_FIELD, LOAD_CHECK_FIELD)
+#: The end of a remote manifest's URL: its key and entry (and a REDO's generation).
+_ENTRY_REF_RE = re.compile(r"entries/([0-9a-f]{32}|[0-9a-f]{64})/([0-9a-f]{32}|[0-9a-f]{64})"
+                           r"(?:\.[0-9]+)?\.json$")
 
 
-#: How long a run's "remote down" file is kept (a later run that finds it down removes it).
-MARKER_KEPT_S = 86400.0
-class RemoteTier:
-    """One remote for one run: the adapter, the failure policy and the statistics;
-    thread-safe. ``mode`` ``read`` never uploads."""
+class RemoteTier(RemotePolicy):
+    """One remote for one run: the adapter, the failure policy (:class:`RemotePolicy`) and
+    the statistics; thread-safe. ``mode`` ``read`` never uploads. ``load_check``: checks a
+    library before it is uploaded, and after the download of an entry whose uploader did
+    not record one (none: not checked). ``worker``: this process's name in the run (its
+    access record)."""
 
     def __init__(self, url: str, *, mode: str = "readwrite", required: bool = False,
                  options: RemoteOptions | None = None, remote: Remote | None = None,
-                 stats: RemoteStats | None = None) -> None:
-        self.mode = mode
-        self.required = required
-        self.remote = remote or open_remote(url, options)
-        self.url = self.remote.url
-        #: Why the remote is down for the rest of this run (None: usable), and the error
-        #: that put it down (raised again for every later use when the remote is required).
-        self.down: str | None = None
-        self._down_error: RemoteError | None = None
-        #: Whether a read was refused (bad credentials: an upload refused too fails).
-        self._read_refused = False
-        self.stats = stats if stats is not None else RemoteStats()
-        self._lock = threading.Lock()
+                 stats: RemoteStats | None = None, load_check: LoadCheck | None = None,
+                 worker: str = "main") -> None:
+        super().__init__(url, mode=mode, required=required, options=options, remote=remote,
+                         stats=stats)
+        self.load_check = load_check
+        self.worker = worker
+        #: Whether a store that takes writes uses this tier (a job that writes), and the
+        #: remote entries this process used (``<key_digest>/<entry_digest>``).
+        self.job_writes = False
+        self._used: set[str] = set()
         self._private: dict[str, Hit] = {}
         self._private_dir: Path | None = None
-        opts = options or self.remote.options
-        #: Where the processes of this run tell one another that the remote is down (the
-        #: run's directory, a file per run and remote), so that it costs one timeout.
-        self._marker = None if not (opts.run_dir and opts.run_id) else Path(
-            opts.run_dir, f".remote-down-{opts.run_id}-{sha256_digest(self.url)[:16]}.json")
-
-    @property
-    def writes(self) -> bool:
-        return self.mode == "readwrite"
 
     def close(self) -> None:
-        """Remove the run's private downloads (those of a read-only local store)."""
+        """Record the remote entries this process used (a job that writes, once), and
+        remove the run's private downloads (those of a read-only local store)."""
         with self._lock:
             private, self._private_dir = self._private_dir, None
             self._private.clear()
+            used, self._used = sorted(self._used), set()
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
-
-    # -- failures ------------------------------------------------------------------------
-    def warn(self, message: str) -> None:
-        with self._lock:
-            self.stats.note(message)
-
-    @contextlib.contextmanager
-    def guard(self, what: str, *, upload: bool = False) -> Iterator[None]:
-        """Apply the failure policy to a remote operation (see the module's docstring)."""
-        try:
-            yield
-        except RemoteIntegrityError as exc:
-            with self._lock:
-                self.stats.errors += 1
-            self.warn(f"{what}: {exc} (not loaded)")
-            if self.required:
-                raise
-        except RemoteAuthError as exc:
-            with self._lock:
-                self.stats.errors += 1
-                if not upload:
-                    self._read_refused = True
-            if not upload or self._read_refused or self.required:
-                raise
-            # Credentials that read but may not write (the default mode is readwrite):
-            # the library is fine; the rest of this run only reads.
-            self.mode = "read"
-            with self._lock:
-                self.stats.refused_upload(
-                    f"remote {self.url} refused an upload ({what}): {exc}; this run only "
-                    "reads from it from now on (set --mlc-jit-remote-mode=read for "
-                    "read-only credentials, or --mlc-jit-remote-required to fail instead)")
-        except RemoteError as exc:
-            self._went_down(exc, f"remote {self.url} failed while {what}: {exc}; it is not "
-                            "used for the rest of this run (pass --mlc-jit-remote-required "
-                            "to fail instead)")
-            if self.required:
-                raise
-
-    def _went_down(self, exc: RemoteError, message: str, *, told: bool = False) -> None:
-        """The remote is down for the rest of this run: say so once (the run's first
-        process to find it down also tells the others, unless ``told`` by one)."""
-        with self._lock:
-            self.stats.errors += not told
-            first = self.down is None
-            self.down = self.down or str(exc)
-            self._down_error = self._down_error or exc
-            if not self.required:
-                self.stats.went_down(message)
-        if first and not told and self._marker is not None:
-            with contextlib.suppress(OSError):
-                write_json_atomic(self._marker, {"error": str(exc), "class": type(exc).__name__,
-                                                 "message": message})
-                for old in self._marker.parent.glob(".remote-down-*.json"):  # earlier runs'
-                    if old.stat().st_mtime < time.time() - MARKER_KEPT_S:
-                        old.unlink()
-
-    def _told_down(self) -> None:
-        """Take the remote as down when another process of this run found it so."""
-        if self._marker is None or not self._marker.exists():
-            return
-        data = read_json(self._marker)
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
-                                                 for k in ("error", "class", "message")):
-            return
-        cls = {c.__name__: c for c in (RemoteUnavailableError, RemoteConfigError)}.get(
-            data["class"], RemoteError)
-        self._went_down(cls(data["error"]), data["message"], told=True)
-
-    def usable(self) -> bool:
-        """Whether to use the remote now: not when it is down (found so here or by another
-        process of the run), and then, when it is required, the error that put it down is
-        raised again (every request that would have used it fails, not only the first)."""
-        if self.down is None:
-            self._told_down()
-        if self.down is None:
-            return True
-        if self.required and self._down_error is not None:
-            raise type(self._down_error)(str(self._down_error))
-        return False
+        if used and self.writes and self.job_writes and self.down is None:
+            try:
+                write_access(self.remote, self.run_id or "run", self.worker, used)
+            except (RemoteError, OSError) as exc:  # a record of use: never an error
+                self.warn(f"could not record the use of {len(used)} remote entries on "
+                          f"{self.url} (remote prune --max-size takes them as unused "
+                          f"since their last record): {exc}")
 
     # -- reading -------------------------------------------------------------------------
     def fits(self, query: EntryQuery, checker: InputChecker
@@ -203,11 +140,15 @@ class RemoteTier:
 
         return fits
 
-    def select(self, query: EntryQuery, fits: Callable[[Mapping[str, Any]], bool]
+    def select(self, query: EntryQuery, fits: Callable[[Mapping[str, Any]], bool],
+               refused: list[str] | None = None, *, writer: bool = False
                ) -> RemoteEntry | None:
         """The newest usable remote entry of ``query``'s key that ``fits``, or None.
         Entries with a problem (a bad or missing signature, a malformed manifest) are
-        reported and skipped."""
+        reported and skipped, and why is added to ``refused``; with ``writer`` (a job that
+        writes), one whose only problem is a missing, malformed or mismatching signature
+        is set aside when this tier signs its own uploads (it then publishes a signed one
+        in its place; :func:`.remote_policy.badly_signed`)."""
         if not self.usable():
             return None
         found: list[RemoteEntry] = []
@@ -219,26 +160,45 @@ class RemoteTier:
                 with self._lock:
                     self.stats.skip(f"refused a remote entry of {query.describe}: "
                                     f"{entry.problem}")
+                if refused is not None:
+                    refused.append(entry.problem)
+                if writer and self.remote.signed and badly_signed(entry):
+                    self.set_aside(entry, entry.problem)
             elif entry.manifest is not None and fits(entry.manifest):
                 usable.append(entry)
         usable.sort(key=lambda e: -(e.created or 0.0))
         return usable[0] if usable else None
 
-    def download(self, entry: RemoteEntry, dest: Path) -> Manifest | None:
-        """Download ``entry``'s library to ``dest`` (checked against its size and SHA-256
-        before this returns); its manifest as the local cache keeps it, or None if the
-        download failed (reported)."""
+    def download(self, entry: RemoteEntry, dest: Path, refused: list[str] | None = None,
+                 *, writer: bool = False) -> Manifest | None:
+        """Download ``entry``'s library to ``dest`` (checked against its size and SHA-256,
+        then, when its manifest records no load check, loaded by :attr:`load_check`, before
+        this returns); its manifest as the local cache keeps it, or None if the download
+        failed or was refused (reported; why added to ``refused``; with ``writer``, a job
+        that writes, a refused entry is set aside on the remote)."""
         assert entry.manifest is not None
+        if (before := self.refused_before(entry)) is not None:  # refused by this run
+            if refused is not None:
+                refused.append(before)
+            return None
         t0 = time.monotonic()
         ok = False
         try:
             with self.guard(f"downloading {entry.location}"):
-                self.remote.download(entry.manifest, dest)
+                try:
+                    self.remote.download(entry.manifest, dest)
+                except RemoteIntegrityError as exc:
+                    self.refuse(entry, str(exc), refused, writer=writer)
+                    raise
                 ok = True
         except OSError as exc:  # the local disk, not the remote: not a remote error
             if not is_no_space(exc):
                 raise
             self.warn(_no_space(entry.location, dest, exc))
+        if ok:
+            ok = False
+            with self.guard(f"loading {entry.location}"):
+                ok = self._load_check(entry, dest, refused, writer=writer)
         if not ok:
             with contextlib.suppress(FileNotFoundError):
                 dest.unlink()
@@ -247,10 +207,54 @@ class RemoteTier:
             self.stats.downloads += 1
             self.stats.download_bytes += int(entry.manifest["size"])
             self.stats.download_seconds += time.monotonic() - t0
+            self._used.add(f"{entry.key_digest}/{entry.entry_digest}")
         manifest: dict[str, Any] = {k: v for k, v in entry.manifest.items()
                                     if k not in _LOCAL_FIELDS}
         manifest["remote"] = entry.location
+        if self.run_id:
+            manifest[DOWNLOADED_RUN_FIELD] = self.run_id
         return manifest  # type: ignore[return-value] # the local publish fills the rest
+
+    def _load_check(self, entry: RemoteEntry, library: Path, refused: list[str] | None, *,
+                    writer: bool) -> bool:
+        """Check a downloaded library whose uploader recorded no load check (an older
+        version's, another tool's): True if it passed or needs none; RemoteIntegrityError
+        if it fails (refused, set aside); False, warned, if the check could not run (not
+        used, not set aside: the library may be fine)."""
+        assert entry.manifest is not None
+        if self.load_check is None or LOAD_CHECK_FIELD in entry.manifest:
+            return True
+        result = self._checked(library, entry.manifest)
+        if result.ok:
+            return True
+        if result.at_fault:
+            why = f"its library failed its load check ({result.detail})"
+            self.refuse(entry, f"{entry.location}: {why}", refused, writer=writer)
+            raise RemoteIntegrityError(why)
+        if refused is not None:
+            refused.append(f"{entry.location}: {result.detail}")
+        self.warn(f"not using the library of {entry.location}: {result.detail}")
+        return False
+
+    def _checked(self, library: Path, manifest: Mapping[str, Any]) -> LoadResult:
+        assert self.load_check is not None
+        result = self.load_check(library, manifest)
+        with self._lock:
+            self.stats.load_checks += 1
+            self.stats.load_check_seconds += result.seconds
+        return result
+
+    def local_hit(self, hit: Hit) -> Hit:
+        """A local hit: an entry downloaded from this remote is noted as used (for the
+        access record)."""
+        location = hit.manifest.get("remote")
+        if not isinstance(location, str):
+            return hit
+        match = _ENTRY_REF_RE.search(location)
+        if match is not None and self.remote._location(match.group(0)) == location:
+            with self._lock:
+                self._used.add(f"{match.group(1)}/{match.group(2)}")
+        return hit
 
     def private_root(self) -> Path:
         with self._lock:
@@ -270,15 +274,43 @@ class RemoteTier:
 
     # -- writing -------------------------------------------------------------------------
     def upload(self, query: EntryQuery, hit: Hit, *, replace: bool) -> bool:
-        """Upload a freshly published local entry (``readwrite`` only); ``replace`` for
-        REDO. True if this run published it."""
-        if not self.writes or not self.usable():
+        """Upload a freshly published local entry (``readwrite`` only), once its library
+        passed the load check; ``replace`` for REDO. True if this run published it; every
+        upload that could not be made is counted and said (:meth:`not_made`)."""
+        if not self.writes:
+            if self.demoted is not None:  # readwrite, until the remote refused an upload
+                self.not_made("not uploaded: the remote refused an upload earlier in this "
+                               "run, which only reads from it since")
             return False
-        body = {k: v for k, v in hit.manifest.items() if k not in ("log", "remote")}
+        try:
+            usable = self.usable()
+        except RemoteError as exc:  # required, and down: this write is not made either
+            self.not_made(f"{query.describe}: {exc}")
+            raise
+        if not usable:
+            self.not_made("not uploaded: the remote was down for the rest of the run")
+            return False
+        body = {k: v for k, v in hit.manifest.items() if k not in _NOT_UPLOADED}
+        if self.load_check is not None:
+            result = self._checked(hit.paths.library, hit.manifest)
+            if not result.ok:
+                self.not_made(f"{query.describe}: not uploaded: " + (
+                    f"its library failed its load check ({result.detail})"
+                    if result.at_fault else result.detail))
+                return False
+            body[LOAD_CHECK_FIELD] = result.detail
         done = False
-        with self.guard(f"uploading {query.describe}", upload=True):
-            done = self.remote.upload(query.digest, hit.paths.digest, hit.paths.library, body,
-                                      replace=replace)
+        try:
+            with self.guard(f"uploading {query.describe}", upload=True):
+                try:
+                    done = self.remote.upload(query.digest, hit.paths.digest,
+                                              hit.paths.library, body, replace=replace)
+                except RemoteError as exc:
+                    self.not_made(f"{query.describe}: {exc}")
+                    raise
+        finally:
+            for note in self.remote.take_notes():
+                self.warn(note)
         if done:
             with self._lock:
                 self.stats.uploads += 1
@@ -288,15 +320,22 @@ class RemoteTier:
 
 class TieredStore(ForwardingStore):
     """The local store (``inner``), then ``tier``: a :class:`.interface.Store` (see the
-    module doc). Everything but :meth:`fetch` and :meth:`publish` is the local store's."""
+    module doc). Everything but :meth:`lookup` (a hit of a downloaded entry is noted as a
+    use of the remote's), :meth:`fetch` and :meth:`publish` is the local store's."""
 
     def __init__(self, local: Store, tier: RemoteTier, *, checker: InputChecker) -> None:
         super().__init__(local)
         self.tier = tier
         self.checker = checker
+        if local.writable:
+            tier.job_writes = True
 
     def __repr__(self) -> str:
         return f"TieredStore({self.inner!r}, {self.tier.url!r})"
+
+    def lookup(self, query: EntryQuery, *, redo_run: str | None = None) -> Lookup:
+        found = self.inner.lookup(query, redo_run=redo_run)
+        return self.tier.local_hit(found) if isinstance(found, Hit) else found
 
     def fetch(self, query: EntryQuery, *, job: Job = no_job) -> Lookup:
         if self.inner.writable:
@@ -310,17 +349,20 @@ class TieredStore(ForwardingStore):
         if not self.tier.usable():
             return MISSING
         staging = None
+        refused: list[str] = []
         try:
             with job("download") as view:
-                entry = self.tier.select(query, self.tier.fits(query, self.checker))
+                entry = self.tier.select(query, self.tier.fits(query, self.checker), refused,
+                                         writer=True)
                 if entry is None:
                     _nothing_there(view)
-                    return MISSING
+                    return _missing(refused)
                 staging = self.inner.new_staging_dir(query.digest)
-                manifest = self.tier.download(entry, staging / "library")
+                library = staging / f"library{_suffix(entry)}"  # as TVM loads it (a check)
+                manifest = self.tier.download(entry, library, refused, writer=True)
             if manifest is None:
-                return MISSING
-            hit = self.inner.publish(query, staging / "library", None, manifest)
+                return _missing(refused)
+            hit = self.inner.publish(query, library, None, manifest)
         finally:
             if staging is not None:
                 self.inner.remove_staging(staging)
@@ -335,20 +377,21 @@ class TieredStore(ForwardingStore):
             return found
         if not self.tier.usable():
             return MISSING
+        refused: list[str] = []
         with job("download") as view:
-            entry = self.tier.select(query, fits)
+            entry = self.tier.select(query, fits, refused)
             if entry is None or entry.manifest is None:
                 _nothing_there(view)
-                return MISSING
+                return _missing(refused)
             variant = entry.entry_digest != query.digest
             paths = query.locate(self.tier.private_root(),
                                  entry.entry_digest if variant else None)
             paths.library.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 paths.library.unlink()
-            manifest = self.tier.download(entry, paths.library)
+            manifest = self.tier.download(entry, paths.library, refused)
         if manifest is None:
-            return MISSING
+            return _missing(refused)
         complete: Manifest = {**manifest, "digest": entry.manifest["digest"],
                               "sha256": entry.manifest["sha256"],
                               "size": entry.manifest["size"]}
@@ -376,6 +419,29 @@ def _no_space(location: str, dest: Path, exc: OSError) -> str:
     return (f"downloading {location} ran out of disk space ({exc.strerror or exc}); nothing "
             f"was published: {where}. Free space or prune the cache (pytest-mlcjit prune). "
             "The library is compiled instead")
+
+
+def _suffix(entry: RemoteEntry) -> str:
+    """The file suffix of the library ``entry`` names (``.so``, ``.tar``...), or none."""
+    name = (entry.manifest or {}).get("library")
+    suffix = Path(name).suffix if isinstance(name, str) else ""
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+
+
+#: How many refusals a miss names (the key's entries may be many: junk planted beside it).
+MAX_REFUSALS_SAID = 3
+
+
+def _missing(refused: list[str]) -> Missing:
+    """No usable remote entry: with why the key's entries were refused, if they were (the
+    first few reasons, and how many more)."""
+    if not refused:
+        return MISSING
+    reasons = list(dict.fromkeys(refused))
+    said = "; ".join(reasons[:MAX_REFUSALS_SAID])
+    if len(reasons) > MAX_REFUSALS_SAID:
+        said += f"; and {len(reasons) - MAX_REFUSALS_SAID} more refused entries of this key"
+    return Missing(refused=said)
 
 
 def _nothing_there(view: object) -> None:

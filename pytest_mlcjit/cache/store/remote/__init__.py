@@ -9,12 +9,17 @@ root::
 
     blobs/<sha256>                          a library's bytes, named by their SHA-256
     entries/<key_digest>/<entry_digest>.json  a manifest (JSON), written last, create-only
+    entries/<key_digest>/<entry_digest>.<N>.json  generation N of it (a signed REDO)
+    quarantine/<key_digest>/<entry_digest>.json  a refused entry's manifest, moved aside
 
 A key may have several entries (variants). A manifest is the dict given to
 :meth:`Remote.upload` (the local cache's: ``digest`` equal to the key digest, ``sha256``,
-``size``, and optionally ``created``), stored as JSON, plus ``"signature":
-"hmac-sha256:<hex>"`` when the writer has a signing key: HMAC-SHA256 over the canonical JSON
-of the manifest without its ``signature`` field (:func:`manifest_signature`).
+``size``, and optionally ``created``), stored as JSON, plus a ``signature`` when the writer
+has a signing key, over the canonical JSON of the manifest without it (:mod:`.signing`):
+``ed25519:<key id>:<base64>`` (an Ed25519 private key; readers verify with public keys) or
+``hmac-sha256:<hex>`` (a shared secret). A REDO by a signing writer publishes generation
+N+1 (the signed field ``generation``) and removes the older ones; a reader never prefers a
+generation a newer valid one supersedes, so an old signed manifest put back is not used.
 
 Guarantees:
 
@@ -23,8 +28,11 @@ Guarantees:
   one, and of concurrent publishers of one entry exactly one wins.
 - :meth:`Remote.download` checks size and SHA-256 against the manifest before it returns;
   on any failure the partial file is deleted. Nothing the remote sends is trusted.
-- With a signing key, manifests without a valid signature are reported, never used: write
-  access to the bucket is not enough to make a reader load a library.
+- With a signing key or trusted keys (:attr:`Remote.verifies`), manifests without a valid
+  signature are reported, never used: write access to the bucket is not enough to make a
+  reader load a library. A signing writer is never blocked by an object it would refuse
+  to read (a squatter at its entry's name is replaced), and a blob counts as present only
+  with a verified digest (a same-size object planted at ``blobs/<sha256>`` is overwritten).
 - Every operation has a total deadline besides the per-request timeouts
   (:meth:`Remote.within`: ``deadline + size / min_throughput`` seconds): a server that
   trickles bytes is given up, its connection closed. A manifest that is junk (not JSON,
@@ -116,6 +124,14 @@ def open_remote(url: str, options: RemoteOptions | None = None, **fields: Any) -
     if key is not None and (not isinstance(key, bytes) or not key):
         raise RemoteConfigError("invalid remote signing key: expected non-empty bytes (an "
                                 "empty key signs nothing; check the variable that holds it)")
+    if key is not None and options.ed25519_key is not None:
+        raise RemoteConfigError("invalid remote signing keys: an HMAC key and an Ed25519 key "
+                                "are both set; uploads are signed with one")
+    for name, raw in [("ed25519_key", options.ed25519_key),
+                      *(("trusted_keys", k) for k in _keys_of(options.trusted_keys))]:
+        if raw is not None and (not isinstance(raw, bytes) or len(raw) != 32):
+            raise RemoteConfigError(f"invalid remote {name}: expected raw 32-byte Ed25519 "
+                                    "keys (bytes)")
     for name in ("connect_timeout", "read_timeout"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
@@ -127,6 +143,13 @@ def open_remote(url: str, options: RemoteOptions | None = None, **fields: Any) -
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise RemoteConfigError(f"invalid remote retries {retries!r}: expected an integer >= 0")
     return adapter_class(remote_url.scheme)(remote_url, options)
+
+
+def _keys_of(trusted: Any) -> tuple[Any, ...]:
+    if not isinstance(trusted, tuple | list):
+        raise RemoteConfigError("invalid remote trusted_keys: expected a tuple of raw 32-byte "
+                                "Ed25519 public keys")
+    return tuple(trusted)
 
 
 __all__ = ["ADAPTERS", "Adapter", "Remote", "RemoteOptions", "RemoteURL", "open_remote",

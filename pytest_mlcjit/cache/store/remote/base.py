@@ -8,7 +8,6 @@ import abc
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import threading
 import urllib.parse
@@ -23,21 +22,25 @@ from pytest_mlcjit._util.remote_limits import Deadline
 from pytest_mlcjit.cache.store.remote.entries import (
     CHUNK,
     ENTRY_NAME_RE,
+    MAX_GENERATION,
     MAX_LIBRARY_BYTES,
     MAX_MANIFEST_BYTES,
+    QUARANTINE_PREFIX,
     Chunks,
     RemoteEntry,
     StoredObject,
     check_digest,
+    entry_name,
+    manifest_data,
     manifest_problem,
+    mark_superseded,
+    name_generation,
+    quarantine_record,
     read_limited,
+    superseding,
 )
 from pytest_mlcjit.cache.store.remote.maintenance import prune_remote, verify_remote
-from pytest_mlcjit.cache.store.remote.signing import (
-    SIGNATURE_FIELD,
-    manifest_signature,
-    signature_problem,
-)
+from pytest_mlcjit.cache.store.remote.signing import ManifestKeys
 from pytest_mlcjit.cache.store.remote.url import RemoteURL
 from pytest_mlcjit.errors import (
     RemoteError,
@@ -49,12 +52,14 @@ from pytest_mlcjit.key import file_sha256
 
 @dataclasses.dataclass(frozen=True)
 class RemoteOptions:
-    """How to reach a remote: the signing key (sign uploads, accept only validly signed
-    manifests), timeouts per connection attempt and per read, the retries of a failed
-    request, and an endpoint that replaces the adapter's default; and, for a run of many
-    processes, the run's id and a directory private to the user that they share (where
-    the first to find the remote down tells the others); and the total deadline of each
-    operation (:meth:`Remote.within`)."""
+    """How to reach a remote: the HMAC signing key (sign uploads, accept only validly
+    signed manifests), timeouts per connection attempt and per read, the retries of a
+    failed request, and an endpoint that replaces the adapter's default; and, for a run of
+    many processes, the run's id and a directory private to the user that they share
+    (where the first to find the remote down tells the others); the total deadline of each
+    operation (:meth:`Remote.within`); and the Ed25519 keys (:mod:`.signing`): the private
+    key that signs uploads (its public key is trusted too), and the public keys whose
+    signatures downloads accept."""
 
     signing_key: bytes | None = None
     connect_timeout: float = remote_limits.CONNECT_TIMEOUT_S
@@ -66,6 +71,10 @@ class RemoteOptions:
     #: A remote operation's total deadline: ``deadline + bytes / min_throughput`` seconds.
     deadline: float = remote_limits.DEADLINE_S
     min_throughput: float = remote_limits.MIN_THROUGHPUT
+    #: A raw 32-byte Ed25519 private key: uploads are signed with it (``ed25519:<key id>:``).
+    ed25519_key: bytes | None = None
+    #: Raw 32-byte Ed25519 public keys: with any, downloads require a signature by one.
+    trusted_keys: tuple[bytes, ...] = ()
 
 
 # -- the remote interface -------------------------------------------------------------------
@@ -79,8 +88,13 @@ class Remote(abc.ABC):
     def __init__(self, url: RemoteURL, options: RemoteOptions) -> None:
         self.remote_url = url
         self.options = options
-        self._signing_key = options.signing_key
+        #: What uploads are signed with and downloads verified with (``signer_id``: the
+        #: Ed25519 key id uploads are signed with; ``trusted``: key id -> public key).
+        self.keys = self._keys = ManifestKeys(options.signing_key, options.ed25519_key,
+                                              options.trusted_keys)
         self._local = threading.local()
+        self._notes: list[str] = []
+        self._notes_lock = threading.Lock()
 
     @classmethod
     @abc.abstractmethod
@@ -95,8 +109,25 @@ class Remote(abc.ABC):
 
     @property
     def signed(self) -> bool:
-        """Whether uploads are signed and downloads require a valid signature."""
-        return self._signing_key is not None
+        """Whether uploads are signed (an HMAC key or an Ed25519 private key is set)."""
+        return self._keys.signs
+
+    @property
+    def verifies(self) -> bool:
+        """Whether downloads require a valid signature (an HMAC key, or trusted Ed25519
+        keys, the signer's own included, are set)."""
+        return self._keys.verifies
+
+    def take_notes(self) -> list[str]:
+        """What this remote did that the run should say (a squatter's manifest it
+        replaced), since the last call."""
+        with self._notes_lock:
+            notes, self._notes = self._notes, []
+        return notes
+
+    def _note(self, message: str) -> None:
+        with self._notes_lock:
+            self._notes.append(message)
 
     def describe(self) -> str:
         """A one-line description for messages."""
@@ -108,19 +139,33 @@ class Remote(abc.ABC):
 
         Usable entries have ``problem`` None; the others are returned too, with the reason,
         so that the caller can report them (a manifest that is malformed, is for another
-        key or, when a signing key is set, lacks a valid signature). Raises the
-        :class:`RemoteError` subclasses for failures of the remote itself.
+        key or, when signatures are verified, lacks a valid signature). A usable manifest
+        that a newer usable generation of its entry supersedes (:meth:`upload` with
+        ``replace``) is left out. Raises the :class:`RemoteError` subclasses for failures
+        of the remote itself.
         """
         check_digest(key_digest, "cache key digest")
-        found = (self._entry(obj) for obj in self._list(f"entries/{key_digest}/"))
-        return sorted((e for e in found if e is not None), key=lambda e: e.entry_digest)
+        found = self._entries_of(key_digest)
+        return sorted((e for e, newer in zip(found, superseding(found), strict=True)
+                       if newer is None), key=lambda e: (e.entry_digest, e.generation))
 
     def iter_entries(self) -> Iterator[RemoteEntry]:
-        """Every manifest on the remote, usable or not (see :meth:`list_manifests`)."""
+        """Every manifest on the remote, usable or not (see :meth:`list_manifests`); a
+        superseded generation has a problem saying so."""
+        batch: list[RemoteEntry] = []
         for obj in self._list("entries/"):
             entry = self._entry(obj)
-            if entry is not None:
-                yield entry
+            if entry is None:
+                continue
+            if batch and entry.key_digest != batch[0].key_digest:
+                yield from mark_superseded(batch)
+                batch = []
+            batch.append(entry)
+        yield from mark_superseded(batch)
+
+    def _entries_of(self, key_digest: str) -> list[RemoteEntry]:
+        found = (self._entry(obj) for obj in self._list(f"entries/{key_digest}/"))
+        return [e for e in found if e is not None]
 
     def download(self, manifest: Mapping[str, Any], dest: Path) -> Path:
         """Fetch the library that ``manifest`` names into ``dest`` (a new file) and return it.
@@ -169,9 +214,7 @@ class Remote(abc.ABC):
             return dest
 
     def _usable_blob(self, manifest: Mapping[str, Any]) -> tuple[str, int]:
-        problem = manifest_problem(dict(manifest), None)
-        if problem is None and self._signing_key is not None:
-            problem = signature_problem(manifest, self._signing_key)
+        problem = manifest_problem(dict(manifest), None) or self._keys.problem(manifest)
         if problem is not None:
             raise RemoteIntegrityError(f"refusing to download from {self.url}: the manifest "
                                        f"{problem}")
@@ -184,11 +227,20 @@ class Remote(abc.ABC):
 
         The manifest's ``digest`` must be ``key_digest`` and the library must match its
         ``size`` and ``sha256`` (else RemoteIntegrityError, nothing uploaded). The blob goes
-        first (skipped if the remote already holds it, unless ``replace``), the manifest
-        last, signed if a signing key is set. The manifest is created only if absent:
-        returns False, changing nothing, when the entry already exists (another job
-        published it). ``replace=True`` overwrites the blob and the manifest (a forced
-        rebuild) and returns True.
+        first (skipped if the remote holds it with a verified digest, which is then
+        touched so that prune's grace period keeps it; unless ``replace``), the manifest
+        last, signed if a key is set; after the manifest, the blob is checked present
+        again (uploaded again if a concurrent prune removed it).
+
+        The manifest is created only if absent: returns False, changing nothing, when the
+        entry already exists (another job published it). A writer that signs never loses
+        to an object it would refuse to read: a manifest there that is junk, unsigned or
+        wrongly signed is replaced (said by :meth:`take_notes`). ``replace=True`` (REDO)
+        overwrites the blob and publishes the manifest; a signing writer publishes it as
+        a new generation (``entries/<key>/<entry>.<N>.json``, with the signed field
+        ``generation``, one more than the newest valid one) and removes the older ones,
+        so that an old manifest put back is never preferred (:meth:`list_manifests`).
+        Returns True. An upload that could not be made raises a :class:`RemoteError`.
         """
         check_digest(key_digest, "cache key digest")
         check_digest(entry_digest, "entry digest")
@@ -202,25 +254,103 @@ class Remote(abc.ABC):
                 f"refusing to upload {library}: it has {actual_size} bytes, sha256 "
                 f"{actual_sha}; its manifest says {size} bytes, sha256 {sha}"
             )
-        body = {k: v for k, v in manifest.items() if k != SIGNATURE_FIELD}
-        try:
-            if self._signing_key is not None:
-                body[SIGNATURE_FIELD] = manifest_signature(body, self._signing_key)
-            data = (json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False,
-                               allow_nan=False) + "\n").encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise RemoteError(f"refusing to upload {library}: its manifest is not JSON "
-                              f"({exc})") from None
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise RemoteError(f"refusing to upload {library}: its manifest has {len(data)} "
-                              f"bytes, more than {MAX_MANIFEST_BYTES}")
+        generation = self._next_generation(key_digest, entry_digest) if replace else 0
+        data = manifest_data(manifest, generation, self._keys, library)
         blob = f"blobs/{sha}"
         with self.within(f"uploading {self._location(blob)}", size):
             if replace or not self._blob_present(blob, sha, size):
                 self._put_blob(blob, library, sha, size)
-        name = f"entries/{key_digest}/{entry_digest}.json"
+            else:  # reused: made young, so that a prune's grace period keeps it
+                self._touch(blob)
+        name = entry_name(key_digest, entry_digest, generation)
         with self.within(f"publishing {self._location(name)}", len(data)):
-            return self._put_manifest(name, data, create_only=not replace)
+            published = self._publish(name, data, replace=replace)
+        if not published:
+            return False
+        if replace and generation and self.signed:
+            self._drop_older(key_digest, entry_digest, generation)
+        with self.within(f"checking {self._location(blob)}"):
+            gone = self._stat(blob) is None
+        if gone:  # a prune removed it since it was found present: the entry needs it
+            with self.within(f"uploading {self._location(blob)}", size):
+                self._put_blob(blob, library, sha, size)
+        return True
+
+    def _publish(self, name: str, data: bytes, *, replace: bool) -> bool:
+        """Write manifest ``name``: in place with ``replace``, else create-only, replacing
+        what is there only when this writer signs and would refuse to read it."""
+        if replace:
+            return self._put_manifest(name, data, create_only=False)
+        if self._put_manifest(name, data, create_only=True):
+            return True
+        if not self.signed:
+            return False  # cannot tell a squatter from another publisher: theirs stands
+        there = self._entry(StoredObject(name, MAX_MANIFEST_BYTES, 0.0))
+        if there is not None and there.usable:
+            return False  # another trusted writer published it first
+        why = "it was removed meanwhile" if there is None else there.problem
+        if not self._put_manifest(name, data, create_only=False):
+            raise RemoteError(f"publishing {self._location(name)} failed: the object there "
+                              "could not be replaced")
+        self._note(f"replaced {self._location(name)}, an object this writer would refuse "
+                   f"to read ({why})")
+        return True
+
+    def _next_generation(self, key_digest: str, entry_digest: str) -> int:
+        """The generation a REDO of the entry publishes: one more than the newest one this
+        writer accepts (0 if none), except for a writer that neither signs nor verifies:
+        the newest one's, overwritten in place (as before generations; a writer that only
+        verifies never overwrites a signed manifest it cannot sign again)."""
+        valid = [e.generation for e in self._entries_of(key_digest)
+                 if e.entry_digest == entry_digest and e.usable]
+        if not valid:
+            return 0
+        if not self.signed and not self.verifies:
+            return max(valid)
+        if max(valid) >= MAX_GENERATION:
+            raise RemoteError(f"cannot publish a new generation of entry {entry_digest} of "
+                              f"key {key_digest}: it has reached {MAX_GENERATION}")
+        return max(valid) + 1
+
+    def _drop_older(self, key_digest: str, entry_digest: str, generation: int) -> None:
+        """Remove the manifests of the entry older than ``generation`` (best effort: a
+        manifest left is superseded, never preferred)."""
+        try:
+            for obj in self._list(f"entries/{key_digest}/"):
+                match = ENTRY_NAME_RE.fullmatch(obj.name)
+                if (match and match.group(2) == entry_digest
+                        and name_generation(obj.name) < generation):
+                    self._delete(obj.name)
+        except RemoteError:
+            pass
+
+    # -- quarantine ----------------------------------------------------------------------
+    def quarantine(self, entry: RemoteEntry, why: str) -> str:
+        """Move ``entry``'s manifest aside, to ``quarantine/<key>/<entry>.json`` (a JSON
+        record: the manifest's bytes as text, ``why``, ``time``), then delete it from
+        ``entries/``; returns the quarantine record's URL. Raises RemoteError as any
+        write does (the entry is left in place if the record could not be written)."""
+        check_digest(entry.key_digest, "cache key digest")
+        check_digest(entry.entry_digest, "entry digest")
+        data = quarantine_record(entry, self._read(entry.name), why)
+        name = f"{QUARANTINE_PREFIX}{entry.key_digest}/{entry.entry_digest}.json"
+        with self.within(f"quarantining {self._location(name)}", len(data)):
+            self._put_manifest(name, data, create_only=False)
+        with self.within(f"removing {entry.location}"):
+            self._delete(entry.name)
+        return self._location(name)
+
+    def iter_quarantined(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Every quarantine record: its URL and the record (None if it is not a JSON
+        object: someone else's object)."""
+        for obj in self._list(QUARANTINE_PREFIX):
+            try:
+                raw = self._read(obj.name, obj.size)
+                record = None if raw is None else loads_bounded(raw,
+                                                                max_bytes=MAX_MANIFEST_BYTES)
+            except (RemoteIntegrityError, ValueError):
+                record = None
+            yield self._location(obj.name), record if isinstance(record, dict) else None
 
     # -- maintenance (:mod:`.maintenance`) ----------------------------------------------
     def verify(self, entries: Iterable[RemoteEntry] | None = None) -> list[RemoteEntry]:
@@ -239,6 +369,7 @@ class Remote(abc.ABC):
         if match is None:
             return None  # not a manifest name: ignored
         key_digest, entry_digest = match.groups()
+        generation = name_generation(obj.name)
         where = self._location(obj.name)
         manifest: Any = None
         try:
@@ -251,13 +382,12 @@ class Remote(abc.ABC):
         except ValueError as exc:  # junk: too large, too deep, not UTF-8 JSON
             problem = f"is not UTF-8 JSON ({exc})"
         else:
-            problem = manifest_problem(manifest, key_digest, entry_digest)
-            if problem is None and self._signing_key is not None:
-                problem = signature_problem(manifest, self._signing_key)
+            problem = (manifest_problem(manifest, key_digest, entry_digest, generation)
+                       or self._keys.problem(manifest))
         return RemoteEntry(key_digest, entry_digest, where,
                            manifest if isinstance(manifest, dict) else None,
                            None if problem is None else f"manifest {where} {problem}",
-                           obj.modified)
+                           obj.modified, generation)
 
     def _read(self, name: str, size: int = MAX_MANIFEST_BYTES) -> bytes | None:
         """A small object's bytes (at most MAX_MANIFEST_BYTES, else RemoteIntegrityError),
@@ -320,8 +450,22 @@ class Remote(abc.ABC):
 
     @abc.abstractmethod
     def _blob_present(self, name: str, sha256: str, size: int) -> bool:
-        """Whether the store holds blob ``name`` with this size (and SHA-256, where the
-        store can tell cheaply)."""
+        """Whether the store holds blob ``name`` with this size and a *verified* SHA-256:
+        a checksum the store itself verified when the object was written, or the bytes
+        read and hashed. An object of the right size without such a checksum is not
+        present (the upload overwrites it: its name is predictable, so anyone may have
+        planted it)."""
+
+    def _stat(self, name: str) -> StoredObject | None:
+        """Object ``name``'s size and last-modified time, None if absent. Adapters
+        override this with one request (HEAD, stat); this fallback lists its prefix."""
+        prefix = name.rpartition("/")[0] + "/" if "/" in name else ""
+        return next((o for o in self._list(prefix) if o.name == name), None)
+
+    def _touch(self, name: str) -> None:  # noqa: B027 - a no-op for a store that cannot
+        """Make object ``name``'s last-modified time "now" (an upload that reuses a blob
+        touches it, so that a prune's grace period keeps it). Adapters override this; a
+        store that cannot touch an object leaves it as it is (this fallback)."""
 
     @abc.abstractmethod
     def _put_blob(self, name: str, library: Path, sha256: str, size: int) -> None:

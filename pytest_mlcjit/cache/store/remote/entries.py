@@ -3,14 +3,22 @@ entries and objects a listing yields (no I/O here: :mod:`.base` reads and writes
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Generator, Iterator
+import time
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES
 from pytest_mlcjit._util.remote_limits import Deadline
 from pytest_mlcjit.cache.layout import DIGEST_RE
-from pytest_mlcjit.errors import RemoteConfigError, RemoteIntegrityError, RemoteUnavailableError
+from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD, ManifestKeys
+from pytest_mlcjit.errors import (
+    RemoteConfigError,
+    RemoteError,
+    RemoteIntegrityError,
+    RemoteUnavailableError,
+)
 
 #: A manifest is a few hundred bytes; anything far larger is not one.
 MAX_MANIFEST_BYTES = MAX_JSON_BYTES
@@ -28,21 +36,48 @@ Chunks = Generator[bytes, None, None]
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
+#: A manifest's name: ``entries/<key>/<entry>.json`` (generation 0) or
+#: ``entries/<key>/<entry>.<generation>.json`` (a REDO's: :func:`entry_name`); the groups
+#: are the key and entry digests (the generation: :func:`name_generation`).
 ENTRY_NAME_RE = re.compile(r"entries/([0-9a-f]{32}|[0-9a-f]{64})/"
-                            r"([0-9a-f]{32}|[0-9a-f]{64})\.json")
+                            r"([0-9a-f]{32}|[0-9a-f]{64})(?:\.[1-9][0-9]{0,17})?\.json")
+_GENERATION_RE = re.compile(r"\.([1-9][0-9]{0,17})\.json\Z")
+
+#: The signed field of a manifest that a REDO published: its generation (absent: 0).
+GENERATION_FIELD = "generation"
+#: The highest generation a name may carry (18 digits).
+MAX_GENERATION = 10**18 - 1
+
+#: Where :meth:`.base.Remote.quarantine` moves a refused entry's manifest.
+QUARANTINE_PREFIX = "quarantine/"
 
 
 BLOB_NAME_RE = re.compile(r"blobs/([0-9a-f]{64})")
 
 
+def entry_name(key_digest: str, entry_digest: str, generation: int = 0) -> str:
+    """The object name of generation ``generation`` of an entry's manifest."""
+    tail = f".{generation}" if generation else ""
+    return f"entries/{key_digest}/{entry_digest}{tail}.json"
+
+
+def name_generation(name: str) -> int:
+    """The generation of the manifest named ``name`` (one :data:`ENTRY_NAME_RE` matches)."""
+    match = _GENERATION_RE.search(name)
+    return int(match.group(1)) if match else 0
+
+
 def manifest_problem(manifest: Any, key_digest: str | None,
-                      entry_digest: str | None = None) -> str | None:
+                      entry_digest: str | None = None, generation: int | None = None
+                      ) -> str | None:
     """Why ``manifest`` is not a usable manifest (of ``key_digest`` and ``entry_digest``,
-    if given), or None.
+    and stored as ``generation``, if given), or None.
 
     The manifest must name its key (``key_digest``, else ``digest``) and, with a
     ``key_digest``, its entry (``digest``): that binds a signature to both, so a signed
-    manifest copied under another key or entry is refused."""
+    manifest copied under another key or entry is refused. A signed manifest states its
+    generation (``generation``, absent for 0), so one moved to another generation's name
+    is refused; an unsigned one is of the generation its name says."""
     if not isinstance(manifest, dict):
         return "is not a JSON object"
     sha, size = manifest.get("sha256"), manifest.get("size")
@@ -57,7 +92,37 @@ def manifest_problem(manifest: Any, key_digest: str | None,
         return f"is for key {named_key!r}, not {key_digest}"
     if entry_digest is not None and "key_digest" in manifest and digest != entry_digest:
         return f"is for entry {digest!r}, not {entry_digest}"
+    return None if generation is None else _generation_problem(manifest, generation)
+
+
+def _generation_problem(manifest: dict[str, Any], generation: int) -> str | None:
+    stated = manifest.get(GENERATION_FIELD, 0 if SIGNATURE_FIELD in manifest else generation)
+    if stated != generation or isinstance(stated, bool):
+        return (f"states generation {str(stated)[:40]}, but is stored as generation "
+                f"{generation} (an older manifest put back under a newer name?)")
     return None
+
+
+def manifest_data(manifest: Mapping[str, Any], generation: int, keys: ManifestKeys,
+                  library: object) -> bytes:
+    """The bytes of the manifest an upload of ``library`` publishes: ``manifest`` with
+    the ``generation`` (when ``keys`` sign) and the signature of ``keys``, as JSON;
+    RemoteError when it is not JSON or too large."""
+    body = {k: v for k, v in manifest.items() if k not in (SIGNATURE_FIELD, GENERATION_FIELD)}
+    if generation and keys.signs:
+        body[GENERATION_FIELD] = generation
+    try:
+        if (signature := keys.sign(body)) is not None:
+            body[SIGNATURE_FIELD] = signature
+        data = (json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False,
+                           allow_nan=False) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise RemoteError(f"refusing to upload {library}: its manifest is not JSON "
+                          f"({exc})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise RemoteError(f"refusing to upload {library}: its manifest has {len(data)} "
+                          f"bytes, more than {MAX_MANIFEST_BYTES}")
+    return data
 
 
 def check_digest(digest: str, what: str) -> str:
@@ -81,10 +146,17 @@ class RemoteEntry(NamedTuple):
     manifest: dict[str, Any] | None
     problem: str | None
     modified: float | None  #: when the store last wrote the manifest object (epoch seconds)
+    #: Which publication of the entry this is: 0, then one more for each REDO (signed).
+    generation: int = 0
 
     @property
     def usable(self) -> bool:
         return self.problem is None
+
+    @property
+    def name(self) -> str:
+        """The manifest object's name under the remote's root (to delete or move it)."""
+        return entry_name(self.key_digest, self.entry_digest, self.generation)
 
     @property
     def created(self) -> float | None:
@@ -101,6 +173,42 @@ class StoredObject(NamedTuple):
     name: str
     size: int
     modified: float
+
+
+def superseding(entries: list[RemoteEntry]) -> list[int | None]:
+    """For each of ``entries``, the newer generation that supersedes it, or None: a usable
+    entry is superseded by a usable one of a newer generation of the same key and entry
+    digest, and a reader never prefers it (an old signed manifest put back after a REDO)."""
+    newest: dict[tuple[str, str], int] = {}
+    for e in entries:
+        if e.usable:
+            ident = (e.key_digest, e.entry_digest)
+            newest[ident] = max(newest.get(ident, 0), e.generation)
+    return [newest[e.key_digest, e.entry_digest]
+            if e.usable and e.generation < newest[e.key_digest, e.entry_digest] else None
+            for e in entries]
+
+
+def mark_superseded(batch: list[RemoteEntry]) -> Iterator[RemoteEntry]:
+    """``batch`` (entries of one key), each superseded generation with a problem."""
+    for entry, newer in zip(batch, superseding(batch), strict=True):
+        yield entry if newer is None else entry._replace(
+            problem=f"manifest {entry.location} is superseded by generation {newer} of its "
+                    "entry (a REDO published it); it is never used")
+
+
+#: How much of a quarantined manifest's text its record keeps.
+QUARANTINE_KEPT = 64 * 1024
+
+
+def quarantine_record(entry: RemoteEntry, raw: bytes | None, why: str) -> bytes:
+    """The quarantine record of ``entry`` (its manifest's bytes ``raw``, None if gone)."""
+    text = None if raw is None else raw.decode("utf-8", "replace")
+    record = {"entry": entry.location, "generation": entry.generation, "why": why,
+              "time": time.time(),
+              "manifest": text if text is None else text[:QUARANTINE_KEPT],
+              "truncated": text is not None and len(text) > QUARANTINE_KEPT}
+    return json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
 
 
 def read_limited(chunks: Iterator[bytes], where: str, deadline: Deadline | None = None

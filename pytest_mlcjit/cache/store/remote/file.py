@@ -116,7 +116,7 @@ class FileRemote(Remote):
             yield from iter(lambda: f.read(CHUNK), b"")
 
     def _blob_present(self, name: str, sha256: str, size: int) -> bool:
-
+        # The bytes read and hashed: a file has no checksum of its own.
         path = self._path(name)
         with self._calling("checking", name):
             try:
@@ -124,6 +124,19 @@ class FileRemote(Remote):
             except FileNotFoundError:
                 self._check_root()
                 return False
+
+    def _stat(self, name: str) -> StoredObject | None:
+        with self._calling("checking", name):
+            try:
+                st = self._path(name).stat()
+            except FileNotFoundError:
+                self._check_root()
+                return None
+        return StoredObject(name, st.st_size, st.st_mtime)
+
+    def _touch(self, name: str) -> None:
+        with self._calling("touching", name), contextlib.suppress(FileNotFoundError):
+            os.utime(self._path(name))
 
     def _write_temp(self, path: Path, chunks: Iterator[bytes]) -> tuple[Path, str]:
         """Write ``chunks`` to a new fsynced temp file beside ``path``; (temp, sha256)."""

@@ -252,27 +252,56 @@ class S3Remote(Remote):
             raise box["error"]
         return box["value"]
 
-    def _blob_present(self, name: str, sha256: str, size: int) -> bool:
+    def _head(self, name: str) -> Any:
+        """The head_object answer (with the object's checksum), None if it is absent."""
         from botocore.exceptions import ClientError
 
         with self._calling("checking", name):
             try:
-                head = self._call(self._client.head_object, Bucket=self.remote_url.bucket,
+                return self._call(self._client.head_object, Bucket=self.remote_url.bucket,
                                   Key=self._key(name), ChecksumMode="ENABLED")
             except ClientError as exc:
                 if _error_code(exc) in ("NoSuchKey", "404"):
-                    return False
+                    return None
                 raise
-        checksum = head.get("ChecksumSHA256")
-        return bool(head.get("ContentLength") == size
-                    and (checksum is None or checksum == _b64_sha256(sha256)))
+
+    def _blob_present(self, name: str, sha256: str, size: int) -> bool:
+        # Present only with the SHA-256 checksum S3 verified on write (our uploads send
+        # it): an object of the right size without one may be anyone's bytes.
+        head = self._head(name)
+        return bool(head is not None and head.get("ContentLength") == size
+                    and head.get("ChecksumSHA256") == _b64_sha256(sha256))
+
+    def _stat(self, name: str) -> StoredObject | None:
+        head = self._head(name)
+        if head is None:
+            return None
+        return StoredObject(name, int(head.get("ContentLength") or 0),
+                            head["LastModified"].timestamp())
+
+    def _touch(self, name: str) -> None:
+        # A copy onto itself, new metadata: S3 gives it a new LastModified (and computes
+        # its SHA-256 checksum again from the stored bytes). Absent: nothing to touch.
+        from botocore.exceptions import ClientError
+
+        with self._calling("touching", name):
+            try:
+                self._call(self._client.copy_object, Bucket=self.remote_url.bucket,
+                           Key=self._key(name), MetadataDirective="REPLACE",
+                           CopySource={"Bucket": self.remote_url.bucket,
+                                       "Key": self._key(name)},
+                           ChecksumAlgorithm="SHA256", ContentType="application/octet-stream")
+            except ClientError as exc:
+                if _error_code(exc) not in ("NoSuchKey", "404"):
+                    raise
 
     def _put_blob(self, name: str, library: Path, sha256: str, size: int) -> None:
-        # S3 checks the bytes it receives against ChecksumSHA256 (BadDigest otherwise).
+        # S3 checks the bytes it receives against ChecksumSHA256 (BadDigest otherwise) and
+        # keeps it: what _blob_present asks for.
         with open(library, "rb") as f, self._calling("uploading", name):
             self._call(self._client.put_object, Bucket=self.remote_url.bucket,
                        Key=self._key(name), Body=f, ContentLength=size,
-                       ChecksumSHA256=_b64_sha256(sha256),
+                       ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64_sha256(sha256),
                        ContentType="application/octet-stream")
 
     def _put_manifest(self, name: str, data: bytes, *, create_only: bool) -> bool:

@@ -10,7 +10,7 @@ from pytest_mlcjit.errors import BadURL
 _USERINFO_RE = re.compile(r"(?<=//)[^/@\s\"']*@")
 
 _SECRET_QUERY_RE = re.compile(
-    r"((?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId)=)[^&\s\"']*",
+    r"((?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|sig)=)[^&\s\"']*",
     re.IGNORECASE,
 )
 
