@@ -321,6 +321,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory remote (``file://``), set as MLC_JIT_REMOTE."""
+    path = tmp_path / "shared"
+    path.mkdir()
+    monkeypatch.setenv("MLC_JIT_REMOTE", path.as_uri())
+    return path
+
+
+@pytest.fixture
 def project(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
             monkeypatch: pytest.MonkeyPatch) -> Project:
     root = tmp_path_factory.mktemp("mlcjit")

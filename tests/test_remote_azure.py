@@ -39,6 +39,7 @@ from pytest_mlcjit.cache.store.remote.azure import EXTRA_HINT, AzureRemote, requ
 from pytest_mlcjit.errors import (
     RemoteAuthError,
     RemoteConfigError,
+    RemoteError,
     RemoteIntegrityError,
     RemoteUnavailableError,
 )
@@ -218,6 +219,35 @@ def test_secrets_never_reach_a_message(clean_env: pytest.MonkeyPatch) -> None:
         open_remote("az://cache/ci")
     assert "AZURE_STORAGE_CONNECTION_STRING" in str(cfg.value)
     assert "S3CRETKEY" not in str(cfg.value), cfg.value
+
+
+def test_only_an_existing_manifest_loses_a_create_only_put(
+        clean_env: pytest.MonkeyPatch) -> None:
+    """A create-only put refused because the manifest exists (409 BlobAlreadyExists) lost a
+    race: False. Refused for anything else (409 ContainerBeingDeleted, which Azurite cannot
+    produce: the SDK's call is replaced by one raising the SDK's own exception) is a write
+    not made: an error, never "another publisher won"."""
+    from azure.core.exceptions import ResourceExistsError
+
+    clean_env.setenv("AZURE_STORAGE_CONNECTION_STRING",
+                     f"AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                     f"BlobEndpoint=http://127.0.0.1:{free_port()}/{ACCOUNT};")
+    remote = open_remote("az://cache/ci")
+    assert isinstance(remote, AzureRemote)
+    name = f"entries/{KEY}/{ENTRY}.json"
+
+    def refused(code: str) -> Any:
+        def upload_blob(*args: Any, **kwargs: Any) -> None:
+            exc = ResourceExistsError(message=f"refused: {code}")
+            vars(exc).update(error_code=code, status_code=409)  # as the SDK sets them
+            raise exc
+        return type("Blob", (), {"upload_blob": staticmethod(upload_blob)})()
+
+    clean_env.setattr(remote, "_blob", lambda _: refused("BlobAlreadyExists"))
+    assert remote._put_manifest(name, b"{}", create_only=True) is False
+    clean_env.setattr(remote, "_blob", lambda _: refused("ContainerBeingDeleted"))
+    with pytest.raises(RemoteError, match="ContainerBeingDeleted"):
+        remote._put_manifest(name, b"{}", create_only=True)
 
 
 # -- the storage interface, against Azurite ----------------------------------------------------

@@ -15,29 +15,26 @@ the warm template's (no compile here).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_remote_quarantine import own_error
+from test_remote_quarantine import objects, own_error
 from test_remote_tier import machine, publish_cache
+from test_tiered_store import FAST, Entry, compile_into, fetch
 
 from conftest import Project, accounting
+from pytest_mlcjit.cache.store import Stores
+from pytest_mlcjit.cache.store.interface import Hit, Missing
 from pytest_mlcjit.cache.store.remote import RemoteOptions, open_remote
+from pytest_mlcjit.cache.store.remote_policy import LoadResult
 from pytest_mlcjit.engine.stats import Stats
+from pytest_mlcjit.errors import CompileInterrupted
 from pytest_mlcjit.plugin.report import remote_lines
 
 SECRET = "trusted-branch-secret"
-
-
-@pytest.fixture
-def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory remote, set as MLC_JIT_REMOTE."""
-    path = tmp_path / "shared"
-    path.mkdir()
-    monkeypatch.setenv("MLC_JIT_REMOTE", path.as_uri())
-    return path
 
 
 def seeded(project: Project, warm_template: Path) -> Path:
@@ -153,6 +150,36 @@ def test_remote_hits_are_requests_downloads_are_libraries_and_writers_record_the
     assert len(records()) == 2, "a read-only job wrote an access record"
 
 
+def test_a_process_told_that_the_remote_is_down_records_no_use_at_its_end(
+        tmp_path: Path) -> None:
+    """Two processes of one run (two sets of stores sharing the run's id and directory,
+    as xdist workers do), through the storage interface: the first downloads an entry;
+    the second then finds the remote down (its directory gone for a moment) and tells the
+    run. At its end the first does not write its access record to a remote the run no
+    longer uses (one that hangs would hold the end of the run for a whole deadline), nor
+    does the second."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    query = Entry("used")
+    compile_into(Stores(remote=remote.as_uri(), remote_options=FAST).get(
+        tmp_path / "writer", writes=True), query, b"library")
+    board = tmp_path / "board"
+    board.mkdir()
+    run = dataclasses.replace(FAST, run_id="run1", run_dir=board)
+    first = Stores(remote=remote.as_uri(), remote_options=run, worker="gw0")
+    assert isinstance(fetch(first.get(tmp_path / "one", writes=True), query), Hit)
+    second = Stores(remote=remote.as_uri(), remote_options=run, worker="gw1")
+    store = second.get(tmp_path / "two", writes=True)
+    remote.rename(tmp_path / "away")
+    assert fetch(store, Entry("other")) == Missing()
+    (tmp_path / "away").rename(remote)
+    assert second.remote_stats is not None
+    assert second.remote_stats.down is not None
+    first.close()
+    second.close()
+    assert objects(remote, "access") == [], "a use recorded on a remote the run left"
+
+
 def test_writes_not_made_by_every_worker_are_counted_once_each_and_shown() -> None:
     """Two xdist workers' statistics, as their controller merges them: every write not
     made is counted, each reason shown once, and with --mlc-jit-remote-required the
@@ -184,3 +211,62 @@ def test_writes_not_made_by_every_worker_are_counted_once_each_and_shown() -> No
         "run fails"]
     assert remote_lines(total.remote, "s3://b/ci")[-1].startswith("warning: "), \
         "without --mlc-jit-remote-required they do not fail the run"
+
+
+def test_an_unusable_remote_object_is_counted_once_however_often_it_is_listed(
+        tmp_path: Path) -> None:
+    """Through the storage interface: one unsigned entry on a directory remote, refused by
+    a job that verifies (READONLY's store: nothing set aside). Its key is asked for twice,
+    as a fetch ahead of time and then the test's own request do: both misses name the
+    refusal, and the run counts one unusable remote object, not one per listing."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    query = Entry("planted")
+    compile_into(Stores(remote=remote.as_uri(), remote_options=FAST).get(
+        tmp_path / "planter", writes=True), query, b"unsigned library")
+    signed = dataclasses.replace(FAST, signing_key=SECRET.encode())
+    stores = Stores(remote=remote.as_uri(), remote_options=signed)
+    store = stores.get(tmp_path / "reader", writes=False)
+    for _ in range(2):
+        found = fetch(store, query)
+        assert isinstance(found, Missing)
+        assert "is unsigned" in str(found.refused), found
+    stats = stores.remote_stats
+    assert stats is not None
+    assert stats.skipped == 1, stats.warnings
+    assert stats.warnings[0].startswith("1 unusable remote object skipped: "), stats.warnings
+    stores.close()
+
+
+@pytest.mark.parametrize("how", ["interrupted", "library gone"])
+def test_an_upload_stopped_by_anything_but_the_remote_is_a_write_not_made(
+        tmp_path: Path, how: str) -> None:
+    """Through the storage interface, an upload stopped by something other than the
+    remote: an interrupt while the library's load check runs, or the local library gone
+    (a concurrent prune of the local cache) when the transfer reads it. The error is
+    raised as before, and the write not made is counted with why, nothing on the remote.
+
+    The load check is a stand-in (a function, not a process): an interrupt or a removal
+    landing at that moment cannot be timed from outside; the transfer that then fails is
+    the real file remote's, on the real local store's library."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+
+    def check(library: Path, manifest: Any) -> LoadResult:
+        if how == "interrupted":
+            raise CompileInterrupted("the build … was stopped: interrupted")
+        library.unlink()
+        return LoadResult(True, "loaded")
+
+    stores = Stores(remote=remote.as_uri(), remote_options=FAST, load_check=check)
+    error = CompileInterrupted if how == "interrupted" else FileNotFoundError
+    with pytest.raises(error):
+        compile_into(stores.get(tmp_path / "cache", writes=True), Entry("x"), b"library")
+    stats = stores.remote_stats
+    assert stats is not None
+    assert (stats.uploads, stats.uploads_failed) == (0, 1)
+    [why] = stats.upload_failures
+    assert why.startswith("test entry 'x': not uploaded: "), why
+    assert ("interrupted" if how == "interrupted" else "FileNotFoundError") in why, why
+    assert objects(remote, "entries") == []
+    stores.close()

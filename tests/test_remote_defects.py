@@ -42,7 +42,9 @@ from test_remote_store import (
 )
 
 from conftest import Project
+from pytest_mlcjit.cache.manage import remote as manage_remote
 from pytest_mlcjit.cache.store.remote import Remote, open_remote
+from pytest_mlcjit.errors import RemoteError
 
 pytest_plugins = ["s3server"]
 
@@ -205,6 +207,12 @@ def test_an_old_signed_manifest_put_back_after_a_redo_is_not_preferred(
     assert "states generation 0, but is stored as generation 7" in str(
         problems[f"{ENTRY}.7.json"])
 
+    # `remote verify` reports the superseded one, but never offers `remote rm K/E`: that
+    # would remove the newest generation with it.
+    verified = manage_remote.verify(reader)
+    [superseded] = [b for b in verified["bad"] if "superseded" in str(b["problem"])]
+    assert superseded["remove"] is None, superseded
+
     # a second REDO: generation 2, the older ones removed
     third = make_library(tmp_path / "v3", b"version 3")
     backdoor.delete(f"entries/{KEY}/{ENTRY}.7.json")
@@ -303,3 +311,56 @@ def test_quarantine_moves_an_entry_aside_and_lists_it(
     assert sorted(remote.iter_quarantined(), key=lambda q: q[0]) == sorted(
         [(where, record), (where.replace(ENTRY, ENTRY2), None)], key=lambda q: q[0])
     assert remote.verify() == []  # quarantine/ is not an entry
+
+
+@FILE_ONLY
+def test_quarantine_leaves_in_place_a_manifest_that_changed_since_it_was_refused(
+        remote_url: str, tmp_path: Path, backdoor: Backdoor) -> None:  # noqa: F811
+    """A job lists an unsigned squatter (refused); before it moves it aside, a trusted
+    writer replaces the squatter with its signed entry, or a bucket writer swaps in a
+    link to a file of the job's machine: what is there now is not what was refused, so
+    nothing is moved (a RemoteError, which the run warns about) and no record copies it."""
+    reader = open_remote(remote_url, signing_key=SECRET)
+    published(open_remote(remote_url), tmp_path, b"squatter", entry=ENTRY)
+    [refused] = reader.list_manifests(KEY)
+    assert "is unsigned" in str(refused.problem)
+    name = f"entries/{KEY}/{ENTRY}.json"
+
+    library, manifest = make_library(tmp_path / "trusted", b"squatter")  # the same bytes
+    assert open_remote(remote_url, signing_key=SECRET).upload(KEY, ENTRY, library, manifest)
+    published_now = backdoor.read(name)
+    with pytest.raises(RemoteError, match="changed since it was refused"):
+        reader.quarantine(refused, "failed to load")
+    assert backdoor.read(name) == published_now
+    assert [e.usable for e in reader.list_manifests(KEY)] == [True]
+
+    secret = tmp_path / "secret.json"  # a file of the reader's machine
+    secret.write_text(json.dumps({"token": "do not upload me"}))
+    root = Path(remote_url.removeprefix("file://"))
+    (root / name).unlink()
+    (root / name).symlink_to(secret)  # never followed (file.py), never moved aside
+    with pytest.raises(RemoteError, match=r"is not a regular file|changed since it was refused"):
+        reader.quarantine(refused, "failed to load")
+    assert not [n for n in backdoor.names() if n.startswith("quarantine/")]
+
+
+def test_what_a_bucket_writer_puts_in_a_manifest_reaches_a_problem_escaped_and_bounded(
+        tmp_path: Path) -> None:
+    """Fields a refusal quotes (size, sha256, generation, key) may hold lone surrogates
+    (valid JSON, no UTF-8 text: printing them raises) or megabytes: the problem quotes
+    them escaped and cut short."""
+    remote = open_remote(tmp_path.as_uri(), signing_key=SECRET)
+    manifest = published(remote, tmp_path, b"library", entry=ENTRY)
+    huge = "\ud800" * 20_000
+    for entry, fields in ((ENTRY2, {"generation": huge, "signature": "x"}),
+                          (ENTRY3, {"size": huge}), (ENTRY4, {"sha256": huge})):
+        path = tmp_path / "entries" / KEY / f"{entry}.json"
+        path.write_text(json.dumps({**manifest, **fields}))
+
+    problems = [e.problem for e in remote.list_manifests(KEY) if e.entry_digest != ENTRY]
+
+    assert len(problems) == 3
+    for problem in problems:
+        assert problem is not None
+        assert "\\ud800" in problem.encode("utf-8").decode(), problem
+        assert len(problem) < 600, len(problem)

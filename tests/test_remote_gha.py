@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ from gha_standin import GHAStandin, running
 
 from conftest import Project, run_cli
 from pytest_mlcjit.cache.store.remote import open_remote
-from pytest_mlcjit.cache.store.remote.gha import GHARemote, retry_after
+from pytest_mlcjit.cache.store.remote.gha import GHARemote, _Pacer, retry_after
 from pytest_mlcjit.engine.settings import resolve
 from pytest_mlcjit.errors import (
     ConfigError,
@@ -205,10 +206,12 @@ def test_a_429_at_start_is_waited_out_then_reported_never_silent(
 
 def test_each_write_throttled_past_the_bound_is_reported(
         bare: GHAStandin, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A storm that outlasts MLC_JIT_GHA_MAX_WAIT: every upload raises (the tier counts it
-    as a write not made), naming the attempts and the cause; nothing is made silently."""
+    """A storm on the creations that outlasts MLC_JIT_GHA_MAX_WAIT: every upload raises
+    (the tier counts it as a write not made), naming the cause; the first after its two
+    attempts, the others at once: the service's Retry-After holds back every creation
+    (the pacing), so they do not ask again. Nothing is made silently."""
     monkeypatch.setenv("MLC_JIT_GHA_MAX_WAIT", "1")
-    bare.throttle(10_000, retry_after=["0", "5"])
+    bare.throttle(10_000, retry_after=["0", "5"], methods=["CreateCacheEntry"])
     remote = open_remote("gha://")
     failed = []
     for i in range(3):
@@ -216,16 +219,47 @@ def test_each_write_throttled_past_the_bound_is_reported(
         with pytest.raises(RemoteUnavailableError) as info:
             remote.upload(key, entry, path, manifest)
         failed.append(str(info.value))
-    assert all("given up after 2 attempts" in m and "HTTP 429" in m for m in failed), failed
+    assert "given up after 2 attempts" in failed[0], failed
+    assert "HTTP 429" in failed[0], failed
+    assert all("Retry-After" in m and "held back" in m for m in failed[1:]), failed
+    assert bare.requests["CreateCacheEntry"] == 2
     assert bare.visible() == []
     assert bare.creations == []
 
 
+def test_retry_after_zero_is_no_licence_to_hammer(
+        bare: GHAStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storm answered ``Retry-After: 0`` without end: MLC_JIT_GHA_MAX_WAIT bounds the
+    time since the first attempt (not only the pauses asked for), and the pauses grow:
+    a few requests, then the lookup is given up (not thousands until the deadline)."""
+    monkeypatch.setenv("MLC_JIT_GHA_MAX_WAIT", "0.5")
+    bare.throttle(100_000, retry_after=["0"])
+    with pytest.raises(RemoteUnavailableError) as info:
+        open_remote("gha://", deadline=5).list_manifests(hashlib.sha256(b"k").hexdigest())
+    assert "given up after" in str(info.value), info.value
+    assert 2 <= bare.throttled < 50, bare.throttled
+
+
+def test_pacing_is_shared_through_the_run_directorys_file(tmp_path: Path) -> None:
+    """Two pacers that share only the state file (other identities: not this process's
+    memory), as two processes of a run do: the second waits for the slot the first took
+    (a limit of 5 an hour: a burst of 1, then a slot every ~17 min); a pacer with another
+    file waits for nothing. One file per service and repository, never per run."""
+    state = tmp_path / "pace"
+    first, second = (_Pacer(5, 3600.0, state, f"{tmp_path}/{n}") for n in "ab")
+    assert first.reserve(math.inf) == 0.0
+    assert second.reserve(math.inf) > 900.0, "the slot taken by the first was not seen"
+    assert _Pacer(5, 3600.0, tmp_path / "other", f"{tmp_path}/c").reserve(math.inf) == 0.0
+    second.hold(5000.0)  # a 429's Retry-After, seen by every process
+    assert first.reserve(math.inf) > 4900.0
+
+
 def test_prune_is_refused_saying_why_and_a_refused_token_is_an_auth_error(
         bare: GHAStandin, monkeypatch: pytest.MonkeyPatch) -> None:
-    ran = run_cli("remote", "prune", "--remote", "gha://", "--older-than", "1d")
-    assert ran.returncode != 0
-    assert "GitHub evicts them itself" in ran.stdout + ran.stderr, ran
+    for dry_run in ([], ["--dry-run"], ["--dry-run", "--max-size", "1G"]):
+        ran = run_cli("remote", "prune", "--remote", "gha://", "--older-than", "1d", *dry_run)
+        assert ran.returncode != 0, (dry_run, ran)
+        assert "GitHub evicts them itself" in ran.stdout + ran.stderr, ran
 
     forged = bare.token("refs/heads/main").rsplit(".", 1)[0] + ".Zm9yZ2Vk"
     use(bare, monkeypatch, forged)
@@ -356,14 +390,14 @@ def test_300_new_libraries_stay_within_the_creation_limit(
         azurite: Azurite, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """300 new libraries (600 new entries: blob and manifest), uploaded by 8 threads
     through two adapters that share a run directory (its pacing file, as the processes of
-    a run share it: flock on separately opened files), against a service that accepts 40
-    new entries per 0.5 s (GitHub's 200 a minute, scaled down): every write is made and the
+    a run share it: flock on separately opened files), against a service that accepts 160
+    new entries per 2 s (GitHub's 200 a minute, scaled down): every write is made and the
     service never had to refuse one. (Without the pacing, MLC_JIT_GHA_RATE=0, the same
     upload here had 104 creations refused, each retried after its Retry-After.)"""
-    with running(azurite, limit=40, window=0.5) as service:
+    with running(azurite, limit=160, window=2.0) as service:
         use(service, monkeypatch)
-        monkeypatch.setenv("MLC_JIT_GHA_RATE", "40")
-        monkeypatch.setenv("MLC_JIT_GHA_RATE_WINDOW", "0.5")
+        monkeypatch.setenv("MLC_JIT_GHA_RATE", "160")
+        monkeypatch.setenv("MLC_JIT_GHA_RATE_WINDOW", "2.0")
         remotes = [open_remote("gha://", run_dir=tmp_path) for _ in range(2)]
         libraries = [library(tmp_path / "libs", f"library {i}".encode() * 10)
                      for i in range(300)]
@@ -384,8 +418,49 @@ def test_300_new_libraries_stay_within_the_creation_limit(
         assert failures == []
         assert service.refused_for_rate == 0
         assert len(service.creations) == 600
-        assert service.max_in_window() <= 40
         assert len(service.visible()) == 600, "every entry is there"
+        assert [p.name[:10] for p in tmp_path.glob(".gha-pace-*")] == [".gha-pace-"], (
+            "one pacing file, shared")
+
+
+@pytest.mark.servers
+def test_concurrent_publishers_of_one_entry_have_exactly_one_winner(
+        standin: GHAStandin, tmp_path: Path) -> None:
+    """Four writers publish one entry at once (different libraries, their blobs already
+    there): exactly one upload returns True and readers get the winner's library. The
+    winner's manifest is still being uploaded when the others are refused its creation
+    (its finalization throttled for a second here): they wait for it, and neither claim
+    the entry nor publish a generation of their own."""
+    key = hashlib.sha256(b"one entry").hexdigest()
+    remotes = [open_remote("gha://") for _ in range(4)]
+    builds = []
+    for i, remote in enumerate(remotes):
+        _, _, path, manifest = library(tmp_path / str(i), os.urandom(3000))
+        builds.append((path, {**manifest, "digest": key}))
+        remote._put_blob(f"blobs/{manifest['sha256']}", path, manifest["sha256"],
+                         manifest["size"])
+    standin.throttle(1, retry_after=["1"], methods=["FinalizeCacheEntryUpload"])
+    results: list[bool | BaseException] = [False] * 4
+    barrier = threading.Barrier(4)
+
+    def publish(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = remotes[i].upload(key, key, *builds[i])
+        except BaseException as exc:  # reported below, not lost in the thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results, key=str) == [False] * 3 + [True], results
+    assert standin.throttled == 1
+    assert [k for k in standin.visible() if "/entries/" in k] == [
+        f"mlcjit/entries/{key}/{key}.json@0"]
+    winner = builds[results.index(True)][0]
+    assert fetched(open_remote("gha://"), key, tmp_path / "got.so") == winner.read_bytes()
 
 
 @pytest.mark.servers

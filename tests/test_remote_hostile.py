@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +36,12 @@ from pytest_mlcjit.cache.store.remote_stats import RemoteStats
 from pytest_mlcjit.cache.store.tiered import RemoteTier
 from pytest_mlcjit.engine.activity import read_board
 from pytest_mlcjit.engine.settings import Settings
-from pytest_mlcjit.errors import CorruptEntryError, RemoteAuthError, RemoteUnavailableError
+from pytest_mlcjit.errors import (
+    CorruptEntryError,
+    RemoteAuthError,
+    RemoteIntegrityError,
+    RemoteUnavailableError,
+)
 
 pytest_plugins = ["s3server"]
 
@@ -451,3 +457,50 @@ def test_the_remote_commands_and_the_plugin_share_their_timeouts(
     monkeypatch.setenv("MLC_JIT_REMOTE_DEADLINE", "9")
     options = open_for_cli(tmp_path.as_uri()).options
     assert (options.read_timeout, options.deadline) == (7.5, 9.0)
+
+
+def test_a_fifo_or_a_link_planted_in_a_directory_remote_is_never_read(
+        tmp_path: Path) -> None:
+    """Someone who can write to a shared directory plants a FIFO as a manifest and a
+    symlink (to a file of the reader's machine) as a blob: a reader never blocks on the
+    FIFO (it is not listed), never follows the link (the download is refused as not a
+    regular file), and `remote verify` reports it instead of hanging or crashing."""
+    from test_remote_store import ENTRY, ENTRY2, KEY, dest_in, published
+
+    root = tmp_path / "remote"
+    root.mkdir()
+    shared = open_remote(root.as_uri())
+    manifest = published(shared, tmp_path, b"the real library")
+    os.mkfifo(root / "entries" / KEY / f"{ENTRY2}.json")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"x" * manifest["size"])
+    blob = root / "blobs" / manifest["sha256"]
+    blob.unlink()
+    blob.symlink_to(secret)
+
+    assert [e.entry_digest for e in shared.list_manifests(KEY)] == [ENTRY]
+    with pytest.raises(RemoteIntegrityError, match="is not a regular file"):
+        shared.download(manifest, dest_in(tmp_path))
+    rc, out = cli("verify", "--remote", root.as_uri())
+    assert rc == 1, out
+    assert "is not a regular file" in out, out
+
+
+def test_what_a_remote_holds_is_printed_without_crashing_the_commands(
+        tmp_path: Path) -> None:
+    """A manifest field holding a lone surrogate, or a number JSON cannot hold, reaches
+    `remote ls` (text and --json) escaped, never as a UnicodeEncodeError or a NaN."""
+    from test_remote_store import ENTRY, KEY
+
+    root = tmp_path / "remote"
+    (root / "entries" / KEY).mkdir(parents=True)
+    body = {"digest": KEY, "key_digest": KEY, "sha256": "0" * 64, "size": 1,
+            "key": {"factory": "m:\ud800", "target": "llvm"}, "created": 1e308 * 10}
+    text = json.dumps(body).replace("Infinity", "1e999")
+    (root / "entries" / KEY / f"{ENTRY}.json").write_text(text, encoding="utf-8")
+    rc, out = cli("ls", "--remote", root.as_uri())
+    assert rc == 0, out
+    assert "\\ud800" in out, out
+    rc, out = cli("ls", "--json", "--remote", root.as_uri())
+    assert rc == 0, out
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))

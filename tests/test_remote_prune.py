@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from s3server import Backdoor
+from test_remote_store import remote_url  # noqa: F401 (a fixture: a file:// or s3:// remote)
 
 from conftest import Project, run_cli
 from pytest_mlcjit.cache.store.remote import maintenance, open_remote
@@ -37,21 +38,10 @@ from pytest_mlcjit.cache.store.remote.maintenance import (
 pytest_plugins = ["s3server"]
 
 DAY = 24 * 3600.0
-PREFIX = "team/cache"
 
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@pytest.fixture(params=["file", "s3"])
-def remote_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of a new, empty remote: a bucket prefix on moto, or a directory."""
-    if request.param == "s3":
-        return f"s3://{request.getfixturevalue('s3_bucket')}/{PREFIX}"
-    root = tmp_path / "remote"
-    root.mkdir()
-    return root.as_uri()
 
 
 @pytest.fixture
@@ -112,7 +102,8 @@ def blobs(backdoor: Backdoor) -> set[str]:
 
 # -- least recently used first -------------------------------------------------------------
 def test_least_recently_used_entries_go_first_and_recently_used_ones_survive(
-        remote_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        remote_url: str, tmp_path: Path,  # noqa: F811
+        request: pytest.FixtureRequest) -> None:
     """Three entries of 1000 bytes created 10, 9 and 8 days ago; a run used the oldest
     (its access record): --max-size removes the unused ones, oldest first, and keeps
     the used one to the last."""
@@ -310,7 +301,7 @@ def wrap(remote: Remote, name: str, before: Callable[[tuple[Any, ...]], None],
 
 
 def test_an_upload_that_reuses_a_blob_prune_judged_unused_does_not_lose_it(
-        remote_url: str, tmp_path: Path, request: pytest.FixtureRequest,
+        remote_url: str, tmp_path: Path, request: pytest.FixtureRequest,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 8's defect. A comment-only edit: new key, same bytes. Prune lists the blobs,
     then the manifests, and judges the blob of the old entry (created 10 days ago)
@@ -453,3 +444,28 @@ def test_access_records_that_are_junk_are_skipped(dir_url: str,
     removed = prune_remote(remote, 30 * DAY)  # no entry is kept: no record is needed
     assert len(removed) == 6
     assert backdoor.names() == set()
+
+
+def test_a_manifest_time_no_float_holds_fails_no_command(
+        dir_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A bucket writer's manifest whose ``created`` is 10**400 (valid JSON; no float holds
+    it) or NaN: ``remote ls`` and ``prune`` go on, and the entry's last use is its
+    object's time (as for a future time)."""
+    backdoor = door(dir_url, request)
+    remote = open_remote(dir_url, signing_key=None)
+    key, entry, _ = publish(remote, tmp_path, "junk time", b"bytes", age_days=0)
+    name = f"entries/{key}/{entry}.json"
+    stored = json.loads(backdoor.read(name))
+    for created in ("1" + "0" * 400, "NaN"):
+        backdoor.write(name, json.dumps(stored).replace(
+            f'"created": {json.dumps(stored["created"])}', f'"created": {created}').encode())
+        backdate(dir_url, name, 3 * DAY)
+        [found] = remote.list_manifests(key)
+        assert found.created == found.modified, created
+        for args, says in ((["ls"], "1 entry"), (["prune", "--older-than", "4d"],
+                                                 "removed 0 entries")):
+            rc, out = cli(*args, "--remote", dir_url)
+            assert (rc, says in out) == (0, True), out
+    rc, out = cli("prune", "--older-than", "2d", "--remote", dir_url)
+    assert (rc, "removed 1 entry" in out) == (0, True), out
+    assert manifests(backdoor) == set()

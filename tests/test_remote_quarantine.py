@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,6 @@ from pytest_mlcjit import TVMModel
 def test_compiled(compiled_model):
     assert compiled_model.path.stat().st_size > 0
 '''
-
-
-@pytest.fixture
-def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory remote, set as MLC_JIT_REMOTE."""
-    path = tmp_path / "shared"
-    path.mkdir()
-    monkeypatch.setenv("MLC_JIT_REMOTE", path.as_uri())
-    return path
 
 
 def objects(shared: Path, prefix: str) -> list[Path]:
@@ -175,6 +167,41 @@ def test_the_load_check_finds_a_missing_function_and_checks_what_it_can_of_cuda(
 
     (tmp_path / "lib.tar").write_bytes(b"not an archive")
     assert not check(tmp_path / "lib.tar", {}).ok
+
+
+def test_a_load_check_that_cannot_start_is_no_fault_of_the_library(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that never got to the library is no fault of the library (which a
+    download's check would set aside on the remote): one whose process had not started
+    checking when its time was up (a limit of 0 s: stopped at once, still starting), and
+    one whose process cannot be started (the interpreter is not there: the real error of
+    starting it, with ``sys.executable`` pointed at a missing file). Each says it could
+    not run, and raises nothing; through the storage interface, the upload it precedes is
+    a write not made with that reason, and the library is published locally all the
+    same."""
+    from pytest_mlcjit.compiler.loadcheck import LoadChecker
+
+    late = LoadChecker(Builds(warm=False), timeout=0)(tmp_path / "library.so", {})
+    assert (late.ok, late.at_fault) == (False, False), late
+    assert late.detail.startswith("the load check could not run: it had not started "), late
+    check = LoadChecker(Builds(warm=False))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    result = check(tmp_path / "library.so", {"functions": ["forward"]})
+    assert (result.ok, result.at_fault) == (False, False), result
+    assert result.detail.startswith("the load check could not run: "), result
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    stores = Stores(remote=remote.as_uri(), remote_options=FAST, load_check=check)
+    hit = compile_into(stores.get(tmp_path / "cache", writes=True), Entry("x"), b"library")
+    assert hit.paths.library.read_bytes() == b"library"
+    stats = stores.remote_stats
+    assert stats is not None
+    assert (stats.uploads, stats.uploads_failed) == (0, 1)
+    [why] = stats.upload_failures
+    assert "not uploaded: the load check could not run" in why, why
+    assert objects(remote, "entries") == []
+    stores.close()
 
 
 # -- after a download -----------------------------------------------------------------------

@@ -218,6 +218,28 @@ def test_hmac_keeps_working_and_both_kinds_can_be_trusted_at_once(
     assert ed_only[ENTRY2] is None
 
 
+def test_a_malformed_hmac_signature_is_refused_never_a_crash(tmp_path: Path) -> None:
+    """A signature a bucket writer planted with a lone surrogate (valid JSON, no UTF-8
+    text) or any other junk after ``hmac-sha256:`` is a refused entry for a reader with
+    the secret, and ``remote verify`` reports it: never an exception."""
+    url = tmp_path.as_uri()
+    remote = open_remote(url, signing_key=b"team secret")
+    manifest = published(remote, tmp_path, b"hmac", entry=ENTRY)
+    for entry, junk in ((ENTRY2, "hmac-sha256:\ud800"), (ENTRY3, "hmac-sha256:" + "G" * 64)):
+        (tmp_path / "entries" / KEY / f"{entry}.json").write_text(json.dumps(
+            {**manifest, "key_digest": KEY, "digest": entry, "signature": junk}))
+
+    problems = {e.entry_digest: e.problem for e in remote.list_manifests(KEY)}
+
+    assert problems[ENTRY] is None
+    for entry in (ENTRY2, ENTRY3):
+        assert "has a malformed signature" in str(problems[entry]), problems
+    ran = run_cli("remote", "verify", "--remote", url,
+                  env={SIGNING: "team secret"})
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert ran.stdout.count("has a malformed signature") == 2, ran.stdout
+
+
 # -- the keys from the environment -----------------------------------------------------------
 def test_the_key_variables_take_pem_text_pem_files_and_hmac_secrets(
         tmp_path: Path, keys: tuple[Key, Key]) -> None:
@@ -266,6 +288,12 @@ def bad_values(tmp_path_factory: pytest.TempPathFactory,
                                  "malformed or unsupported PUBLIC KEY"),
         "unterminated PEM": (TRUSTED, one.public_pem.rsplit("-----END", 1)[0],
                              "malformed PEM block"),
+        # "$KEY_A:$KEY_B" where neither is set: it would trust no key, so verify nothing
+        "trusted keys naming none": (TRUSTED, f"{os.pathsep} \n{os.pathsep}",
+                                     "it names no key"),
+        # openssl pkcs12 -nodes output: a private key, never an HMAC secret made of it
+        "text around the private PEM": (SIGNING, f"Bag Attributes\n{one.private_pem}",
+                                        "is not one whole PEM block"),
     }
 
 
@@ -273,7 +301,8 @@ def bad_values(tmp_path_factory: pytest.TempPathFactory,
     "empty signing key", "empty trusted keys", "malformed private PEM", "truncated PEM",
     "missing .pem file", "public key as signing key", "encrypted private key",
     "not an Ed25519 key", "private key as trusted", "missing trusted file",
-    "malformed public PEM", "unterminated PEM"])
+    "malformed public PEM", "unterminated PEM", "trusted keys naming none",
+    "text around the private PEM"])
 def test_a_bad_key_variable_is_a_config_error_naming_it(
         case: str, bad_values: dict[str, tuple[str, str, str]], keys: tuple[Key, Key]) -> None:
     variable, value, says = bad_values[case]

@@ -88,12 +88,15 @@ def cmd_remote(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace, remote: Remote) -> int:
     result = jobs.verify(remote)
     how = "digests and signatures" if result["signatures_checked"] else (
-        f"digests; ${result['signing_key_env']} is not set, so signatures are not checked")
+        f"digests; neither $MLC_JIT_REMOTE_TRUSTED_KEYS nor ${result['signing_key_env']} is "
+        "set, so signatures are not checked")
     lines = [f"{remote.url}: {plural(result['checked'], 'entry', 'entries')} checked "
              f"({how}): {len(result['bad'])} bad"]
     for e in result["bad"]:
         lines += [f"  {e['key_digest'][:12]}/{e['entry_digest'][:12]}: {e['problem']}",
-                  f"    remove it: {e['remove']}"]
+                  f"    remove it: {e['remove']}" if e["remove"] else
+                  "    never used (a newer generation replaced it); remote prune removes it "
+                  "by age (--older-than)"]
     quarantined = result["quarantined"]
     if quarantined:
         lines.append(f"{plural(len(quarantined), 'entry', 'entries')} moved aside by the runs "

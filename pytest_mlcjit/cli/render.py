@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,11 +33,24 @@ def out(args: argparse.Namespace, data: Any, lines: Sequence[str]) -> None:
     if args.json:
         # Indented for a person at a terminal; compact for a pipe, where it is parsed (and
         # where json's C encoder, which indenting turns off, keeps large outputs fast).
+        # What a remote holds reaches the output: never a crash on a lone surrogate, and
+        # NaN or Infinity (not JSON) as null.
         indent = 2 if sys.stdout.isatty() else None
-        print(json.dumps(data, indent=indent, sort_keys=True, default=str))
+        print(json.dumps(_json_safe(data), indent=indent, sort_keys=True, default=str))
     else:
         for line in lines:
-            print(line)
+            print(line.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def _json_safe(data: Any) -> Any:
+    """``data`` with floats that JSON cannot hold (NaN, infinities) as None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_json_safe(v) for v in data]
+    return data
 
 
 def roots(args: argparse.Namespace) -> list[Path]:

@@ -22,9 +22,10 @@ What is checked, by kind of library:
 * a system library (``.tar``, MLC-LLM's iOS/Android builds, linked into an app, never
   loaded): that it is a valid tar archive.
 
-A library whose loading crashes the child (a signal) fails; a check that could not run at
-all (TVM does not import, the child could not start) is reported as such, not as the
-library's fault.
+A library whose loading crashes the child (a signal) or does not end in time fails; a
+check that could not run at all (TVM does not import, the child could not start, or had
+not started checking when its time was up) is reported as such, not as the library's
+fault.
 """
 
 from __future__ import annotations
@@ -74,31 +75,46 @@ class LoadChecker:
             else []
         argv = [sys.executable, "-m", __name__, str(library), json.dumps(names)]
         t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="mlcjit-loadcheck-") as tmp:
-            log = Path(tmp) / "check.log"
-            rc = self.builds.run_logged(argv, log, timeout=self.timeout)
-            text = log.read_text(encoding="utf-8", errors="replace") \
-                if log.is_file() else ""
-        seconds = time.monotonic() - t0
-        said = [line[len(MARK):] for line in text.splitlines() if line.startswith(MARK)]
-        verdict = _verdict(said[-1]) if said else None
-        if verdict is not None and rc in (0, FAILED):
-            ok = bool(verdict.get("ok")) and rc == 0
-            why = str(verdict.get("how" if ok else "why", ""))
-            if not ok and verdict.get("checkable") is False:
-                return LoadResult(False, f"the load check could not run: {why}",
-                                  at_fault=False, seconds=seconds)
-            return LoadResult(ok, why, seconds=seconds)
-        lines = [line for line in text.strip().splitlines() if not line.startswith(MARK)]
-        last = lines[-1][-300:] if lines else "no output"
-        if rc is None:
-            return LoadResult(False, f"loading it did not end within {self.timeout:g}s",
-                              seconds=seconds)
-        if "tvm imported" in said:  # it died while loading the library: the library's fault
-            return LoadResult(False, f"loading it crashed the checking process ({_how(rc)})",
-                              seconds=seconds)
-        return LoadResult(False, f"the load check could not run ({_how(rc)}): {last}",
-                          at_fault=False, seconds=seconds)
+        try:
+            with tempfile.TemporaryDirectory(prefix="mlcjit-loadcheck-") as tmp:
+                log = Path(tmp) / "check.log"
+                rc = self.builds.run_logged(argv, log, timeout=self.timeout)
+                text = log.read_text(encoding="utf-8", errors="replace") \
+                    if log.is_file() else ""
+        except OSError as exc:  # no child (it could not start, no room for its log)
+            return LoadResult(False, f"the load check could not run: {exc}", at_fault=False,
+                              seconds=time.monotonic() - t0)
+        return _result(rc, text, self.timeout, time.monotonic() - t0)
+
+
+def _result(rc: int | None, text: str, timeout: float, seconds: float) -> LoadResult:
+    """What a check's child found: its exit status ``rc`` (None: stopped at ``timeout``)
+    and its output ``text``."""
+    from pytest_mlcjit.cache.store.remote_policy import LoadResult  # noqa: PLC0415
+
+    said = [line[len(MARK):] for line in text.splitlines() if line.startswith(MARK)]
+    verdict = _verdict(said[-1]) if said else None
+    if verdict is not None and rc in (0, FAILED):
+        ok = bool(verdict.get("ok")) and rc == 0
+        why = str(verdict.get("how" if ok else "why", ""))
+        if not ok and verdict.get("checkable") is False:
+            return LoadResult(False, f"the load check could not run: {why}",
+                              at_fault=False, seconds=seconds)
+        return LoadResult(ok, why, seconds=seconds)
+    lines = [line for line in text.strip().splitlines() if not line.startswith(MARK)]
+    last = lines[-1][-300:] if lines else "no output"
+    if rc is None and "tvm imported" in said:  # its loading hung: the library's fault
+        return LoadResult(False, f"loading it did not end within {timeout:g}s",
+                          seconds=seconds)
+    if rc is None:  # still starting (a loaded machine): no fault of the library
+        return LoadResult(False, "the load check could not run: it had not started "
+                          f"checking within {timeout:g}s", at_fault=False,
+                          seconds=seconds)
+    if "tvm imported" in said:  # it died while loading the library: the library's fault
+        return LoadResult(False, f"loading it crashed the checking process ({_how(rc)})",
+                          seconds=seconds)
+    return LoadResult(False, f"the load check could not run ({_how(rc)}): {last}",
+                      at_fault=False, seconds=seconds)
 
 
 def _how(rc: int) -> str:

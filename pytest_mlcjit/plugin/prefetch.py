@@ -89,6 +89,10 @@ class Prefetcher:
                 compiled.add(req.digest)
             policies = {_policy(item, engine) for item in tests}
             reading = next((p for p in READS_REMOTE if p in policies), None)
+            if reading is Policy.READONLY and self.count > 1:
+                # Into each worker's private directory: every worker would download every
+                # library; on demand, each downloads only what its own tests use.
+                reading = None
             if self.downloads > 0 and self.ahead.has_remote and reading is not None:
                 reads[req.digest] = reading
                 self._decided[req.digest] = threading.Event()
@@ -155,6 +159,8 @@ class Prefetcher:
             found = self.ahead.fetch(req.spec, req.device, policy)
         except (MlcJitError, OSError):
             pass  # reported by the tier; the test that needs it meets it again
+        except KeyboardInterrupt:  # a load check stopped by the run's interrupt
+            pass
         finally:
             self._found[req.digest] = found
             self._decided[req.digest].set()

@@ -51,7 +51,10 @@ def verify(remote: Remote) -> dict[str, Any]:
     is set; the entries with a problem, each with the command that removes it, and the
     entries moved aside (``quarantine/``) by the runs that refused them."""
     entries = list(remote.iter_entries())
-    bad = [{**describe_entry(e), "remove": rm_command(e.key_digest, e.entry_digest, entries)}
+    # A superseded generation is never used; `remote rm K/E` would remove the entry's
+    # newest generation with it: prune removes it by age instead.
+    bad = [{**describe_entry(e), "remove": None if e.problem and " is superseded by "
+            in e.problem else rm_command(e.key_digest, e.entry_digest, entries)}
            for e in remote.verify(entries)]
     quarantined = []
     for location, record in remote.iter_quarantined():
@@ -68,7 +71,7 @@ def verify(remote: Remote) -> dict[str, Any]:
             "remove": rm_command(match.group(1), match.group(2), entries) if match else None,
         })
     return {"checked": len(entries), "bad": bad, "quarantined": quarantined,
-            "signatures_checked": remote.signed, "signing_key_env": ENV_SIGNING_KEY}
+            "signatures_checked": remote.verifies, "signing_key_env": ENV_SIGNING_KEY}
 
 
 def rm_command(key_digest: str, entry_digest: str, entries: list[RemoteEntry]) -> str:
@@ -86,6 +89,8 @@ def prune(remote: Remote, *, older_than: float | None, max_size: int | None = No
           protect_used_since: float | None = None) -> PruneReport:
     """:func:`.maintenance.prune_remote`, and the adapter's own clean-up where it has one
     (a directory remote removes the temp files of writers that died)."""
+    if remote.evicts_itself:
+        remote.prune(math.inf)  # refused, saying why (a dry run too: it would list nothing)
     report = PruneReport()
     prune_remote(remote, older_than, blob_grace_seconds=blob_grace, max_size=max_size,
                  dry_run=dry_run, protect_used_since=protect_used_since, report=report)

@@ -14,8 +14,9 @@ sccache and ccache users asked for it:
   is not a usable manifest is skipped and counted (:class:`RemoteStats`: one line however
   many); a full disk during a download is reported and the library compiled instead;
 * no write is dropped silently: every upload that could not be made (the remote failed or
-  refused it, was down or read-only by then, or the library failed its load check) is
-  counted as a write not made, with its reason (:meth:`RemoteStats.write_not_made`);
+  refused it, was down or read-only by then, the library failed its load check or the
+  check could not run, an interrupt or a local error stopped it) is counted as a write
+  not made, with its reason (:meth:`RemoteStats.write_not_made`);
 * a refused entry is set aside on the remote (:meth:`RemotePolicy.set_aside`) by a job
   that writes, so the library compiled instead can be published in its place.
 

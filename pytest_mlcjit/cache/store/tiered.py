@@ -104,6 +104,8 @@ class RemoteTier(RemotePolicy):
         #: remote entries this process used (``<key_digest>/<entry_digest>``).
         self.job_writes = False
         self._used: set[str] = set()
+        #: The unusable remote objects counted (:meth:`select`): each once in a process.
+        self._skipped: set[tuple[str, str]] = set()
         self._private: dict[str, Hit] = {}
         self._private_dir: Path | None = None
 
@@ -116,7 +118,10 @@ class RemoteTier(RemotePolicy):
             used, self._used = sorted(self._used), set()
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
-        if used and self.writes and self.job_writes and self.down is None:
+        if used and self.down is None:
+            self._told_down()  # another process of the run found it down: not used either
+        if (used and self.writes and self.job_writes and self.down is None
+                and not self.remote.evicts_itself):
             try:
                 write_access(self.remote, self.run_id or "run", self.worker, used)
             except (RemoteError, OSError) as exc:  # a record of use: never an error
@@ -157,9 +162,11 @@ class RemoteTier(RemotePolicy):
         usable = []
         for entry in found:
             if entry.problem is not None:
-                with self._lock:
-                    self.stats.skip(f"refused a remote entry of {query.describe}: "
-                                    f"{entry.problem}")
+                with self._lock:  # an object once, however often listed (ahead, then asked)
+                    if (entry.location, entry.problem) not in self._skipped:
+                        self._skipped.add((entry.location, entry.problem))
+                        self.stats.skip(f"refused a remote entry of {query.describe}: "
+                                        f"{entry.problem}")
                 if refused is not None:
                     refused.append(entry.problem)
                 if writer and self.remote.signed and badly_signed(entry):
@@ -292,7 +299,11 @@ class RemoteTier(RemotePolicy):
             return False
         body = {k: v for k, v in hit.manifest.items() if k not in _NOT_UPLOADED}
         if self.load_check is not None:
-            result = self._checked(hit.paths.library, hit.manifest)
+            try:
+                result = self._checked(hit.paths.library, hit.manifest)
+            except BaseException as exc:  # an interrupt: the upload is not made either
+                self.not_made(_stopped(query, exc))
+                raise
             if not result.ok:
                 self.not_made(f"{query.describe}: not uploaded: " + (
                     f"its library failed its load check ({result.detail})"
@@ -307,6 +318,9 @@ class RemoteTier(RemotePolicy):
                                               hit.paths.library, body, replace=replace)
                 except RemoteError as exc:
                     self.not_made(f"{query.describe}: {exc}")
+                    raise
+                except BaseException as exc:  # the local library (gone), an interrupt
+                    self.not_made(_stopped(query, exc))
                     raise
         finally:
             for note in self.remote.take_notes():
@@ -419,6 +433,12 @@ def _no_space(location: str, dest: Path, exc: OSError) -> str:
     return (f"downloading {location} ran out of disk space ({exc.strerror or exc}); nothing "
             f"was published: {where}. Free space or prune the cache (pytest-mlcjit prune). "
             "The library is compiled instead")
+
+
+def _stopped(query: EntryQuery, exc: BaseException) -> str:
+    """Why an upload stopped by something other than the remote was not made."""
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+    return f"{query.describe}: not uploaded: {why}"
 
 
 def _suffix(entry: RemoteEntry) -> str:

@@ -92,6 +92,8 @@ _CONN_SECRET_RE = re.compile(r"((?:AccountKey|SharedAccessSignature|SharedAccess
 
 _UNAVAILABLE_CODES = frozenset({"ServerBusy", "OperationTimedOut", "InternalError"})
 _INTEGRITY_CODES = frozenset({"Md5Mismatch", "InvalidMd5", "Crc64Mismatch", "InvalidCrc64"})
+#: What a create-only put that lost its race gets (any other 409/412 is an error).
+_LOST_CODES = frozenset({"BlobAlreadyExists", "ConditionNotMet"})
 
 
 def redact(text: str) -> str:
@@ -484,10 +486,10 @@ class AzureRemote(Remote):
                 self._call(self._blob(name).upload_blob, data, overwrite=not create_only,
                            validate_content=True,
                            content_settings=ContentSettings(content_type="application/json"))
-            except (ResourceExistsError, ResourceModifiedError):
+            except (ResourceExistsError, ResourceModifiedError) as exc:
                 # Lost to another publisher (or to our own write, when the SDK retried a
                 # request whose answer was lost): the manifest there is whole either way.
-                if create_only:
+                if create_only and _code(exc) in _LOST_CODES:
                     return False
                 raise
         return True

@@ -37,6 +37,7 @@ from pytest_mlcjit.cache.store.remote.entries import (
     name_generation,
     quarantine_record,
     read_limited,
+    same_manifest,
     superseding,
 )
 from pytest_mlcjit.cache.store.remote.maintenance import prune_remote, verify_remote
@@ -84,6 +85,10 @@ class Remote(abc.ABC):
     The public methods are implemented here once, over a few storage primitives that each
     backend provides; backends map their failures to the :class:`RemoteError` classes.
     """
+
+    #: A store that evicts entries by itself and removes none on request (GitHub's cache):
+    #: prune and rm are refused, and runs write no access records (nothing reads them).
+    evicts_itself = False
 
     def __init__(self, url: RemoteURL, options: RemoteOptions) -> None:
         self.remote_url = url
@@ -329,10 +334,16 @@ class Remote(abc.ABC):
         """Move ``entry``'s manifest aside, to ``quarantine/<key>/<entry>.json`` (a JSON
         record: the manifest's bytes as text, ``why``, ``time``), then delete it from
         ``entries/``; returns the quarantine record's URL. Raises RemoteError as any
-        write does (the entry is left in place if the record could not be written)."""
+        write does (the entry is left in place if the record could not be written), and
+        RemoteIntegrityError, moving nothing, if the object is no longer the manifest
+        refused (a trusted writer replaced it, or someone swapped in other bytes)."""
         check_digest(entry.key_digest, "cache key digest")
         check_digest(entry.entry_digest, "entry digest")
-        data = quarantine_record(entry, self._read(entry.name), why)
+        raw = self._read(entry.name)
+        if raw is not None and not same_manifest(raw, entry.manifest):
+            raise RemoteIntegrityError(f"{entry.location} changed since it was refused: "
+                                       "left in place")
+        data = quarantine_record(entry, raw if entry.manifest is not None else None, why)
         name = f"{QUARANTINE_PREFIX}{entry.key_digest}/{entry.entry_digest}.json"
         with self.within(f"quarantining {self._location(name)}", len(data)):
             self._put_manifest(name, data, create_only=False)

@@ -3,13 +3,15 @@ entries and objects a listing yields (no I/O here: :mod:`.base` reads and writes
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import Generator, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES
+from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES, loads_bounded
 from pytest_mlcjit._util.remote_limits import Deadline
 from pytest_mlcjit.cache.layout import DIGEST_RE
 from pytest_mlcjit.cache.store.remote.signing import SIGNATURE_FIELD, ManifestKeys
@@ -82,25 +84,32 @@ def manifest_problem(manifest: Any, key_digest: str | None,
         return "is not a JSON object"
     sha, size = manifest.get("sha256"), manifest.get("size")
     if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
-        return f"has an invalid sha256 {sha!r} (expected 64 lowercase hex digits)"
+        return f"has an invalid sha256 {shown(sha)} (expected 64 lowercase hex digits)"
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_LIBRARY_BYTES:
-        return (f"has an invalid size {str(size)[:40]} (expected an integer from 0 to "
+        return (f"has an invalid size {shown(size)} (expected an integer from 0 to "
                 f"{MAX_LIBRARY_BYTES})")
     digest = manifest.get("digest")
     named_key = manifest.get("key_digest", digest)
     if key_digest is not None and named_key != key_digest:
-        return f"is for key {named_key!r}, not {key_digest}"
+        return f"is for key {shown(named_key)}, not {key_digest}"
     if entry_digest is not None and "key_digest" in manifest and digest != entry_digest:
-        return f"is for entry {digest!r}, not {entry_digest}"
+        return f"is for entry {shown(digest)}, not {entry_digest}"
     return None if generation is None else _generation_problem(manifest, generation)
 
 
 def _generation_problem(manifest: dict[str, Any], generation: int) -> str | None:
     stated = manifest.get(GENERATION_FIELD, 0 if SIGNATURE_FIELD in manifest else generation)
     if stated != generation or isinstance(stated, bool):
-        return (f"states generation {str(stated)[:40]}, but is stored as generation "
+        return (f"states generation {shown(stated)}, but is stored as generation "
                 f"{generation} (an older manifest put back under a newer name?)")
     return None
+
+
+def shown(value: Any) -> str:
+    """A value a manifest holds, as a message quotes it: escaped (``ascii``: a lone
+    surrogate is valid JSON but no text a terminal can print) and cut short."""
+    text = ascii(value)
+    return text if len(text) <= 100 else text[:96] + "..."
 
 
 def manifest_data(manifest: Mapping[str, Any], generation: int, keys: ManifestKeys,
@@ -163,7 +172,9 @@ class RemoteEntry(NamedTuple):
         """The manifest's ``created`` time if it has a number there, else ``modified``."""
         created = (self.manifest or {}).get("created")
         if isinstance(created, (int, float)) and not isinstance(created, bool):
-            return float(created)
+            with contextlib.suppress(OverflowError):  # 10**400: valid JSON, no float
+                if math.isfinite(created := float(created)):
+                    return created
         return self.modified
 
 
@@ -209,6 +220,17 @@ def quarantine_record(entry: RemoteEntry, raw: bytes | None, why: str) -> bytes:
               "manifest": text if text is None else text[:QUARANTINE_KEPT],
               "truncated": text is not None and len(text) > QUARANTINE_KEPT}
     return json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
+
+
+def same_manifest(raw: bytes, manifest: dict[str, Any] | None) -> bool:
+    """Whether ``raw`` (a manifest's bytes, read again) holds ``manifest`` (as read
+    before; None: it held no JSON object)."""
+    try:
+        again = loads_bounded(raw, max_bytes=MAX_MANIFEST_BYTES)
+    except ValueError:
+        again = None
+    again = again if isinstance(again, dict) else None
+    return json.dumps(again, sort_keys=True) == json.dumps(manifest, sort_keys=True)
 
 
 def read_limited(chunks: Iterator[bytes], where: str, deadline: Deadline | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -96,19 +97,32 @@ class FileRemote(Remote):
                         continue
                     path = Path(top, file)
                     try:
-                        st = path.stat()
+                        st = path.lstat()
                     except FileNotFoundError:
                         continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # a FIFO, a device or a link: never an object of ours
                     yield StoredObject(path.relative_to(self.root).as_posix(), st.st_size,
                                        st.st_mtime)
 
     def _open_stream(self, name: str) -> Chunks | None:
         with self._calling("reading", name):
             try:
-                f = open(self._path(name), "rb")  # noqa: SIM115 (the generator closes it)
+                # Never through a link, and never blocked on a FIFO someone planted.
+                fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except FileNotFoundError:
                 self._check_root()
                 return None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                fd = -1
+            if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+                if fd >= 0:
+                    os.close(fd)
+                raise RemoteIntegrityError(f"{self._location(name)} is not a regular file "
+                                           "(a link, a FIFO or a device): not read")
+            f = open(fd, "rb")  # noqa: SIM115 (the generator closes it)
         return self._chunks(name, f)
 
     def _chunks(self, name: str, f: Any) -> Chunks:

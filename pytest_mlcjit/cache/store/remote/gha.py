@@ -6,12 +6,12 @@ An object (``blobs/<sha256>``, ``entries/<key>/<entry>.json``...) is entries key
 ``mlcjit/[SCOPE/]<name>@<generation>``, versioned by the cache format and SCOPE. Entries
 are immutable: an object is the newest entry of its name (GetCacheEntryDownloadURL of the
 prefix ``<name>@``); a rewrite is a new random generation; a create-only manifest is
-generation ``0`` (a second one of a key, version and scope is refused: one publisher wins;
-taken with nothing visible, as by an upload that died before finalizing: a new
-generation). A listing yields at most the newest object of its prefix. Nothing is removed
-(GitHub evicts): prune and rm are refused, saying so; a quarantined entry is hidden by a
-newer generation marked removed (``@x...``). A blob is present only when read and hashed
-here (the service verifies nothing); a wrong one is superseded by a newer generation.
+generation ``0`` (a second one of a key, version and scope is refused: one publisher wins,
+the others wait ~8 s for it to be finalized; nothing visible then, as after an upload
+that died, or hidden: a new generation). A listing yields the newest object of a prefix.
+Nothing is removed (GitHub evicts): prune and rm are refused, saying so; a quarantined
+entry is hidden by a newer generation marked removed (``@x...``). A blob is present only
+when read and hashed here (the service verifies nothing); a wrong one is superseded.
 Throttling (429, 5xx) is retried as ``Retry-After`` asks, within ``MLC_JIT_GHA_MAX_WAIT``
 and the deadline, then RemoteUnavailableError; creations are paced (:class:`_Pacer`).
 """
@@ -44,6 +44,7 @@ from pytest_mlcjit import errors as err
 from pytest_mlcjit._util.remote_limits import MAX_TIMEOUT_S
 from pytest_mlcjit.cache.store.remote.base import CHUNK, Chunks, Remote, RemoteOptions
 from pytest_mlcjit.cache.store.remote.entries import RemoteEntry, StoredObject
+from pytest_mlcjit.cache.store.remote.maintenance import blob_problem
 from pytest_mlcjit.cache.store.remote.url import RemoteURL, redact_url
 from pytest_mlcjit.key import CACHE_FORMAT
 
@@ -171,10 +172,12 @@ class _Reply:
 class GHARemote(Remote):
     """The GitHub Actions cache (see the module's docstring)."""
 
+    evicts_itself = True  # GitHub evicts entries (EVICTION): nothing is removed on request
+
     def __init__(self, url: RemoteURL, options: RemoteOptions) -> None:
         super().__init__(url, options)
         self._base, self._token = service_env(url.redacted)
-        self.host = urllib.parse.urlsplit(self._base).netloc
+        self.host = urllib.parse.urlsplit(self._base).netloc.rpartition("@")[2]
         self.max_wait = _env_number(ENV_MAX_WAIT, DEFAULT_MAX_WAIT)
         rate = int(_env_number(ENV_RATE, DEFAULT_RATE, count=True))
         window = _env_number(ENV_WINDOW, DEFAULT_WINDOW)
@@ -185,8 +188,7 @@ class GHARemote(Remote):
             f"{self._base}\0{os.environ.get('GITHUB_REPOSITORY', '')}".encode()).hexdigest()
         self._pacer = _Pacer(rate, window, None if options.run_dir is None else
                              Path(options.run_dir, f".gha-pace-{ident[:16]}"), ident)
-        #: Generation and download URL of what a listing just found, for the read after.
-        self._urls: dict[str, tuple[str, str]] = {}
+        self._urls: dict[str, tuple[str, str]] = {}  # a listing's finds: (generation, URL)
         self._urls_lock = threading.Lock()
         self._opener = urllib.request.build_opener(
             _handler(False, options.read_timeout, self._watch),
@@ -222,18 +224,18 @@ class GHARemote(Remote):
     def _request(self, what: str, method: str, url: str, *,
                  body: Callable[[], Any] | None = None, headers: dict[str, str] | None = None,
                  stream: bool = False, create: bool = False) -> _Reply:
-        """One HTTP exchange, retried: 429 and 5xx as Retry-After asks within the budget, a
-        failed connection ``options.retries`` times; ``create``: paced (:class:`_Pacer`)."""
+        """One HTTP exchange, retried within the budget since its first attempt: 429 and 5xx
+        as Retry-After asks (a growing pause at least), a failed connection
+        ``options.retries`` times; ``create``: paced (:class:`_Pacer`)."""
         attempts = failures = 0
-        waited = 0.0
+        start = time.monotonic()
         while True:
             if create:
-                budget = self._budget(waited)
+                budget = self._budget(time.monotonic() - start)
                 if (wait := self._pacer.reserve(budget)) > budget:
                     raise err.RemoteUnavailableError(
-                        f"{what} was given up: the limit of new entries ({ENV_RATE}) asks to wait "
-                        f"{wait:.0f}s, more than {ENV_MAX_WAIT} or the deadline allow")
-                waited += wait
+                        f"{what} was given up: new entries are held back {wait:.0f}s ({ENV_RATE}"
+                        f", a 429's Retry-After), more than {ENV_MAX_WAIT} or the deadline allow")
                 time.sleep(wait)
             attempts += 1
             request = urllib.request.Request(  # noqa: S310 (an http(s) URL, checked)
@@ -249,7 +251,7 @@ class GHARemote(Remote):
                 if reply.status not in _RETRIED:
                     return reply
                 asked = retry_after(reply.headers.get("Retry-After"))
-                wait = _backoff(attempts) if asked is None else asked
+                wait = _backoff(attempts) if asked is None else max(asked, 0.05 * attempts)
                 cause = f"HTTP {reply.status}{_twirp_detail(reply.body)}"
                 if create and reply.status == 429:
                     self._pacer.hold(wait)
@@ -268,12 +270,11 @@ class GHARemote(Remote):
                     return _Reply(response.status, response.headers, b"", response)
                 with contextlib.closing(response):
                     return _Reply(response.status, response.headers, response.read())
-            if wait > self._budget(waited):
+            if wait > self._budget(waited := time.monotonic() - start):
                 raise err.RemoteUnavailableError(
                     f"{what} was given up after {attempts} attempts in {waited:.0f}s: "
                     f"{self._redact(cause)}; waiting {wait:.0f}s more would pass {ENV_MAX_WAIT}="
                     f"{self.max_wait:g}s or the deadline (MLC_JIT_REMOTE_DEADLINE)")
-            waited += wait
             time.sleep(wait)
 
     def _twirp(self, method: str, payload: dict[str, Any], what: str) -> dict[str, Any]:
@@ -373,25 +374,18 @@ class GHARemote(Remote):
                 while chunk := response.read(CHUNK):
                     yield chunk
             except (OSError, http.client.HTTPException) as exc:
-                raise err.RemoteUnavailableError(f"{what} failed: {exc}") from None
+                raise err.RemoteUnavailableError(self._redact(f"{what} failed: {exc}")) from None
 
     def _blob_present(self, name: str, sha256: str, size: int) -> bool:
         """Present only when its bytes were read here and hash to ``sha256``."""
-        if (stream := self._open_stream(name)) is None:
-            return False
-        h, n = hashlib.sha256(), 0
-        with contextlib.closing(stream):
-            for chunk in stream:
-                if (n := n + len(chunk)) > size:
-                    return False
-                h.update(chunk)
-        return n == size and h.hexdigest() == sha256
+        return blob_problem(self, sha256, size) is None
 
     def _put_blob(self, name: str, library: Path, sha256: str, size: int) -> None:
         try:
             self._write(name, "0", library, sha256)
-        except _Exists:  # a wrong blob there, or one being written: a newer generation
-            self._write(name, _new_gen(), library, sha256)
+        except _Exists:  # one being written (then right?), a wrong one: a newer generation
+            if not (self._settled(name) and self._blob_present(name, sha256, size)):
+                self._write(name, secrets.token_hex(8), library, sha256)
 
     def _put_manifest(self, name: str, data: bytes, *, create_only: bool) -> bool:
         if create_only:
@@ -399,11 +393,21 @@ class GHARemote(Remote):
                 self._write(name, "0", data)
                 return True
             except _Exists:
-                if self._found(name, f"publishing {self._location(name)}") is not None:
+                if self._settled(name):
                     return False  # published by another writer
-                # 0 is taken by an upload unfinished (or dead), or hidden: a newer one.
-        self._write(name, _new_gen(), data)
+        # a rewrite; or generation 0 is hidden, or an upload that died unfinished
+        self._write(name, secrets.token_hex(8), data)
         return True
+
+    def _settled(self, name: str) -> bool:
+        """After ``name@0`` was refused: whether another writer's ``name`` is visible (not
+        hidden), waiting ~8 s (in the deadline) for one still being uploaded to be so."""
+        found = None
+        for pause in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0):
+            time.sleep(min(pause, self._budget(0.0)))
+            if found := self._find(f"{name}@", f"publishing {self._location(name)}"):
+                break
+        return found is not None and not found[1].startswith("x")
 
     def _write(self, name: str, gen: str, source: bytes | Path, sha256: str | None = None
                ) -> None:
@@ -420,9 +424,9 @@ class GHARemote(Remote):
                                            f"{sha.hexdigest()}, expected {sha256})")
         created = self._twirp("CreateCacheEntry", {"key": key, "version": self._version},
                               what)
-        if not created.get("ok") or not isinstance(url := created.get("signed_upload_url"),
-                                                   str) or not url:
-            raise err.RemoteError(f"{what} failed: the service did not create the entry "
+        url = created.get("signed_upload_url") if created.get("ok") else None
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise err.RemoteError(f"{what} failed: the service gave no upload URL "
                                   f"({self._redact(str(created.get('message') or '-'))})")
         with contextlib.ExitStack() as files:
             reply = self._request(what, "PUT", url, body=lambda: files.enter_context(
@@ -447,7 +451,7 @@ class GHARemote(Remote):
     def _delete(self, name: str) -> None:
         if not getattr(self._local, "hiding", False):
             raise err.RemoteConfigError(f"cannot remove {self._location(name)}: {EVICTION}")
-        self._write(name, "x" + _new_gen(), _HIDDEN)
+        self._write(name, "x" + secrets.token_hex(8), _HIDDEN)
 
     def quarantine(self, entry: RemoteEntry, why: str) -> str:
         """As :meth:`.base.Remote.quarantine`, the entry hidden by a removed generation."""
@@ -459,10 +463,6 @@ class GHARemote(Remote):
 
     def prune(self, *args: Any, **kwargs: Any) -> list[str]:
         raise err.RemoteConfigError(f"cannot prune {self.url}: {EVICTION}")
-
-
-def _new_gen() -> str:
-    return secrets.token_hex(8)
 
 
 def _backoff(attempt: int) -> float:

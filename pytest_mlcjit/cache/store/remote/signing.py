@@ -15,7 +15,8 @@ Where the keys come from (:func:`keys_from_env`):
     PEM text (starting with ``-----BEGIN``) of an Ed25519 private key, or the path of a
     file holding one (a value ending in ``.pem``, or naming an existing file): uploads are
     signed with Ed25519, and the key's own public key is trusted. Any other value is an
-    HMAC secret (uploads signed with it, and only manifests signed with it accepted).
+    HMAC secret (uploads signed with it, and only manifests signed with it accepted),
+    except one holding ``-----BEGIN`` elsewhere (PEM text with text around it: an error).
 ``MLC_JIT_REMOTE_TRUSTED_KEYS``
     Ed25519 public keys: PEM text holding one or more ``PUBLIC KEY`` blocks, and/or paths
     of PEM files holding them, separated by newlines or ``os.pathsep``.
@@ -55,6 +56,7 @@ ED25519_SCHEME = "ed25519:"
 SIGN_EXTRA_HINT = 'pip install "pytest-mlcjit[sign]"'
 
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
+_HMAC_RE = re.compile(r"hmac-sha256:[0-9a-f]{64}")
 _PEM_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
 _ED25519_KEY_BYTES = 32
 _ED25519_SIG_BYTES = 64
@@ -90,6 +92,8 @@ def signature_problem(manifest: Mapping[str, Any], key: bytes) -> str | None:
 
 
 def _hmac_problem(given: str, manifest: Mapping[str, Any], key: bytes) -> str | None:
+    if not _HMAC_RE.fullmatch(given):  # junk (a lone surrogate has no bytes to compare)
+        return f"has a malformed signature (expected {SIGNATURE_SCHEME}<64 hex digits>)"
     try:
         expected = manifest_signature(manifest, key)
     except ValueError:  # not JSON-able (NaN): it cannot have been signed
@@ -252,7 +256,7 @@ def parse_signing_key(source: str, text: str) -> tuple[bytes | None, bytes | Non
         raise _bad(source, "it is set but empty (an empty key signs nothing)",
                    _SIGNING_EXPECTED)
     stripped = text.strip()
-    if stripped.startswith("-----BEGIN"):
+    if "-----BEGIN" in stripped:  # PEM text (with text around it: an error, not a secret)
         return None, _private_from_pem(source, stripped, "its PEM text")
     if "\n" not in stripped and _is_path(stripped):
         pem = _read_pem_file(source, stripped, _SIGNING_EXPECTED).strip()
@@ -299,6 +303,8 @@ def parse_trusted_keys(source: str, text: str) -> tuple[bytes, ...]:
         for raw in _publics_from_pem(source, pem, where):
             if raw not in keys:
                 keys.append(raw)
+    if not keys:  # separators only ("$A:$B" with both unset): it would verify nothing
+        raise _bad(source, "it names no key", _TRUSTED_EXPECTED)
     return tuple(keys)
 
 
