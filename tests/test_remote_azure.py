@@ -20,7 +20,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ with contextlib.suppress(ImportError):  # before any pytester snapshot (see conf
     import azure.storage.blob  # noqa: F401
     import requests  # noqa: F401
 from azurite import ACCOUNT, ACCOUNT_KEY, Azurite, free_port
+from test_remote_store import ENTRY, ENTRY2, KEY, dest_in, make_library, publish_at_once
 from trickle import TrickleProxy
 
 from conftest import Project, run_cli, wait_until
@@ -46,9 +46,6 @@ from pytest_mlcjit.errors import (
 
 pytest_plugins = ["azurite"]
 
-KEY = hashlib.sha256(b"key").hexdigest()
-ENTRY = hashlib.sha256(b"entry").hexdigest()
-ENTRY2 = hashlib.sha256(b"entry 2").hexdigest()
 CONFIGS = [{"hidden": 4}, {"hidden": 6}]
 AZURE_ENV = ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY",
              "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ACCOUNT_URL")
@@ -101,18 +98,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in AZURE_ENV:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def make_library(directory: Path, data: bytes) -> tuple[Path, dict[str, Any]]:
-    directory.mkdir(parents=True, exist_ok=True)
-    library = directory / f"{hashlib.sha256(data).hexdigest()[:12]}.so"
-    library.write_bytes(data)
-    return library, {"digest": KEY, "sha256": hashlib.sha256(data).hexdigest(),
-                     "size": len(data), "created": 1.0e9}
-
-
-def dest_in(tmp_path: Path) -> Path:
-    return tmp_path / f"download-{os.urandom(4).hex()}.so"
 
 
 # -- bad input (no server) --------------------------------------------------------------------
@@ -284,30 +269,7 @@ def test_concurrent_uploads_of_one_entry_have_exactly_one_winner(
         container: Container, tmp_path: Path) -> None:
     """Four writers publish different libraries as one entry at the same instant: the
     create-only put (If-None-Match: *) lets exactly one win; the entry is the winner's."""
-    writers = 4
-    remotes = [open_remote(f"az://{container.name}/ci") for _ in range(writers)]
-    builds = [make_library(tmp_path / f"w{i}", os.urandom(100_000)) for i in range(writers)]
-    results: list[bool | BaseException] = [False] * writers
-    barrier = threading.Barrier(writers)
-
-    def publish(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = remotes[i].upload(KEY, ENTRY, *builds[i])
-        except BaseException as exc:  # reported below, not lost in the thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=publish, args=(i,)) for i in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results, key=str) == [False] * (writers - 1) + [True], results
-    [entry] = remotes[0].list_manifests(KEY)
-    winner = builds[results.index(True)]
-    assert entry.manifest == winner[1]
-    dest = remotes[0].download(winner[1], dest_in(tmp_path))
-    assert dest.read_bytes() == winner[0].read_bytes()
+    publish_at_once(f"az://{container.name}/ci", tmp_path, writers=4)
 
 
 @servers

@@ -180,8 +180,14 @@ def test_concurrent_uploads_of_one_entry_have_exactly_one_winner(remote_url: str
                                                                  tmp_path: Path) -> None:
     """Four writers publish different libraries as the same entry at the same instant: one
     wins, the others are told, and the entry is the winner's, whole."""
-    writers = 4
-    remotes = [open_remote(remote_url, signing_key=None) for _ in range(writers)]
+    publish_at_once(remote_url, tmp_path, writers=4)
+
+
+def publish_at_once(url: str, tmp_path: Path, *, writers: int) -> None:
+    """``writers`` remotes at ``url`` publish different libraries as one entry at the same
+    instant: exactly one upload returns True, the others False, and the entry listed and
+    downloaded is the winner's, whole."""
+    remotes = [open_remote(url, signing_key=None) for _ in range(writers)]
     builds = [make_library(tmp_path / f"w{i}", os.urandom(200_000)) for i in range(writers)]
     results: list[bool | BaseException] = [False] * writers
     barrier = threading.Barrier(writers)
