@@ -430,7 +430,7 @@ def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table (pasteable into docs/benchmarks.md)."""
+    """A Markdown table (pasteable into docs/explanation/benchmarks.md)."""
     cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 

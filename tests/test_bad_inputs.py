@@ -2,7 +2,7 @@
 naming the bad value and what is valid, on the offending test only, and nothing written to
 the cache.
 
-The cases from ``USAGE`` on are also the table in docs/reliability.md
+The cases from ``USAGE`` on are also the table in docs/explanation/reliability.md
 (``python tests/test_bad_inputs.py`` prints it; a test checks the two agree). Every case is
 fast and deterministic, so all of them run in the default tier, in-process
 (:meth:`conftest.Project.run`; compiles still run in processes of their own). The one good
@@ -23,7 +23,7 @@ import pytest
 from conftest import Project
 from pytest_mlcjit import JIT, ConfigError, Policy, Settings, SpecError, TVMModel
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "explanation" / "reliability.md"
 
 BAD_SPECS = '''
 import pytest
@@ -111,7 +111,7 @@ def test_spec_validation(kwargs: dict[str, object], message: str) -> None:
     assert message in str(info.value)
 
 
-# -- the reliability suite's table of bad inputs (docs/reliability.md) ----------------------
+# -- the reliability suite's table of bad inputs (docs/explanation/reliability.md) -----------------
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One bad input: where it goes, its value, and (a distinctive part of) the error."""
@@ -485,7 +485,7 @@ def test_empty_cache_dir_is_a_usage_error(project: Project) -> None:
     result.stderr.fnmatch_lines(["*invalid --mlc-jit-cache-dir '': expected a directory path*"])
 
 
-# -- the table in docs/reliability.md ------------------------------------------------------
+# -- the table in docs/explanation/reliability.md ------------------------------------
 def table() -> str:
     """The markdown table of every case of the reliability suite's table (``USAGE`` to
     ``API``)."""

@@ -1,4 +1,4 @@
-"""Concurrent processes and locks (the reliability suite, docs/reliability.md): real
+"""Concurrent processes and locks (the reliability suite, docs/explanation/reliability.md): real
 processes, real signals, real compiles.
 
 * Killed processes never leave a partial entry, a held lock or a running compiler. The

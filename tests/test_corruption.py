@@ -1,7 +1,7 @@
 """A library that does not match its manifest is never loaded: ON recompiles it, READONLY
 fails saying it is corrupt. Every kind of corrupt entry and crash leftover is detected,
 never loaded, and handled per policy (READONLY: an error that says what is wrong; ON: set
-aside and recompiled once), docs/reliability.md. Orphaned staging directories and stale
+aside and recompiled once), docs/explanation/reliability.md. Orphaned staging directories and stale
 lock files left by a crash are cleaned up or ignored.
 
 Each test starts from a copy of one warm cache (:func:`conftest.warm_template`, compiled

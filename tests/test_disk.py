@@ -1,5 +1,5 @@
 """A full disk and an unwritable cache: a clear error, no partial entry, nothing lost
-(docs/reliability.md).
+(docs/explanation/reliability.md).
 
 The default tier injects ENOSPC once at each named fault point of a compile and its
 publish (``MLCJIT_TEST_ENOSPC=<point>``, the engine's test-only fault points, see

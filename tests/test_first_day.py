@@ -7,8 +7,8 @@
 4. ``--mlc-jit-require-devices`` (and its ini key) fails the tests of an absent device.
 5. ``TVM_TEST_TARGETS`` selects the devices; GPU tests get the ``gpu`` marker.
 7. The small things: CLI exit statuses, dry runs that name the quarantine, ``list``'s
-   model column, ``explain --check``, prepare's counts, tuples in configs, the README's ids
-   and its ``CompiledModel`` table.
+   model column, ``explain --check``, prepare's counts, tuples in configs, and the docs'
+   test ids and ``CompiledModel`` table (docs/reference/specs.md).
 
 (Item 3, ``run`` and ``signature``, is tests/test_run.py; item 6, packaging,
 tests/test_packaging.py.) These tests assume no CUDA GPU (true on CI); where one is present
@@ -29,7 +29,14 @@ from conftest import Project, inprocess, run_cli
 from pytest_mlcjit import CompiledModel, SpecError, TVMModel
 from pytest_mlcjit.device import Device, probe
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+#: The docs page of model specs, markers, fixtures and CompiledModel (once the README's).
+SPECS_PAGE = DOCS / "reference" / "specs.md"
+
+
+def docs_text() -> str:
+    """Every page of the docs site, as written in ``docs/``."""
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.rglob("*.md")))
 NO_CUDA = pytest.mark.skipif(probe([Device("cuda")])["cuda"].present,
                              reason="this machine has a CUDA GPU")
 NO_MLC_LLM = pytest.mark.skipif(importlib.util.find_spec("mlc_llm") is not None,
@@ -463,8 +470,8 @@ def test_plain():
     assert " are " not in result.stdout.str().split("request no library:")[1]
 
 
-def test_readme_test_ids_are_the_real_ones(project: Project) -> None:
-    text = README.read_text(encoding="utf-8")
+def test_documented_test_ids_are_the_real_ones(project: Project) -> None:
+    text = SPECS_PAGE.read_text(encoding="utf-8")
     documented = re.search(r"for example `(test_x\[[^`]+\])`", text)
     assert documented is not None
     project.pytester.makepyfile(test_ids='''
@@ -480,15 +487,15 @@ def test_x(compiled_model):
     assert _collected(project, "--mlc-device=cpu") == [documented.group(1)]
 
 
-def test_readme_documents_compiled_model(tmp_path: Path) -> None:
-    text = README.read_text(encoding="utf-8")
+def test_docs_document_compiled_model(tmp_path: Path) -> None:
+    text = SPECS_PAGE.read_text(encoding="utf-8")
     table = text.split("### `CompiledModel`", 1)[1].split("\n\n", 2)[1]
     public = {name for name in dir(CompiledModel) if not name.startswith("_")}
     public |= {f.name for f in CompiledModel.__dataclass_fields__.values()
                if not f.name.startswith("_")}
     undocumented = sorted(n for n in public if f"`{n}" not in table and f", `{n}`" not in table
                           and n != "tvm_device")
-    assert undocumented == [], f"README's CompiledModel table lacks {undocumented}"
+    assert undocumented == [], f"the CompiledModel table lacks {undocumented}"
 
 
 @pytest.mark.parametrize("text", ["--mlc-jit-require-devices", "mlc_jit_require_devices",
@@ -496,7 +503,7 @@ def test_readme_documents_compiled_model(tmp_path: Path) -> None:
                                   "**2** on a usage error"])
 def test_new_options_are_documented(pytester: pytest.Pytester,
                                     capsys: pytest.CaptureFixture[str], text: str) -> None:
-    assert text in README.read_text(encoding="utf-8")
+    assert text in docs_text()
     if text.startswith(("--mlc", "mlc_", "TVM")):
         help_text = inprocess(pytester, "--help").stdout.str()
         assert text in help_text

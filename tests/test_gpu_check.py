@@ -1,7 +1,7 @@
 """``benchmarks/gpu_check.py``, the GPU check of issue 20, where there is no GPU: it says it
 skips, with the reason, and exits 0 (2 with ``--require-gpu``); and its figures (overlapping
 holders, idle fraction) computed on hand-made intervals. The check itself needs an NVIDIA
-GPU and is run by hand on one (README: GPU runners)."""
+GPU and is run by hand on one (docs/how-to/gpu.md)."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ TRUSTED = "MLC_JIT_REMOTE_TRUSTED_KEYS"
 @dataclasses.dataclass(frozen=True)
 class Key:
     """An Ed25519 key pair made for a test: raw bytes, PEM texts, its key id (computed
-    here, as the README defines it)."""
+    here, as docs/how-to/remote.md defines it)."""
 
     private: bytes
     public: bytes

@@ -2,7 +2,7 @@
 other users can write is refused unless --mlc-jit-allow-untrusted-cache; subprocesses
 are argument lists, never a shell; and no name, config value or setting can make the cache
 read, write or load anything outside its root (the reliability suite,
-docs/reliability.md).
+docs/explanation/reliability.md).
 
 Whose files are trusted is seen from both sides in one run as root: root meeting a cache
 another user owns (:func:`test_owned_by_another_user`), and an unprivileged user made for

@@ -2,7 +2,7 @@
 summary; and a failure remembered for the rest of its run: a model that fails to compile,
 needed by ten tests on two xdist workers, is compiled once per run, and every one of those
 tests fails with the same message and the same log (the reliability suite,
-docs/reliability.md).
+docs/explanation/reliability.md).
 
 Compilations are counted by the model factory itself (it runs once per compile, in the
 compile subprocess), libraries from the cache's files, not from the plugin's statistics.

@@ -27,7 +27,7 @@ from pytest_mlcjit._util.jsonsafe import MAX_JSON_BYTES, loads_bounded
 DIR_MODE = 0o755
 FILE_MODE = 0o644
 
-#: Test-only fault injection (docs/reliability.md), off unless these are set in the
+#: Test-only fault injection (docs/explanation/reliability.md), off unless these are set in the
 #: environment. ``MLCJIT_TEST_PAUSE=SECONDS``: at each named point of a compile, announce
 #: ``mlcjit-test-point <name> <pid>`` on stderr and sleep, so a test can SIGKILL the process
 #: inside that window. ``MLCJIT_TEST_STOP=<name>``: announce each point the same way, and

@@ -1,11 +1,12 @@
 """The ``pytest-mlcjit`` command (also ``python -m pytest_mlcjit``): look after the cache.
 
-Subcommands: ``list``, ``info``, ``verify``, ``prune``, ``clear`` (:mod:`.local`), ``remote``
-(:mod:`.remote`), ``key`` and ``explain`` (:mod:`.requests`). Each takes ``--cache-dir PATH``
-(default: the plugin's, ``$MLC_JIT_CACHE_DIR`` too) and ``--json`` (one JSON object on
-stdout). Exit status: 0 on success; 1 on a runtime failure (``verify`` leaves a corrupt
-entry, ``explain --check`` finds a library that would miss, the tests fail to collect, the
-cache cannot be read); 2 on a usage error (a bad option or argument value).
+Subcommands: ``list``, ``info``, ``verify``, ``prune``, ``clear`` (:mod:`.local`), ``stats``
+(:mod:`.stats`), ``remote`` (:mod:`.remote`), ``key`` and ``explain`` (:mod:`.requests`).
+Each takes ``--cache-dir PATH`` (default: the plugin's, ``$MLC_JIT_CACHE_DIR`` too) and
+``--json`` (one JSON object on stdout). Exit status: 0 on success; 1 on a runtime failure
+(``verify`` leaves a corrupt entry, ``explain --check`` finds a library that would miss,
+the tests fail to collect, the cache cannot be read); 2 on a usage error (a bad option or
+argument value).
 
 ``key`` and ``explain`` run a ``pytest --collect-only`` over the given pytest arguments
 (after ``--``) to learn what the tests request; the rest never start pytest, and nothing
@@ -24,6 +25,7 @@ from pytest_mlcjit.cli.local import cmd_clear, cmd_info, cmd_list, cmd_prune, cm
 from pytest_mlcjit.cli.remote import add_remote_commands, cmd_remote
 from pytest_mlcjit.cli.render import EXIT_FAILURE, EXIT_USAGE, PROG, count_arg
 from pytest_mlcjit.cli.requests import cmd_explain, cmd_key
+from pytest_mlcjit.cli.stats import add_stats_arguments, cmd_stats
 from pytest_mlcjit.errors import (
     CliError,
     ConfigError,
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", action="store_true",
                    help="also list the recorded inputs (local modules, files, distributions) "
                    "the entries were built from, with how many entries use each")
+    p = add("stats", cmd_stats, "the cache's history at a glance: each of the last runs' "
+            "requests, hit rate, compiles, seconds compiling and seconds saved (its hits' "
+            "recorded compile times), charts of hit rate and time saved, and the totals")
+    add_stats_arguments(p)
     p = add("verify", cmd_verify, "check every entry's size and SHA-256 against its manifest; "
             "exit 1 if a corrupt entry remains")
     p.add_argument("--fix", action="store_true",

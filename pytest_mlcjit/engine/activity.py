@@ -35,7 +35,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,8 @@ class Board:
         self._active: dict[int, Job] = {}
         self._ended: list[Job] = []
         self._failed = False
+        #: Called with each ended job's record, in the thread that ran it (the trace).
+        self.on_end: Callable[[Job], None] | None = None
 
     @property
     def path(self) -> Path | None:
@@ -163,11 +165,33 @@ class Board:
             raise
         finally:
             job["seconds"] = time.monotonic() - t0
+            ended = {**job, "ended": time.time(), "outcome": outcome}
             with self._lock:
                 self._active.pop(job["id"], None)
-                self._ended.append({**job, "ended": time.time(), "outcome": outcome})
+                self._ended.append(ended)
                 del self._ended[:-ENDED_KEPT]
             self._publish()
+            if self.on_end is not None:
+                self.on_end(ended)
+
+
+    @contextlib.contextmanager
+    def unshown(self, kind: str, **fields: Any) -> Iterator[None]:
+        """A job the live display does not show (``upload``): only :attr:`on_end` (the
+        trace) is told of it, ended as :meth:`doing` ends its jobs."""
+        started, outcome = time.time(), "failed"
+        try:
+            yield
+            outcome = "done"
+        except Exception:
+            raise
+        except BaseException:
+            outcome = "interrupted"
+            raise
+        finally:
+            if self.on_end is not None:
+                self.on_end({"kind": kind, **fields, "started": started, "ended": time.time(),
+                             "outcome": outcome})
 
 
 def _interrupted(exc: BaseException, job: Mapping[str, Any], seconds: float) -> None:

@@ -45,7 +45,7 @@ from pytest_mlcjit.engine import failures
 from pytest_mlcjit.engine.activity import Board, describe_spec, describe_target
 from pytest_mlcjit.engine.failures import log_tail, no_space, ran_out_of_space, readonly_miss
 from pytest_mlcjit.engine.model import CompiledModel, served_again
-from pytest_mlcjit.engine.remote import remote_mode, remote_options
+from pytest_mlcjit.engine.remote import remote_mode, remote_options, upload_job
 from pytest_mlcjit.engine.request import Query, RequestState
 from pytest_mlcjit.engine.schedule import spec_digest
 from pytest_mlcjit.engine.settings import Settings, from_environment
@@ -83,7 +83,7 @@ class JIT:
             checker=self.checker, remote=settings.remote, remote_mode=remote_mode(settings),
             remote_required=settings.remote_required, remote_stats=self.stats.remote,
             remote_options=remote_options(settings), load_check=LoadChecker(self.builds),
-            worker=self.board.worker)
+            worker=self.board.worker, announce=upload_job(self.board))
         self._presence: dict[str, Presence] = dict(settings.presence)
         self._requests: dict[tuple[Any, str | None, bool], BuildRequest] = {}
         self._done: dict[tuple[str, Path], CompiledModel] = {}
@@ -380,7 +380,8 @@ class JIT:
         with self._lock:
             lib = self._library(state.req) if state.req is not None else None
             self.stats.count(outcome, wait_seconds=state.waited, lib=lib,
-                             size=size if isinstance(size, int) else None)
+                             size=size if isinstance(size, int) else None,
+                             saved=model.compile_seconds if model is not None else 0.0)
 
     @contextlib.contextmanager
     def _job(self, state: RequestState, kind: str, store: Store) -> Iterator[dict[str, Any]]:

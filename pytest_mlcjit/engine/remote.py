@@ -6,10 +6,14 @@ import (the cache's remote package is imported where it is used)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pytest_mlcjit.cache.store.interface import EntryQuery
     from pytest_mlcjit.cache.store.remote import RemoteOptions
+    from pytest_mlcjit.engine.activity import Board
     from pytest_mlcjit.engine.settings import Settings
 
 #: How many times botocore retries a failed remote request (throttling, 5xx).
@@ -97,3 +101,20 @@ def trust_line(settings: Settings) -> str | None:
         uploads = ("uploads signed with "
                    f"{'the HMAC secret' if signer == 'hmac-sha256' else 'key ' + signer}")
     return f"mlcjit: remote {url}: entries verified with {' or '.join(by)}; {uploads}"
+
+
+def upload_job(board: Board) -> Callable[[str, EntryQuery, str],
+                                         contextlib.AbstractContextManager[Any]]:
+    """Announces the remote tier's uploads on the run's ``board``, unshown by the live
+    display (:meth:`~.activity.Board.unshown`: the trace, ``--mlc-jit-trace``, has them)."""
+    from pytest_mlcjit.engine.activity import describe_spec, describe_target  # noqa: PLC0415
+
+    def announce(kind: str, query: EntryQuery, where: str
+                 ) -> contextlib.AbstractContextManager[Any]:
+        req = getattr(query, "req", None)
+        model = describe_spec(req.spec, req.describe) if req is not None else query.describe
+        target = describe_target(req.target) if req is not None else ""
+        return board.unshown(kind, model=model, target=target, digest=query.digest,
+                             root=where)
+
+    return announce

@@ -7,8 +7,9 @@ environment > ini > default" (:func:`resolve`), the hand-off to xdist workers
 (:meth:`Settings.to_json`, :meth:`Settings.from_json`) and the reference documentation. The
 fields without a row are facts of the run (its id, the devices as probed).
 
-Adding an option is one row here and its line in the documentation; nothing else
-changes. Importing this module is cheap (no pytest, no device probe).
+Adding an option is one row here; nothing else changes (the documentation's option
+reference is generated from these rows: docs/hooks/reference.py). Importing this module
+is cheap (no pytest, no device probe).
 """
 
 from __future__ import annotations
@@ -181,6 +182,16 @@ class Settings:
         "library), merged across xdist workers; a symlink, FIFO or device is written through, "
         "not replaced; a report that cannot be written makes the exit status 4. ini "
         "mlc_jit_report (relative to the ini file).")
+    #: Where to write the run's timeline (--mlc-jit-trace), if anywhere.
+    trace_path: Path | None = option(
+        "--mlc-jit-trace", ini="mlc_jit_trace", env="MLC_JIT_TRACE",
+        parse=parsers.path("a file path"), default=None, metavar="PATH", kind="path",
+        ini_help="Chrome trace-event JSON timeline path (relative to the ini file)",
+        help="write the run's timeline to PATH as Chrome trace-event JSON (open it in "
+        "ui.perfetto.dev or chrome://tracing): one track per xdist worker and per thread, "
+        "with compiles, downloads, waits for another's compile or the GPU lock, and each "
+        "test's setup and call. Env MLC_JIT_TRACE; ini mlc_jit_trace (relative to the ini "
+        "file).")
     #: How many of the slowest compiles the summary lists (0: all; None: 5 when one took
     #: over 10s).
     durations: int | None = option(

@@ -70,6 +70,8 @@ class LibraryStats:
     size: int | None = None
     #: The process that compiled it (or tried to), else the one that asked first.
     worker: str = ""
+    #: Its recorded compile time (its manifest's), when a request found it in the cache.
+    saved_seconds: float = 0.0
 
     @property
     def outcome(self) -> str:
@@ -88,6 +90,7 @@ class LibraryStats:
             setattr(self, name, getattr(self, name) + getattr(theirs, name))
         _add_counts(self.outcomes, theirs.outcomes)
         self.compile_failed = self.compile_failed or theirs.compile_failed
+        self.saved_seconds = max(self.saved_seconds, theirs.saved_seconds)
         self.prefetched = self.prefetched or theirs.prefetched
         if theirs.compiles or (theirs.compile_failed and not self.compiles):
             self.worker = theirs.worker or self.worker
@@ -147,8 +150,10 @@ class Stats:
         return lib
 
     def count(self, outcome: Outcome, *, wait_seconds: float = 0.0,
-              lib: LibraryStats | None = None, size: int | None = None) -> None:
-        """Count one request's outcome (and its wait) in the totals and its library."""
+              lib: LibraryStats | None = None, size: int | None = None,
+              saved: float = 0.0) -> None:
+        """Count one request's outcome (and its wait) in the totals and its library;
+        ``saved``: the recorded compile time of the library a hit found."""
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
         self.requests += 1
@@ -158,6 +163,8 @@ class Stats:
             lib.requests += 1
             lib.outcomes[outcome] = lib.outcomes.get(outcome, 0) + 1
             lib.wait_seconds += wait_seconds
+            if outcome in ("hit", "remote_hit"):
+                lib.saved_seconds = max(lib.saved_seconds, saved)
             if size is not None:
                 lib.size = size
 
@@ -200,13 +207,23 @@ class Stats:
         return sorted(self.libraries.values(),
                       key=lambda r: (-r.compile_seconds, r.spec, r.digest))
 
+    @property
+    def saved_seconds(self) -> float:
+        """The compile time the cache saved this run: the recorded compile time of each
+        library its requests found in the cache (local or remote) and that it did not
+        compile, once per library (a run without the cache would have compiled it once)."""
+        return sum(lib.saved_seconds for lib in self.libraries.values()
+                   if not lib.compiles and not lib.compile_failed)
+
     def to_json(self) -> dict[str, Any]:
         """Plain data: what a worker sends its controller, and what the run history keeps
-        (each request counted in ``outcomes``, by the names of :data:`OUTCOMES`)."""
+        (each request counted in ``outcomes``, by the names of :data:`OUTCOMES`;
+        ``saved_seconds``, derived from the libraries, is not merged)."""
         return {
             "requests": self.requests, "outcomes": dict(self.outcomes),
             "compiles": self.compiles, "prefetched": self.prefetched,
             "compile_seconds": self.compile_seconds, "wait_seconds": self.wait_seconds,
+            "saved_seconds": self.saved_seconds,
             "bytes_compiled": self.bytes_compiled, "corrupt": self.corrupt,
             "gpu_wait_seconds": self.gpu_wait_seconds,
             "gpu_hold_seconds": self.gpu_hold_seconds,

@@ -71,6 +71,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None:  # an xdist worker: its id, from its own config
         state.worker = str(workerinput.get("workerid") or "main")
     config.stash[state_key] = state
+    if state.options.trace_path is not None:
+        from pytest_mlcjit.plugin.trace import Tracer
+
+        tracer = Tracer(config, state)
+        state.on_job = tracer.job
+        config.pluginmanager.register(tracer, "mlcjit-trace")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "mlcjit-xdist")
     if state.options.shard is not None and not state.options.prepare:

@@ -67,6 +67,20 @@ def durations_lines(s: Stats, wanted: int | None) -> list[str]:
     return lines
 
 
+def saved_lines(s: Stats) -> list[str]:
+    """``hits saved 12.30s of compiling (2 libraries found in the cache, by their recorded
+    compile times)``: what the libraries found in the cache took to compile when they were
+    (:attr:`.Stats.saved_seconds`; the run history keeps it, ``pytest-mlcjit stats``
+    shows it)."""
+    saved = [r for r in s.libraries.values()
+             if r.saved_seconds and not r.compiles and not r.compile_failed]
+    if s.saved_seconds < 0.005:
+        return []
+    return [f"hits saved {s.saved_seconds:.2f}s of compiling "
+            f"({plural(len(saved), 'library', 'libraries')} found in the cache, by their "
+            "recorded compile times)"]
+
+
 def gpu_lines(s: Stats) -> list[str]:
     """``GPU lock: 3.20s waiting for it, 5.10s holding it`` (``--mlc-jit-gpu-lock``)."""
     if not (s.gpu_wait_seconds or s.gpu_hold_seconds):
@@ -141,6 +155,7 @@ def summary_lines(state: RunState) -> list[str]:
     lines = []
     if s is not None and s.requests:
         lines.append(accounting_line(s))
+        lines += saved_lines(s)
     if s is not None:
         lines += gpu_lines(s)
         lines += durations_lines(s, state.options.durations)
@@ -195,6 +210,7 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
         "outcomes": {k: r.outcomes.get(k, 0) for k in OUTCOMES},
         "compile_seconds": round(r.compile_seconds, 3),
         "wait_seconds": round(r.wait_seconds, 3),
+        "saved_seconds": round(r.saved_seconds, 3),
         "size": r.size, "worker": r.worker, "prefetched": r.prefetched,
     } for r in s.library_records()]
     return {
@@ -205,6 +221,8 @@ def report_data(state: RunState, *, exitstatus: int) -> dict[str, Any]:
         "compiles": s.compiles, "prefetched": s.prefetched,
         "compile_seconds": round(s.compile_seconds, 3),
         "wait_seconds": round(s.wait_seconds, 3), "corrupt": s.corrupt,
+        # the recorded compile time of the libraries found in the cache, once each
+        "saved_seconds": round(s.saved_seconds, 3),
         # microseconds: a short test's hold is still counted
         "gpu_wait_seconds": round(s.gpu_wait_seconds, 6),
         "gpu_hold_seconds": round(s.gpu_hold_seconds, 6),

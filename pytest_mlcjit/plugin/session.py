@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -73,6 +73,8 @@ class RunState:
         self.started: float | None = None
         #: This process's name: its xdist worker id (``gw1``, from its config), else main.
         self.worker = "main"
+        #: Told of each job the engine's board ended (the trace, ``--mlc-jit-trace``).
+        self.on_job: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -98,6 +100,7 @@ class RunState:
             board = Board(run_id=settings.run_id, worker=self.worker,
                           directory=self.progress_board(), publish=True,
                           warnings=self.warnings)
+            board.on_end = self.on_job
             self._engine = JIT(settings, board=board, warnings=self.warnings)
         return self._engine
 

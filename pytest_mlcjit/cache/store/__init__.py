@@ -25,7 +25,7 @@ from pytest_mlcjit.cache.store.readonly import ReadOnlyStore
 from pytest_mlcjit.cache.store.remote import RemoteOptions
 from pytest_mlcjit.cache.store.remote_policy import LoadCheck
 from pytest_mlcjit.cache.store.remote_stats import RemoteStats
-from pytest_mlcjit.cache.store.tiered import RemoteTier, TieredStore
+from pytest_mlcjit.cache.store.tiered import Announce, RemoteTier, TieredStore
 from pytest_mlcjit.cache.store.unwritable import UnwritableStore
 from pytest_mlcjit.inputs.check import InputChecker
 
@@ -35,15 +35,16 @@ class Stores:
     the run's remote tier (opened on first use), write warnings and input checker.
     ``load_check`` (from the engine: the cache starts no process) checks what the remote
     tier uploads, and downloads recorded unchecked; ``worker``: this process's name in the
-    run (its record of the remote entries it used)."""
+    run (its record of the remote entries it used); ``announce``: tells of each upload."""
 
     def __init__(self, *, allow_untrusted: bool = False, warnings: WriteWarnings | None = None,
                  checker: InputChecker | None = None, remote: str | None = None,
                  remote_mode: str = "readwrite", remote_required: bool = False,
                  remote_options: RemoteOptions | None = None,
                  remote_stats: RemoteStats | None = None, load_check: LoadCheck | None = None,
-                 worker: str = "main") -> None:
+                 worker: str = "main", announce: Announce | None = None) -> None:
         self.allow_untrusted = allow_untrusted
+        self._announce = announce
         self.warnings = warnings or WriteWarnings()
         self.checker = checker or InputChecker()
         self._remote_args = (remote, remote_mode, remote_required, remote_options)
@@ -85,7 +86,8 @@ class Stores:
             if self._tier is None:
                 self._tier = RemoteTier(url, mode=mode, required=required, options=options,
                                         stats=self._remote_stats,
-                                        load_check=self._load_check, worker=self._worker)
+                                        load_check=self._load_check, worker=self._worker,
+                                        announce=self._announce)
             return self._tier
 
     @property

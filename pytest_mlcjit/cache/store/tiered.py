@@ -85,6 +85,15 @@ _ENTRY_REF_RE = re.compile(r"entries/([0-9a-f]{32}|[0-9a-f]{64})/([0-9a-f]{32}|[
                            r"(?:\.[0-9]+)?\.json$")
 
 
+#: Announces a job of the tier (``upload``) for a query, on a remote (its URL).
+Announce = Callable[[str, EntryQuery, str], contextlib.AbstractContextManager[Any]]
+
+
+def _unannounced(kind: str, query: EntryQuery, where: str
+                 ) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 class RemoteTier(RemotePolicy):
     """One remote for one run: the adapter, the failure policy (:class:`RemotePolicy`) and
     the statistics; thread-safe. ``mode`` ``read`` never uploads. ``load_check``: checks a
@@ -95,11 +104,13 @@ class RemoteTier(RemotePolicy):
     def __init__(self, url: str, *, mode: str = "readwrite", required: bool = False,
                  options: RemoteOptions | None = None, remote: Remote | None = None,
                  stats: RemoteStats | None = None, load_check: LoadCheck | None = None,
-                 worker: str = "main") -> None:
+                 worker: str = "main", announce: Announce | None = None) -> None:
         super().__init__(url, mode=mode, required=required, options=options, remote=remote,
                          stats=stats)
         self.load_check = load_check
         self.worker = worker
+        #: Announces each upload (from the engine: the run's trace), if anything does.
+        self.announce = announce
         #: Whether a store that takes writes uses this tier (a job that writes), and the
         #: remote entries this process used (``<key_digest>/<entry_digest>``).
         self.job_writes = False
@@ -312,7 +323,8 @@ class RemoteTier(RemotePolicy):
             body[LOAD_CHECK_FIELD] = result.detail
         done = False
         try:
-            with self.guard(f"uploading {query.describe}", upload=True):
+            with self.guard(f"uploading {query.describe}", upload=True), \
+                    (self.announce or _unannounced)("upload", query, self.url):
                 try:
                     done = self.remote.upload(query.digest, hit.paths.digest,
                                               hit.paths.library, body, replace=replace)

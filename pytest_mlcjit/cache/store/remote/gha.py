@@ -1,6 +1,7 @@
 """The GitHub Actions cache adapter, ``gha://[SCOPE]``: a client of the cache service v2
 (Twirp JSON at ``$ACTIONS_RESULTS_URL``, ``Bearer $ACTIONS_RUNTIME_TOKEN``) as
-``@actions/cache`` speaks it, standard library only (README: The GitHub Actions cache).
+``@actions/cache`` speaks it, standard library only (docs/how-to/remote.md: The GitHub
+Actions cache).
 
 An object (``blobs/<sha256>``, ``entries/<key>/<entry>.json``...) is entries keyed
 ``mlcjit/[SCOPE/]<name>@<generation>``, versioned by the cache format and SCOPE. Entries
@@ -57,8 +58,8 @@ SERVICE = "github.actions.results.api.v1.CacheService"
 EXPORT_STEP = (
     "GitHub gives them to actions, not to run steps: export them in a step before pytest, "
     "`- uses: actions/github-script@v7` with `script: for (const v of ['ACTIONS_RESULTS_URL',"
-    " 'ACTIONS_RUNTIME_TOKEN']) core.exportVariable(v, process.env[v] || '')` (README: The "
-    "GitHub Actions cache)")
+    " 'ACTIONS_RUNTIME_TOKEN']) core.exportVariable(v, process.env[v] || '')` "
+    "(docs: how-to/remote, The GitHub Actions cache)")
 EVICTION = (
     "the GitHub Actions cache service lets a job create and read entries, never remove "
     "them: GitHub evicts them itself (entries unused for 7 days, and the least recently used "
