@@ -159,6 +159,11 @@ def test_n2_trace_puts_the_wait_inside_the_other_workers_compile(
         assert end(setup) <= call["ts"], (setup, call)
     assert compile_["ts"] <= wait["ts"] <= end(compile_) <= end(upload) <= end(wait), (
         compile_, upload, wait)
+    # The compile worker's track holds the compile as it ran in its own process.
+    (worker_span,) = [e for e in spans if e["cat"] == "compile-worker"]
+    assert threads[(worker_span["pid"], worker_span["tid"])] == "compile worker 0"
+    assert (worker_span["pid"], worker_span["ts"], worker_span["dur"]) == (
+        compile_["pid"], compile_["ts"], compile_["dur"])
 
 
 INTERRUPTED = '''
@@ -252,3 +257,28 @@ def test_the_docs_picture_is_drawn_from_a_valid_trace_of_four_workers() -> None:
     spec.loader.exec_module(module)
     svg = module.draw(events, "title")
     assert svg.count("<title>") == sum(e["ph"] == "X" for e in events)
+
+
+def test_compiles_running_at_once_get_a_compile_worker_track_each() -> None:
+    """Three compiles of one process, two of them at once (a test's and the prefetch's):
+    the compile worker's tracks hold them without overlap, the third on the first track
+    again once it is free; the threads keep their own spans."""
+    from pytest_mlcjit.plugin.trace import COMPILE_WORKER_TID, document
+
+    def span(name: str, start: float, end: float, tid: int) -> dict[str, Any]:
+        return {"name": f"compile {name}", "cat": "compile", "start": start, "end": end,
+                "tid": tid, "args": {}}
+
+    part = {"pid": 7, "worker": "gw0", "threads": {"1": "main", "2": "prefetch"},
+            "events": [span("a", 10.0, 14.0, 1), span("b", 11.0, 12.0, 2),
+                       span("c", 14.0, 15.0, 2)]}
+    trace = document([part], started=10.0)["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in trace if e["name"] == "thread_name"}
+    lanes = sorted((e["tid"], e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace
+                   if e.get("cat") == "compile-worker")
+    assert lanes == [(COMPILE_WORKER_TID, 0, 4_000_000, "compiling a"),
+                     (COMPILE_WORKER_TID, 4_000_000, 5_000_000, "compiling c"),
+                     (COMPILE_WORKER_TID + 1, 1_000_000, 2_000_000, "compiling b")]
+    assert names[COMPILE_WORKER_TID] == "compile worker 0"
+    assert names[COMPILE_WORKER_TID + 1] == "compile worker 1"
+    assert len([e for e in trace if e.get("cat") == "compile"]) == 3

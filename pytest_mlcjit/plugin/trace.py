@@ -159,6 +159,31 @@ class Tracer:
         return found
 
 
+#: The first tid of the compile worker's tracks (one per compile running at once).
+COMPILE_WORKER_TID = 50
+
+
+def _compile_worker_spans(events: Iterable[Mapping[str, Any]], threads: dict[int, str]
+                          ) -> list[dict[str, Any]]:
+    """The compiles of one process as its compile worker ran them: each compile runs in a
+    process of its own (a fork of the warm compile worker, or a fresh interpreter), shown on
+    the lowest ``compile worker N`` track free when it started; the thread that asked for
+    it keeps its own span (what it waited for). Adds the tracks' names to ``threads``."""
+    spans: list[dict[str, Any]] = []
+    lanes: list[float] = []  # each track's last end
+    for e in sorted((e for e in events if e.get("cat") == "compile"),
+                    key=lambda e: float(e["start"])):
+        lane = next((i for i, end in enumerate(lanes) if end <= float(e["start"])),
+                    len(lanes))
+        if lane == len(lanes):
+            lanes.append(0.0)
+            threads[COMPILE_WORKER_TID + lane] = f"compile worker {lane}"
+        lanes[lane] = float(e["end"])
+        spans.append({**e, "name": f"compiling {e['name'].removeprefix('compile ')}",
+                      "cat": "compile-worker", "tid": COMPILE_WORKER_TID + lane})
+    return spans
+
+
 def _us(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
@@ -175,12 +200,14 @@ def document(parts: Iterable[Mapping[str, Any]], started: float) -> dict[str, An
                        "args": {"name": f"{worker} (pid {pid})"}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
                        "ts": 0, "args": {"sort_index": order}})
-        for tid, name in part["threads"].items():
+        threads = {int(tid): str(name) for tid, name in part["threads"].items()}
+        spans = list(part["events"]) + _compile_worker_spans(part["events"], threads)
+        for tid, name in threads.items():
             events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": int(tid),
                            "ts": 0, "args": {"name": name}})
             events.append({"ph": "M", "name": "thread_sort_index", "pid": pid,
                            "tid": int(tid), "ts": 0, "args": {"sort_index": int(tid)}})
-        for e in part["events"]:
+        for e in spans:
             ts = _us(e["start"] - started)
             events.append({"ph": "X", "name": e["name"], "cat": e["cat"], "ts": ts,
                            "dur": _us(e["end"] - started) - ts, "pid": pid, "tid": e["tid"],
