@@ -4,7 +4,6 @@ and the size budget a prepare run applies (``--mlc-jit-remote-max-size``)."""
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -87,18 +86,11 @@ def rm_command(key_digest: str, entry_digest: str, entries: list[RemoteEntry]) -
 def prune(remote: Remote, *, older_than: float | None, max_size: int | None = None,
           dry_run: bool = False, blob_grace: float = maintenance.DEFAULT_BLOB_GRACE_S,
           protect_used_since: float | None = None) -> PruneReport:
-    """:func:`.maintenance.prune_remote`, and the adapter's own clean-up where it has one
-    (a directory remote removes the temp files of writers that died)."""
-    if remote.evicts_itself:
-        remote.prune(math.inf)  # refused, saying why (a dry run too: it would list nothing)
+    """:func:`.maintenance.prune_remote` (with the store's own leftovers: a directory's
+    temp files), its details; a store that evicts by itself refuses, a dry run too."""
     report = PruneReport()
     prune_remote(remote, older_than, blob_grace_seconds=blob_grace, max_size=max_size,
                  dry_run=dry_run, protect_used_since=protect_used_since, report=report)
-    if not dry_run and type(remote).prune is not Remote.prune:
-        # Remote.prune takes no budget: run the adapter's prune for its own clean-up,
-        # with no age limit (what the pass above kept, it keeps).
-        extra = remote.prune(math.inf, blob_grace_seconds=blob_grace)
-        report.removed += [url for url in extra if url not in report.removed]
     return report
 
 

@@ -132,7 +132,7 @@ class RemoteTier(RemotePolicy):
         if used and self.down is None:
             self._told_down()  # another process of the run found it down: not used either
         if (used and self.writes and self.job_writes and self.down is None
-                and not self.remote.evicts_itself):
+                and self.remote.eviction is None):
             try:
                 write_access(self.remote, self.run_id or "run", self.worker, used)
             except (RemoteError, OSError) as exc:  # a record of use: never an error

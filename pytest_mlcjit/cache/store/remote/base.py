@@ -86,9 +86,9 @@ class Remote(abc.ABC):
     backend provides; backends map their failures to the :class:`RemoteError` classes.
     """
 
-    #: A store that evicts entries by itself and removes none on request (GitHub's cache):
-    #: prune and rm are refused, and runs write no access records (nothing reads them).
-    evicts_itself = False
+    #: Why nothing is removed on request, for a store that evicts entries by itself
+    #: (GitHub's cache): prune and rm are refused, runs write no access records.
+    eviction: str | None = None
 
     def __init__(self, url: RemoteURL, options: RemoteOptions) -> None:
         self.remote_url = url
@@ -373,6 +373,10 @@ class Remote(abc.ABC):
               blob_grace_seconds: float = 3600.0) -> list[str]:
         """Remove old entries and the blobs no entry names (:func:`.maintenance.prune_remote`)."""
         return prune_remote(self, older_than_seconds, blob_grace_seconds=blob_grace_seconds)
+
+    def _prune_leftovers(self, cutoff: float) -> list[str]:
+        """Remove what the store keeps outside its layout, older than ``cutoff``; URLs."""
+        return []  # most stores keep nothing (a directory: the temp files of dead writers)
 
     # -- helpers -------------------------------------------------------------------------
     def _entry(self, obj: StoredObject) -> RemoteEntry | None:

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import stat
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,12 +199,10 @@ class FileRemote(Remote):
         with self._calling("removing", name), contextlib.suppress(FileNotFoundError):
             self._path(name).unlink()
 
-    def prune(self, older_than_seconds: float, *,
-              blob_grace_seconds: float = 3600.0) -> list[str]:
-        """As :meth:`Remote.prune`; also removes temp files older than the blob grace
-        period (left by writers that died)."""
-        removed = super().prune(older_than_seconds, blob_grace_seconds=blob_grace_seconds)
-        cutoff = time.time() - blob_grace_seconds
+    def _prune_leftovers(self, cutoff: float) -> list[str]:
+        """The temp files of writers that died, older than ``cutoff`` (the blob grace
+        period: a live writer's temp file is younger)."""
+        removed: list[str] = []
         with self._calling("pruning", ""):
             for top, _dirs, files in os.walk(self.root):
                 for file in files:

@@ -173,7 +173,7 @@ class _Reply:
 class GHARemote(Remote):
     """The GitHub Actions cache (see the module's docstring)."""
 
-    evicts_itself = True  # GitHub evicts entries (EVICTION): nothing is removed on request
+    eviction = EVICTION
 
     def __init__(self, url: RemoteURL, options: RemoteOptions) -> None:
         super().__init__(url, options)
@@ -461,9 +461,6 @@ class GHARemote(Remote):
             return super().quarantine(entry, why)
         finally:
             self._local.hiding = False
-
-    def prune(self, *args: Any, **kwargs: Any) -> list[str]:
-        raise err.RemoteConfigError(f"cannot prune {self.url}: {EVICTION}")
 
 
 def _backoff(attempt: int) -> float:

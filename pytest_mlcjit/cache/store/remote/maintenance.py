@@ -33,7 +33,7 @@ from pytest_mlcjit.cache.store.remote.entries import (
     RemoteEntry,
     StoredObject,
 )
-from pytest_mlcjit.errors import RemoteIntegrityError
+from pytest_mlcjit.errors import RemoteConfigError, RemoteIntegrityError
 
 if TYPE_CHECKING:
     from pytest_mlcjit.cache.store.remote.base import Remote
@@ -259,6 +259,8 @@ def prune_remote(remote: Remote, older_than_seconds: float | None = None, *,
     verify`` reports it, and the next upload of the same library (any key) puts the blob
     back, since an upload checks for its blob first.
     """
+    if remote.eviction is not None:  # a dry run too: it would list nothing
+        raise RemoteConfigError(f"cannot prune {remote.url}: {remote.eviction}")
     r = report if report is not None else PruneReport()
     r.older_than, r.max_size, r.blob_grace, r.dry_run = (
         older_than_seconds, max_size, blob_grace_seconds, dry_run)
@@ -296,6 +298,8 @@ def prune_remote(remote: Remote, older_than_seconds: float | None = None, *,
         if not dry_run:
             _delete(remote, name)
         r.removed.append(remote._location(name))
+    if not dry_run:  # what the store keeps outside its layout (a directory's temp files)
+        r.removed += remote._prune_leftovers(plan.now - blob_grace_seconds)
     return r.removed
 
 
