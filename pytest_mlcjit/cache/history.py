@@ -55,16 +55,28 @@ def record_run(root: Path, record: Mapping[str, Any],
         (warnings or WriteWarnings()).failed(path, "append the run to the history", exc)
 
 
+def tail_lines(root: Path) -> list[bytes] | None:
+    """The lines of the last :data:`TAIL_BYTES` of ``root``'s history, oldest first (a line
+    cut by where the read starts is left out); None if there is no history; OSError if it
+    cannot be read."""
+    try:
+        with open(runs_file(root), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            start = max(0, f.tell() - TAIL_BYTES)
+            f.seek(start)
+            lines = f.read(TAIL_BYTES).split(b"\n")
+    except FileNotFoundError:
+        return None
+    return lines[1:] if start else lines
+
+
 def read_runs(root: Path, limit: int = 5) -> list[dict[str, Any]]:
     """The last ``limit`` runs recorded under ``root``, newest first. Only the file's last
     :data:`TAIL_BYTES` are read, and a line that is junk (:func:`.jsonsafe.loads_bounded`:
     longer than :data:`LINE_BYTES`, nested too deep, not JSON) or not a run record is
     skipped."""
     try:
-        with open(runs_file(root), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - TAIL_BYTES))
-            lines = f.read(TAIL_BYTES).splitlines()
+        lines = tail_lines(root) or []
     except OSError:
         return []
     runs = []

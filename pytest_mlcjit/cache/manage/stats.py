@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pytest_mlcjit._util.jsonsafe import loads_bounded
-from pytest_mlcjit.cache.history import LINE_BYTES, TAIL_BYTES, valid_run
+from pytest_mlcjit.cache.history import LINE_BYTES, tail_lines, valid_run
 from pytest_mlcjit.cache.layout import runs_file
 
 #: The runs shown by default.
@@ -75,16 +74,9 @@ def read_history(root: Path) -> History:
     :data:`.history.TAIL_BYTES` (a line cut by that start is not counted), oldest first.
     A missing file is an empty history; one that cannot be read raises OSError."""
     path = runs_file(root)
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            start = max(0, f.tell() - TAIL_BYTES)
-            f.seek(start)
-            lines = f.read(TAIL_BYTES).split(b"\n")
-    except FileNotFoundError:
+    lines = tail_lines(root)
+    if lines is None:
         return History(root, path, False, [], 0)
-    if start:
-        lines = lines[1:]  # the end of a line that began before the part read
     runs, skipped = [], 0
     for line in lines:
         if not line.strip():
